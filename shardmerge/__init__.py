@@ -1,0 +1,7 @@
+"""shardmerge: fold LoRA adapters into a model's safetensors shards, streaming, exactly."""
+
+__version__ = "0.1.0"
+
+from .api import MergeResult, merge, plan  # noqa: E402
+
+__all__ = ["merge", "plan", "MergeResult", "__version__"]

@@ -1,0 +1,1 @@
+"""Adapter formats, each translated into neutral TensorEdits (see shardmerge.terms)."""

@@ -1,0 +1,440 @@
+"""PEFT LoRA adapters: adapter_config.json + weights -> TensorEdits per base tensor.
+
+Semantics follow PEFT's ``merge_and_unload()`` (tuners/lora/layer.py,
+utils/save_and_load.py): scaling ``lora_alpha / r`` (``/ sqrt(r)`` with
+rsLoRA), per-module ``r``/``lora_alpha`` from ``rank_pattern``/``alpha_pattern``
+(first matching pattern wins), ``delta = B @ A`` (transposed for Conv1D
+layers and embeddings), ``lora_B.bias * scaling`` added to the layer bias, and
+tensors the adapter saves whole (modules_to_save, trained biases) replacing
+the base's. Anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, read_json
+from ..errors import (
+    CorruptFileError,
+    IncompatibleAdapterError,
+    InputError,
+    ShardmergeError,
+    UnsupportedAdapterError,
+)
+from ..safetensors_io import FLOAT_DTYPES, NAME_OF, read_header
+from ..sources import load_torch_state
+from ..terms import Replacement, TensorEdit, TensorRef, Term
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+# Model types whose Linear-like layers are transformers' Conv1D (weight stored
+# as (in, out)), with the module names that are Conv1D; PEFT forces
+# fan_in_fan_out=True on exactly those.
+CONV1D_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
+    "clvp": ("c_fc", "c_proj"),
+}
+
+# PEFT method names users see, for refusals.
+_PEFT_TYPE_NAMES = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "ADALORA": "AdaLoRA",
+    "PREFIX_TUNING": "prefix tuning",
+    "PROMPT_TUNING": "prompt tuning",
+    "P_TUNING": "p-tuning",
+    "OFT": "OFT",
+    "BOFT": "BOFT",
+    "VERA": "VeRA",
+    "FOURIERFT": "FourierFT",
+    "LN_TUNING": "LayerNorm tuning",
+}
+
+# init_lora_weights values that change the base weights at initialisation:
+# the saved factors only make sense against that modified base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
+
+_KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("lora_A", r"(.+)\.lora_A\.weight"),
+        ("lora_B", r"(.+)\.lora_B\.weight"),
+        ("lora_B_bias", r"(.+)\.lora_B\.bias"),
+        ("emb_A", r"(.+)\.lora_embedding_A"),
+        ("emb_B", r"(.+)\.lora_embedding_B"),
+        ("dora", r"(.+)\.lora_magnitude_vector(?:\.weight)?"),
+        ("trainable_tokens", r"(.+)\.token_adapter\.trainable_tokens_delta"),
+        ("base_layer", r"(.+)\.base_layer\.(weight|bias)"),
+        ("saved", r"(.+)\.(weight|bias)"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter folder as read at plan time: config and tensor locations, no weights."""
+
+    path: Path
+    label: str
+    config: dict
+    weights_file: Path
+    tensors: dict[str, TensorRef]  # key as saved -> where it lives
+    sha256: str  # of the weights file
+
+
+def open_adapter(path: str | Path, label: str | None = None) -> Adapter:
+    """Read an adapter folder's config and the layout of its weights file.
+
+    >>> a = open_adapter("my-lora")   # doctest: +SKIP
+    >>> a.config["r"]                  # doctest: +SKIP
+    16
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(
+            f"adapter folder {folder} does not exist or is not a folder.",
+            hint="Give the folder that holds adapter_config.json and adapter_model.safetensors.",
+        )
+    config = read_json(folder / CONFIG_NAME, "the adapter config (adapter_config.json)")
+    label = label or folder.resolve().name
+    st, legacy = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    if st.is_file():
+        header = read_header(st)
+        tensors = {
+            name: TensorRef(str(st), name, t.dtype, t.shape, "safetensors", t.start, t.end)
+            for name, t in header.tensors.items()
+        }
+        weights_file = st
+    elif legacy.is_file():
+        state = load_torch_state(str(legacy))
+        tensors = {
+            name: TensorRef(str(legacy), name, NAME_OF[t.dtype], tuple(t.shape), "torch")
+            for name, t in state.items()
+        }
+        weights_file = legacy
+    else:
+        raise InputError(
+            f"{folder}: no adapter weights found ({SAFETENSORS_NAME} or {BIN_NAME}).",
+            hint="Give the folder written by PeftModel.save_pretrained().",
+        )
+    if not tensors:
+        raise CorruptFileError(f"{weights_file}: holds no tensors.")
+    return Adapter(folder, label, config, weights_file, tensors, _sha256(weights_file))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_supported(adapter: Adapter) -> list[ShardmergeError]:
+    """Refuse, by name, adapter kinds and options that shardmerge does not merge."""
+    cfg, where = adapter.config, adapter.path / CONFIG_NAME
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        name = _PEFT_TYPE_NAMES.get(peft_type, peft_type or "unknown")
+        return [
+            UnsupportedAdapterError(
+                f"{where}: {name} adapters (peft_type {cfg.get('peft_type')!r}) are not supported; "
+                "shardmerge merges LoRA adapters."
+            )
+        ]
+    refusals = []
+
+    def refuse(what: str, hint: str | None = None) -> None:
+        refusals.append(
+            UnsupportedAdapterError(f"{where}: {what} is not supported yet.", hint=hint)
+        )
+
+    if cfg.get("use_dora"):
+        refuse("DoRA (use_dora: true)")
+    if cfg.get("target_parameters"):
+        refuse("LoRA on MoE expert parameters (target_parameters)")
+    if cfg.get("trainable_token_indices"):
+        refuse("trainable tokens (trainable_token_indices)")
+    if cfg.get("layer_replication"):
+        refuse("layer replication (layer_replication)")
+    if cfg.get("alora_invocation_tokens"):
+        refuse(
+            "activated LoRA (alora_invocation_tokens)",
+            hint="An aLoRA only applies after its invocation tokens, so it cannot be merged into weights.",
+        )
+    if cfg.get("use_qalora"):
+        refuse("QA-LoRA (use_qalora)")
+    if cfg.get("arrow_config"):
+        refuse("Arrow routing (arrow_config)")
+    if cfg.get("ensure_weight_tying") or cfg.get("target_modules_to_tie"):
+        refuse("LoRA on tied embeddings (ensure_weight_tying / target_modules_to_tie)")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        refuse(
+            f"init_lora_weights={init!r}",
+            hint="This initialisation changes the base weights. Convert the adapter to plain LoRA "
+            "when saving (save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
+            "and merge that.",
+        )
+    return refusals
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern rule: the first key matching the module name's tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def resolve_base_name(module: str, suffix: str, ckpt: Checkpoint) -> str | None:
+    """The base tensor for ``module.suffix``, allowing the prefix differences checkpoints carry.
+
+    A checkpoint saved from a bare backbone lacks the ``model.``/``transformer.``
+    the adapter's module names start with, and old GPT-2 checkpoints do too.
+    """
+    name = f"{module}.{suffix}"
+    if name in ckpt.weight_map:
+        return name
+    parts = module.split(".")
+    if len(parts) > 1:
+        stripped = ".".join(parts[1:]) + f".{suffix}"
+        if stripped in ckpt.weight_map:
+            return stripped
+    return None
+
+
+def _classify_keys(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
+    """Group the adapter's keys by module: {module: {role: ref}}; unknown keys returned apart."""
+    modules: dict[str, dict[str, TensorRef]] = {}
+    unknown: list[str] = []
+    for key, ref in adapter.tensors.items():
+        rest = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        for role, pattern in _KEY_PATTERNS:
+            m = pattern.fullmatch(rest)
+            if m:
+                module = m.group(1)
+                if role in ("base_layer", "saved"):
+                    role = f"{role}.{m.group(2)}"
+                modules.setdefault(module, {})[role] = ref
+                break
+        else:
+            unknown.append(key)
+    return modules, unknown
+
+
+def adapter_edits(
+    adapter: Adapter, weight: float, ckpt: Checkpoint
+) -> tuple[dict[str, TensorEdit], Counter, list[ShardmergeError]]:
+    """Translate one adapter into edits of base tensors.
+
+    Returns the edits by base tensor name, the count of modules applied per
+    kind, and every problem found (empty when the adapter fits the base).
+    """
+    errors: list[ShardmergeError] = list(check_supported(adapter))
+    if errors:
+        return {}, Counter(), errors
+    cfg = adapter.config
+    wfile = adapter.weights_file
+    modules, unknown = _classify_keys(adapter)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (
+            f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        )
+        errors.append(
+            UnsupportedAdapterError(f"{wfile}: keys shardmerge does not understand: {shown}.")
+        )
+
+    model_type = str(ckpt.config.get("model_type", ""))
+    conv1d_names = CONV1D_MODULES.get(model_type, ())
+    use_rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    modules_to_save = set(cfg.get("modules_to_save") or [])
+    edits: dict[str, TensorEdit] = {}
+    counts: Counter = Counter()
+
+    def incompatible(msg: str) -> None:
+        errors.append(
+            IncompatibleAdapterError(
+                f"{adapter.path}: {msg}",
+                hint="Is this adapter made for this base model?",
+            )
+        )
+
+    def add(base: str, *, term: Term | None = None, repl: Replacement | None = None) -> None:
+        old = edits.get(base, TensorEdit())
+        edits[base] = TensorEdit(
+            replacement=repl or old.replacement,
+            terms=old.terms + ((term,) if term else ()),
+        )
+
+    for module, roles in sorted(modules.items()):
+        if "dora" in roles or "trainable_tokens" in roles:
+            continue  # refused by check_supported via the config; keys alone are caught here
+        low_rank = [r for r in ("lora_A", "lora_B", "emb_A", "emb_B") if r in roles]
+        r_cfg = pattern_value(rank_pattern, module, cfg.get("r", 8))
+        alpha = pattern_value(alpha_pattern, module, cfg.get("lora_alpha", 8))
+        if low_rank:
+            pair = (
+                ("emb_A", "emb_B") if "emb_A" in roles or "emb_B" in roles else ("lora_A", "lora_B")
+            )
+            if not all(p in roles for p in pair) or set(low_rank) != set(pair):
+                incompatible(
+                    f"module {module} has {', '.join(low_rank)} but not a complete A/B pair."
+                )
+                continue
+            a, b = roles[pair[0]], roles[pair[1]]
+            if len(a.shape) != 2 or len(b.shape) != 2:
+                errors.append(
+                    UnsupportedAdapterError(
+                        f"{wfile}: module {module} has {len(a.shape)}-D LoRA factors; "
+                        "LoRA on convolution layers is not supported yet."
+                    )
+                )
+                continue
+            if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
+                errors.append(
+                    CorruptFileError(f"{wfile}: LoRA factors of {module} are not floating point.")
+                )
+                continue
+            rank = a.shape[0]
+            if b.shape[1] != rank:
+                incompatible(
+                    f"module {module}: lora_A has rank {rank} but lora_B has {b.shape[1]}."
+                )
+                continue
+            if rank != r_cfg:
+                errors.append(
+                    CorruptFileError(
+                        f"{wfile}: module {module} has rank {rank} but adapter_config.json gives r={r_cfg}.",
+                        hint="The config and the weights disagree; re-save the adapter.",
+                    )
+                )
+                continue
+            scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+            base_name = resolve_base_name(module, "weight", ckpt)
+            if base_name is None:
+                incompatible(f"target {module} has no tensor {module}.weight in the base model.")
+                continue
+            w = ckpt.tensor(base_name)
+            if w.dtype not in FLOAT_DTYPES:
+                incompatible(
+                    f"base tensor {base_name} is {w.dtype}, not floating point; cannot add LoRA to it."
+                )
+                continue
+            out_f, in_f = b.shape[0], a.shape[1]
+            if pair[0] == "emb_A":
+                kind, left_t, right_t, expect = "embedding", True, True, (in_f, out_f)
+            elif module.rsplit(".", 1)[-1] in conv1d_names or (
+                cfg.get("fan_in_fan_out") and w.shape == (in_f, out_f) and w.shape != (out_f, in_f)
+            ):
+                kind, left_t, right_t, expect = "conv1d", True, True, (in_f, out_f)
+            else:
+                kind, left_t, right_t, expect = "linear", False, False, (out_f, in_f)
+            if w.shape != expect:
+                incompatible(
+                    f"target {module}: the LoRA delta has shape {list(expect)} but base tensor "
+                    f"{base_name} has shape {list(w.shape)}."
+                )
+                continue
+            left, right = (a, b) if left_t else (b, a)
+            add(
+                base_name,
+                term=Term(
+                    kind, adapter.label, module, left, right, weight * scaling, left_t, right_t
+                ),
+            )
+            counts[kind] += 1
+            if "lora_B_bias" in roles:
+                bias_ref = roles["lora_B_bias"]
+                bias_name = resolve_base_name(module, "bias", ckpt)
+                if bias_name is None:
+                    incompatible(
+                        f"module {module} has a LoRA bias (lora_bias) but the base has no {module}.bias."
+                    )
+                elif ckpt.tensor(bias_name).shape != bias_ref.shape:
+                    incompatible(
+                        f"lora_B.bias of {module} has shape {list(bias_ref.shape)} but base "
+                        f"{bias_name} has {list(ckpt.tensor(bias_name).shape)}."
+                    )
+                else:
+                    add(
+                        bias_name,
+                        term=Term(
+                            "lora_bias", adapter.label, module, bias_ref, None, weight * scaling
+                        ),
+                    )
+                    counts["lora_bias"] += 1
+        elif "lora_B_bias" in roles:
+            incompatible(f"module {module} has lora_B.bias without LoRA factors.")
+
+        for role, ref in roles.items():
+            if not role.startswith(("saved.", "base_layer.")):
+                continue
+            suffix = role.split(".", 1)[1]
+            base_name = resolve_base_name(module, suffix, ckpt)
+            if role.startswith("base_layer."):
+                kind = "base_layer"
+            elif module in modules_to_save or module.rsplit(".", 1)[-1] in modules_to_save:
+                kind = "modules_to_save"
+            else:
+                kind = "bias" if suffix == "bias" else "saved_tensor"
+            if base_name is None:
+                incompatible(
+                    f"it saves {module}.{suffix} whole ({kind}) but the base has no such tensor."
+                )
+                continue
+            w = ckpt.tensor(base_name)
+            if ref.shape != w.shape:
+                incompatible(
+                    f"saved tensor {module}.{suffix} has shape {list(ref.shape)} but base {base_name} "
+                    f"has {list(w.shape)} (a resized vocabulary is not supported yet)."
+                )
+                continue
+            if (ref.dtype in FLOAT_DTYPES) != (w.dtype in FLOAT_DTYPES):
+                incompatible(
+                    f"saved tensor {module}.{suffix} is {ref.dtype} but base {base_name} is {w.dtype}."
+                )
+                continue
+            if weight != 1.0:
+                errors.append(
+                    UnsupportedAdapterError(
+                        f"{adapter.path}: it replaces {base_name} whole ({kind}); a weight of {weight} "
+                        "has no defined meaning for a replaced tensor.",
+                        hint="Give this adapter weight 1.0.",
+                    )
+                )
+                continue
+            if edits.get(base_name, TensorEdit()).replacement is not None:
+                incompatible(f"it saves {base_name} twice.")
+                continue
+            add(base_name, repl=Replacement(adapter.label, kind, ref))
+            counts[kind] += 1
+
+    tie = ckpt.config.get("tie_word_embeddings", False)
+    if tie and edits:
+        tied = [n for n in edits if n.split(".")[-2:-1] in (["lm_head"], ["embed_tokens"], ["wte"])]
+        if tied:
+            errors.append(
+                UnsupportedAdapterError(
+                    f"{adapter.path}: it changes {', '.join(tied)} but the base ties its input and "
+                    "output embeddings (tie_word_embeddings); merging into tied embeddings is not "
+                    "supported yet."
+                )
+            )
+    if not edits and not errors:
+        incompatible("it holds no LoRA weights that apply to the base model.")
+    return edits, counts, errors

@@ -1,0 +1,108 @@
+"""The Python face of shardmerge: ``merge`` and ``plan``; the CLI calls these."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from .execute import execute
+from .plan import MergePlan, build_plan
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge did."""
+
+    out: str
+    seconds: float
+    bytes_written: int
+    tensors: dict[str, int]  # per action: merge, replace, copy, convert
+    modules: dict[str, int]  # adapter modules applied, per kind
+
+
+def plan(
+    base: PathLike,
+    adapters: list[PathLike],
+    out: PathLike,
+    *,
+    weights: list[float] | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_memory: int | str | None = None,
+    overwrite: bool = False,
+) -> MergePlan:
+    """Check a merge and return its schedule without writing anything.
+
+    >>> p = shardmerge.plan("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
+    >>> p.summary                                                    # doctest: +SKIP
+    {'merge': 224, 'copy': 67}
+    """
+    return build_plan(
+        base,
+        list(adapters),
+        out,
+        weights=weights,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        overwrite=overwrite,
+    )
+
+
+def merge(
+    base: PathLike,
+    adapters: PathLike | list[PathLike],
+    out: PathLike,
+    *,
+    weights: list[float] | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_memory: int | str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge LoRA adapters into a base model folder and write a new model folder.
+
+    ``weights`` gives one factor per adapter (default 1.0 each):
+    ``W + sum_i weights[i] * delta_i``. ``dtype`` is "auto" (keep each
+    tensor's dtype), "float32", "float16" or "bfloat16". ``max_memory`` is the
+    memory budget ("4GiB"; default half the available RAM).
+
+    >>> import shardmerge
+    >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
+    MergeResult(out='merged', ...)
+    """
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    start = time.perf_counter()
+    p = plan(
+        base,
+        adapters,
+        out,
+        weights=weights,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        overwrite=overwrite,
+    )
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(t.end - t.start for s in p.shards for t in s.tensors)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
+    try:
+        execute(p, overwrite=overwrite, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return MergeResult(
+        out=str(out),
+        seconds=time.perf_counter() - start,
+        bytes_written=p.out_bytes,
+        tensors=p.summary,
+        modules=dict(p.counts),
+    )

@@ -1,0 +1,176 @@
+"""A Hugging Face model folder: its config, shards, weight map and the other files to carry over."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import InputError
+from .safetensors_io import Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Weights in other formats are stale once merged: never copied to the output.
+_OTHER_WEIGHT_SUFFIXES = (
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".safetensors",
+)
+_OTHER_WEIGHT_NAMES = (
+    "pytorch_model.bin.index.json",
+    "tf_model.h5.index.json",
+    "flax_model.msgpack.index.json",
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the planner needs to know about a base model folder; no weight bytes."""
+
+    path: Path
+    config: dict
+    shards: tuple[str, ...]  # relative file names, in index order
+    headers: dict[str, Header]  # shard name -> header
+    weight_map: dict[str, str]  # tensor name -> shard name
+    index: dict | None  # the parsed index, None for a single-file model
+    extra_files: tuple[str, ...]  # relative names of non-weight files to copy
+
+    def tensor(self, name: str) -> TensorInfo:
+        return self.headers[self.weight_map[name]].tensors[name]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.size for h in self.headers.values())
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON object from ``path``; errors name the file and what it is for."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} is missing.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {what} {path}: {e}.") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path}: {what} is not valid JSON ({e}).") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: {what} must be a JSON object.")
+    return doc
+
+
+def safe_relative(folder: Path, name: object, source: Path) -> str:
+    """Check that ``name`` (from ``source``) names a file inside ``folder``; return it normalized."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise InputError(f"{source}: invalid file name {name!r}.")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise InputError(
+            f"{source} names {name!r}, which is outside the model folder {folder}; "
+            "refusing to read it.",
+            hint="An index may only name files inside its own folder.",
+        )
+    return str(pure)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a base model folder's config, index and every shard header.
+
+    >>> ckpt = open_checkpoint("Llama-3-8B")   # doctest: +SKIP
+    >>> ckpt.shards                             # doctest: +SKIP
+    ('model-00001-of-00004.safetensors', ...)
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(
+            f"base model folder {folder} does not exist or is not a folder.",
+            hint="Give the folder that holds config.json and the .safetensors files.",
+        )
+    config = read_json(folder / CONFIG_NAME, "the model config (config.json)")
+    index_path = folder / INDEX_NAME
+    index: dict | None = None
+    if index_path.exists():
+        index = read_json(index_path, "the shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index_path}: 'weight_map' is missing or empty.")
+        shards: list[str] = []
+        for tensor_name, shard in weight_map.items():
+            shard = safe_relative(folder, shard, index_path)
+            weight_map[tensor_name] = shard
+            if shard not in shards:
+                shards.append(shard)
+    elif (folder / SINGLE_NAME).exists():
+        shards = [SINGLE_NAME]
+        weight_map = {}
+    else:
+        legacy = [p.name for p in folder.glob("pytorch_model*.bin")]
+        hint = (
+            "This folder has only PyTorch .bin weights; convert them to safetensors first "
+            "(load with transformers and save_pretrained(..., safe_serialization=True))."
+            if legacy
+            else "Give a folder with model.safetensors or model.safetensors.index.json and its shards."
+        )
+        raise InputError(f"{folder}: no safetensors weights found.", hint=hint)
+
+    headers: dict[str, Header] = {}
+    for shard in shards:
+        file = folder / shard
+        if not file.is_file():
+            where = f"named in {index_path}" if index is not None else "expected"
+            raise InputError(
+                f"shard {shard} ({where}) is missing from {folder}.",
+                hint="Re-download the missing file(s).",
+            )
+        headers[shard] = read_header(file)
+
+    full_map: dict[str, str] = {}
+    for shard, header in headers.items():
+        for name in header.tensors:
+            if name in full_map:
+                raise InputError(
+                    f"{folder}: tensor {name!r} appears in both {full_map[name]} and {shard}."
+                )
+            full_map[name] = shard
+    for name, shard in weight_map.items():
+        if full_map.get(name) != shard:
+            raise InputError(
+                f"{index_path}: tensor {name!r} is mapped to {shard} but that file does not hold it.",
+                hint="The index and the shards disagree; re-download the model.",
+            )
+
+    return Checkpoint(
+        path=folder,
+        config=config,
+        shards=tuple(shards),
+        headers=headers,
+        weight_map=full_map,
+        index=index,
+        extra_files=tuple(_extra_files(folder, set(shards))),
+    )
+
+
+def _extra_files(folder: Path, shards: set[str]) -> list[str]:
+    """Top-level files to copy as they are: tokenizer, generation config, model card..."""
+    names = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name.startswith(".") or not entry.is_file() or name in shards:
+            continue
+        if name in (INDEX_NAME, CONFIG_NAME) or name in _OTHER_WEIGHT_NAMES:
+            continue
+        if name.endswith(_OTHER_WEIGHT_SUFFIXES):
+            continue
+        names.append(name)
+    return names

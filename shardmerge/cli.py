@@ -1,0 +1,117 @@
+"""The command line: thin wrappers over shardmerge.api that turn errors into one clear paragraph."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import ShardmergeError
+
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+def _friendly(fn):
+    """Run a command; print our errors as a paragraph (no traceback) and exit non-zero."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ShardmergeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo(
+                "\ninterrupted; the output folder is incomplete and does not look like a model.",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}.", err=True)
+            if e.errno == 28:  # ENOSPC
+                click.echo(
+                    "The disk is full: free some space or choose another output folder.", err=True
+                )
+            sys.exit(1)
+        except Exception:
+            if os.environ.get("SHARDMERGE_DEBUG"):
+                raise
+            import traceback
+
+            click.echo(
+                "internal error in shardmerge (a bug); please report it with this output:", err=True
+            )
+            click.echo(traceback.format_exc().strip().splitlines()[-1], err=True)
+            click.echo("Run again with SHARDMERGE_DEBUG=1 for the full traceback.", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: give comma-separated numbers such as 0.7,0.3"
+        ) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shardmerge")
+def main() -> None:
+    """Fold LoRA adapters into a model's safetensors shards, streaming, with bounded memory."""
+
+
+@main.command()
+@click.argument(
+    "base",
+)
+@click.argument(
+    "adapters",
+    nargs=-1,
+    required=True,
+)
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output model folder.")
+@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Dtype of floating-point tensors in the output; auto keeps each tensor's.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-memory", help="Memory budget, e.g. 4GiB (default: half the available RAM).")
+@click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def merge(base, adapters, out, weights, dtype, device, max_memory, overwrite, quiet) -> None:
+    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
+    from .api import merge as api_merge
+
+    result = api_merge(
+        base,
+        list(adapters),
+        out,
+        weights=_weights(weights),
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        overwrite=overwrite,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
+    tensors = ", ".join(f"{n} {k}" for k, n in sorted(result.tensors.items()))
+    click.echo(
+        f"merged into {result.out} in {result.seconds:.1f} s: "
+        f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; adapter modules: {modules}."
+    )

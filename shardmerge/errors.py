@@ -1,0 +1,69 @@
+"""The failures a user can meet, one class per kind.
+
+Each message says what is wrong, where, and what to do. The CLI prints the
+message as one paragraph and exits with the class's ``exit_code``; nothing
+here is meant to surface as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ShardmergeError(Exception):
+    """Base class: a failure with a message meant for the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class InputError(ShardmergeError):
+    """A model or adapter folder is missing, unreadable or malformed."""
+
+    exit_code = 2
+
+
+class CorruptFileError(InputError):
+    """A safetensors (or legacy .bin) file is damaged or not what it claims to be."""
+
+
+class IncompatibleAdapterError(ShardmergeError):
+    """An adapter does not fit the base model (wrong targets or shapes)."""
+
+    exit_code = 3
+
+
+class UnsupportedAdapterError(ShardmergeError):
+    """An adapter kind or option that shardmerge does not merge (yet)."""
+
+    exit_code = 4
+
+
+class OutputError(ShardmergeError):
+    """The output folder cannot be used as asked (overlaps inputs, holds a model)."""
+
+    exit_code = 5
+
+
+class ResourceError(ShardmergeError):
+    """Not enough memory or disk for the job as planned."""
+
+    exit_code = 6
+
+
+class PlanErrors(ShardmergeError):
+    """Several problems found while planning, reported together."""
+
+    def __init__(self, errors: list[ShardmergeError]):
+        self.errors = errors
+        lines = [f"{len(errors)} problems found; nothing was written:"] if len(errors) > 1 else []
+        lines += [f"- {e}" if len(errors) > 1 else str(e) for e in errors]
+        super().__init__("\n".join(lines))
+        # The most specific exit code of the lot: all the same kind keeps it.
+        codes = {e.exit_code for e in errors}
+        self.exit_code = codes.pop() if len(codes) == 1 else 1

@@ -1,0 +1,229 @@
+"""One row block: base rows + low-rank terms -> merged rows, correctly rounded.
+
+The merged value of an element is ``W + sum_t scale_t * sum_k L[i,k] R[k,j]``
+evaluated exactly and rounded once to the output dtype. We get there in
+three tiers:
+
+1. The whole block in a wide accumulator (float32 for 16-bit outputs, float64
+   otherwise) with BLAS. Alongside, a cheap rigorous bound on that result's
+   error. An element whose computed value is farther than the bound from
+   every rounding boundary of the output dtype rounds exactly as the true
+   value does, whatever order BLAS summed in: its output is settled.
+2. The few elements left in doubt are recomputed in float64 and checked the
+   same way.
+3. Any still in doubt (values within ~1e-15 of a rounding boundary) are
+   evaluated in exact rational arithmetic.
+
+So every output element is the correctly rounded true value, and output
+bytes do not depend on the device, BLAS, thread count or block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+# (precision in bits incl. the implicit one, smallest frexp exponent of a normal number)
+_FORMAT = {
+    torch.float64: (53, -1021),
+    torch.float32: (24, -125),
+    torch.bfloat16: (8, -125),
+    torch.float16: (11, -13),
+}
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+_TINY = {torch.float32: 2.0**-149 / 2.0**-24, torch.float64: 2.0**-1074 / 2.0**-53}
+
+
+@dataclass
+class BlockTerm:
+    """A term restricted to one row block, already on the compute device.
+
+    ``left`` is (rows, r) and ``right`` (r, cols); or, for a bias-like term,
+    ``left`` has the block's shape and ``right`` is None. ``left_absmax`` is
+    max_k |left[i, k]| per row and ``right_abssum`` sum_k |right[k, j]| per
+    column: their outer product bounds sum_k |left[i,k] right[k,j]|.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor | None
+    scale: float
+    left_absmax: torch.Tensor | None = None
+    right_abssum: torch.Tensor | None = None
+
+
+def accumulation_dtype(out_dtype: torch.dtype, input_dtypes: list[torch.dtype]) -> torch.dtype:
+    """float32 suffices as the first tier for 16-bit outputs from <= 32-bit inputs."""
+    narrow = {torch.float16, torch.bfloat16, torch.float32}
+    if out_dtype in (torch.float16, torch.bfloat16) and all(d in narrow for d in input_dtypes):
+        return torch.float32
+    return torch.float64
+
+
+def prepare_factor(t: torch.Tensor, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=acc).contiguous()
+
+
+def merge_block(
+    base: torch.Tensor,
+    terms: list[BlockTerm],
+    out_dtype: torch.dtype,
+    acc_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Merge one block of base rows with its terms; returns the block in ``out_dtype``.
+
+    ``base`` may have any float dtype and 1 or 2 dimensions; terms' factors are
+    in ``acc_dtype`` on ``base``'s device.
+    """
+    if not terms:
+        return base.to(out_dtype)
+    acc = base.to(acc_dtype)
+    bound = acc.abs()
+    max_rank = 1
+    for t in terms:
+        if t.right is None:
+            acc.add_(t.left, alpha=t.scale)
+            bound.add_(t.left.abs(), alpha=abs(t.scale))
+        else:
+            acc.add_(t.left @ t.right, alpha=t.scale)
+            bound.addr_(t.left_absmax, t.right_abssum, alpha=abs(t.scale))
+            max_rank = max(max_rank, t.left.shape[1])
+    out = acc.to(out_dtype)
+    if out_dtype not in _FORMAT:
+        return out
+    tol = _tolerance(acc_dtype, max_rank, len(terms))
+    doubt = _in_doubt(acc, out, bound, tol)
+    if doubt is not None:
+        _refine(base, terms, out, doubt, acc_dtype, max_rank)
+    return out
+
+
+def _tolerance(acc_dtype: torch.dtype, max_rank: int, n_terms: int) -> float:
+    # Any summation order of r products, the scalings and n_terms additions
+    # stays within (r + n + 2) unit roundoffs of the sum of magnitudes; the
+    # factor 2 covers the rounding of the bound itself.
+    return 2.0 * (max_rank + n_terms + 2) * _UNIT_ROUNDOFF[acc_dtype]
+
+
+def _in_doubt(
+    acc: torch.Tensor, out: torch.Tensor, bound: torch.Tensor, tol: float
+) -> torch.Tensor | None:
+    """Flat indices of elements whose rounding the accumulator cannot settle, or None."""
+    if out.dtype == torch.float64:
+        return None  # no wider accumulator here: float64 outputs are within a few ulp
+    precision, emin = _FORMAT[out.dtype]
+    wide = acc.dtype
+    y = out.to(wide)
+    mant, exp = torch.frexp(y)
+    normal = exp > emin
+    exp = exp.clamp(min=emin)
+    half_gap = torch.ldexp(torch.ones_like(y), exp - (precision + 1))
+    # Just above a power of two the gap below is half the gap above.
+    below = normal & (mant.abs() == 0.5) & (acc.abs() < y.abs())
+    half_gap = torch.where(below, half_gap * 0.5, half_gap)
+    margin = half_gap - (acc - y).abs()
+    # The absolute term covers products that underflow in the accumulator.
+    doubt = (margin <= bound * tol + tol * _TINY[wide]) & torch.isfinite(y)
+    idx = doubt.reshape(-1).nonzero().squeeze(1)
+    return idx if idx.numel() else None
+
+
+def _refine(
+    base: torch.Tensor,
+    terms: list[BlockTerm],
+    out: torch.Tensor,
+    idx: torch.Tensor,
+    acc_dtype: torch.dtype,
+    max_rank: int,
+) -> None:
+    """Settle the doubtful elements ``idx`` (flat) of ``out`` in place."""
+    cols = base.shape[1] if base.dim() == 2 else 1
+    rows_i, cols_j = idx // cols, idx % cols
+    flat_base = base.reshape(-1)
+    if acc_dtype != torch.float64:
+        acc = flat_base[idx].to(torch.float64)
+        bound = acc.abs()
+        for t in terms:
+            if t.right is None:
+                v = t.left.reshape(-1)[idx].to(torch.float64)
+                acc.add_(v, alpha=t.scale)
+                bound.add_(v.abs(), alpha=abs(t.scale))
+            else:
+                lft = t.left[rows_i].to(torch.float64)
+                rgt = t.right[:, cols_j].to(torch.float64).T
+                acc.add_((lft * rgt).sum(1), alpha=t.scale)
+                bound.add_((lft.abs() * rgt.abs()).sum(1), alpha=abs(t.scale))
+        sub_out = acc.to(out.dtype)
+        out.reshape(-1)[idx] = sub_out
+        tol = _tolerance(torch.float64, max_rank, len(terms))
+        still = _in_doubt(acc, sub_out, bound, tol)
+        if still is None:
+            return
+        idx, rows_i, cols_j = idx[still], rows_i[still], cols_j[still]
+    _exact(flat_base, terms, out, idx, rows_i, cols_j)
+
+
+def _exact(
+    flat_base: torch.Tensor,
+    terms: list[BlockTerm],
+    out: torch.Tensor,
+    idx: torch.Tensor,
+    rows_i: torch.Tensor,
+    cols_j: torch.Tensor,
+) -> None:
+    """Exact rational evaluation and correct rounding; only for a handful of elements."""
+    base_vals = flat_base[idx].double().cpu().tolist()
+    parts = []
+    for t in terms:
+        if t.right is None:
+            parts.append((Fraction(t.scale), t.left.reshape(-1)[idx].double().cpu().tolist(), None))
+        else:
+            parts.append(
+                (
+                    Fraction(t.scale),
+                    t.left[rows_i].double().cpu().tolist(),
+                    t.right[:, cols_j].double().T.cpu().tolist(),
+                )
+            )
+    results = []
+    for n, w in enumerate(base_vals):
+        exact = Fraction(w)
+        for scale, lft, rgt in parts:
+            if rgt is None:
+                exact += scale * Fraction(lft[n])
+            else:
+                exact += scale * sum(
+                    Fraction(a) * Fraction(b) for a, b in zip(lft[n], rgt[n], strict=True)
+                )
+        results.append(round_exact(exact, out.dtype))
+    out.reshape(-1)[idx] = torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
+
+
+def round_exact(x: Fraction, dtype: torch.dtype) -> float:
+    """Round a rational to the nearest value of ``dtype`` (ties to even); returned as a float.
+
+    The returned float is exactly representable in ``dtype``.
+    """
+    precision, emin = _FORMAT[dtype]
+    if x == 0:
+        return 0.0
+    sign = -1 if x < 0 else 1
+    mag = abs(x)
+    # Exponent e with 2^(e-1) <= mag < 2^e, as frexp would give.
+    e = mag.numerator.bit_length() - mag.denominator.bit_length()
+    if Fraction(2) ** (e - 1) > mag:
+        e -= 1
+    elif Fraction(2) ** e <= mag:
+        e += 1
+    e = max(e, emin)
+    ulp = Fraction(2) ** (e - precision)
+    q, rem = divmod(mag, ulp)
+    q = int(q)
+    if rem * 2 > ulp or (rem * 2 == ulp and q % 2 == 1):
+        q += 1
+    value = q * ulp
+    try:
+        return sign * float(value)
+    except OverflowError:
+        return sign * float("inf")

@@ -1,0 +1,378 @@
+"""The planner: headers and configs in, a schedule of shard jobs out. Pure: writes nothing.
+
+Every check that can be made without reading weight bytes is made here, and
+all problems are reported together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from . import __version__
+from .adapters.peft import Adapter, adapter_edits, open_adapter
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
+from .output import check_output_dir
+from .safetensors_io import FLOAT_DTYPES, ITEMSIZE, NAME_OF, OutEntry, encode_header
+from .terms import TensorEdit
+
+DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+# What the interpreter, torch and our own bookkeeping take before any buffer.
+BASELINE_BYTES = 400 << 20
+# Bytes of working memory per element of a merged row block: the input, a
+# wide accumulator, its error bound, the matmul product, the rounded output
+# and the temporaries of the rounding check.
+MERGE_BYTES_PER_ELEMENT = 64
+# Blocks beyond this gain nothing in speed and cost cache misses.
+MAX_BLOCK_BYTES = 256 << 20
+MIN_BUDGET = 512 << 20
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor of a shard: where it is, what it becomes, how it is processed."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: str
+    out_dtype: str
+    start: int  # absolute offsets in the base shard
+    end: int
+    edit: TensorEdit | None = None
+    block_rows: int = 0  # rows per block when the tensor is processed, not copied
+
+    @property
+    def action(self) -> str:
+        if self.edit is not None:
+            return "merge" if self.edit.terms else "replace"
+        return "copy" if self.in_dtype == self.out_dtype else "convert"
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def out_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * ITEMSIZE[self.out_dtype]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One input shard and the output shard made from it."""
+
+    name: str  # relative file name, the same in base and output
+    in_path: str
+    tensors: tuple[TensorJob, ...]  # in file order, which is also output order
+    metadata: tuple[tuple[str, str], ...]
+
+    @property
+    def out_entries(self) -> list[OutEntry]:
+        return [OutEntry(t.name, t.out_dtype, t.shape) for t in self.tensors]
+
+    @property
+    def out_size(self) -> int:
+        return len(encode_header(self.out_entries, dict(self.metadata))) + sum(
+            t.out_bytes for t in self.tensors
+        )
+
+    @property
+    def in_size(self) -> int:
+        return os.path.getsize(self.in_path)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    path: str
+    label: str
+    weight: float
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything the executor needs; plain data that prints and pickles."""
+
+    base: str
+    out: str
+    adapters: tuple[AdapterSpec, ...]
+    shards: tuple[ShardJob, ...]
+    extra_files: tuple[str, ...]
+    config_update: tuple[tuple[str, str], ...]  # keys of config.json to set
+    index: dict | None  # the output index (weight_map + metadata), None for one file
+    device: str
+    max_memory: int
+    counts: dict[str, int] = field(default_factory=dict)
+    provenance: str = ""
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(s.out_size for s in self.shards)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        c: Counter = Counter()
+        for s in self.shards:
+            for t in s.tensors:
+                c[t.action] += 1
+        return dict(c)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'4GiB' or '4G' (binary), '4GB' (decimal), or a number of bytes -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", str(text).lower())
+    if not m or (m.group(3) and not m.group(2)):
+        raise InputError(f"cannot read memory size {text!r}; write it like 4GiB, 512MiB or 2G.")
+    number, unit, binary, b = m.groups()
+    base = 1024 if binary or not b else 1000
+    return int(float(number) * base ** "_kmgt".index(unit or "_"))
+
+
+def default_budget() -> int:
+    """Half the available RAM, between 512 MiB and 8 GiB."""
+    available = psutil.virtual_memory().available
+    return max(MIN_BUDGET, min(8 << 30, available // 2))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"--device {device} was asked for but no CUDA GPU is available.",
+                hint="Use --device cpu or --device auto.",
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible."
+            )
+        return device
+    raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
+
+
+def build_plan(
+    base: str | os.PathLike,
+    adapters: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    weights: list[float] | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_memory: int | str | None = None,
+    overwrite: bool = False,
+) -> MergePlan:
+    """Read headers and configs, check everything, and return the schedule.
+
+    Raises PlanErrors (or a single ShardmergeError) listing every problem.
+    """
+    if not adapters:
+        raise InputError("no adapter given; name at least one adapter folder.")
+    if weights is None:
+        weights = [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise InputError(
+            f"{len(weights)} weights given for {len(adapters)} adapters; give one per adapter."
+        )
+    if dtype not in DTYPE_CHOICES:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+    budget = parse_size(max_memory) if max_memory is not None else default_budget()
+    device = resolve_device(device)
+
+    errors: list[ShardmergeError] = []
+    ckpt: Checkpoint | None = None
+    try:
+        ckpt = open_checkpoint(base)
+    except ShardmergeError as e:
+        errors.append(e)
+    opened: list[Adapter] = []
+    labels: Counter = Counter()
+    for path in adapters:
+        try:
+            a = open_adapter(path)
+        except ShardmergeError as e:
+            errors.append(e)
+            continue
+        labels[a.label] += 1
+        if labels[a.label] > 1:
+            a = Adapter(
+                a.path,
+                f"{a.label}#{labels[a.label]}",
+                a.config,
+                a.weights_file,
+                a.tensors,
+                a.sha256,
+            )
+        opened.append(a)
+    try:
+        check_output_dir(Path(out), Path(base), [Path(p) for p in adapters], overwrite=overwrite)
+    except ShardmergeError as e:
+        errors.append(e)
+    if ckpt is None or len(opened) != len(adapters):
+        raise PlanErrors(errors)
+
+    edits: dict[str, TensorEdit] = {}
+    counts: Counter = Counter()
+    for adapter, weight in zip(opened, weights, strict=True):
+        adapter_edit, adapter_counts, adapter_errors = adapter_edits(adapter, weight, ckpt)
+        errors.extend(adapter_errors)
+        counts.update(adapter_counts)
+        for name, edit in adapter_edit.items():
+            errors.extend(_combine(edits, name, edit))
+    if errors:
+        raise PlanErrors(errors)
+
+    out_dtype = DTYPE_CHOICES[dtype]
+    working = budget - BASELINE_BYTES
+    shards: list[ShardJob] = []
+    for shard in ckpt.shards:
+        header = ckpt.headers[shard]
+        jobs = []
+        for t in header.tensors.values():
+            target = out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
+            edit = edits.get(t.name)
+            block_rows = 0
+            if edit is not None or target != t.dtype:
+                block_rows = _block_rows(t.name, t.shape, edit, working, errors)
+            jobs.append(
+                TensorJob(t.name, t.shape, t.dtype, target, t.start, t.end, edit, block_rows)
+            )
+        shards.append(ShardJob(shard, str(header.path), tuple(jobs), ()))
+    if errors:
+        raise PlanErrors(errors)
+
+    adapter_specs = tuple(
+        AdapterSpec(str(a.path), a.label, float(w), a.sha256)
+        for a, w in zip(opened, weights, strict=True)
+    )
+    provenance = json.dumps(
+        {
+            "tool": "shardmerge",
+            "version": __version__,
+            "adapters": [
+                {"name": s.label, "weight": s.weight, "sha256": s.sha256} for s in adapter_specs
+            ],
+            "dtype": dtype,
+        },
+        separators=(",", ":"),
+    )
+    shards = [_with_metadata(s, ckpt, provenance) for s in shards]
+    config_update: tuple[tuple[str, str], ...] = ()
+    if out_dtype:
+        keys = [k for k in ("torch_dtype", "dtype") if k in ckpt.config] or ["torch_dtype"]
+        config_update = tuple((k, TORCH_DTYPE_NAMES[out_dtype]) for k in keys)
+    plan = MergePlan(
+        base=str(ckpt.path),
+        out=str(out),
+        adapters=adapter_specs,
+        shards=tuple(shards),
+        extra_files=ckpt.extra_files,
+        config_update=config_update,
+        index=_output_index(ckpt, shards, provenance),
+        device=device,
+        max_memory=budget,
+        counts=dict(counts),
+        provenance=provenance,
+    )
+    from .output import check_free_space
+
+    check_free_space(Path(out), plan.out_bytes)
+    return plan
+
+
+def _combine(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> list[ShardmergeError]:
+    """Fold one adapter's edit of ``name`` into the edits so far."""
+    old = edits.get(name)
+    if old is None:
+        edits[name] = edit
+        return []
+    if edit.replacement is not None or old.replacement is not None:
+        who = [e.replacement.adapter for e in (old, edit) if e.replacement] + [
+            t.adapter for e in (old, edit) for t in e.terms
+        ]
+        return [
+            UnsupportedAdapterError(
+                f"adapters {', '.join(sorted(set(who)))} both change {name}, and at least one "
+                "replaces it whole (modules_to_save or a saved tensor); the result would be ambiguous.",
+                hint="Merge these adapters in separate runs, or drop one of them.",
+            )
+        ]
+    edits[name] = TensorEdit(None, old.terms + edit.terms)
+    return []
+
+
+def _block_rows(
+    name: str,
+    shape: tuple[int, ...],
+    edit: TensorEdit | None,
+    working: int,
+    errors: list[ShardmergeError],
+) -> int:
+    rows = shape[0] if shape else 1
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    factors = 0
+    if edit is not None:
+        for t in edit.terms:
+            # Factors are held whole, in float64 at most, plus their bound vectors.
+            factors += 8 * (t.left.numel + (t.right.numel if t.right else 0)) * 2
+    per_row = cols * MERGE_BYTES_PER_ELEMENT
+    room = working - factors
+    if room < per_row:
+        errors.append(
+            ResourceError(
+                f"the memory budget is too small for tensor {name} {list(shape)}: one row block "
+                f"needs {_fmt(per_row + factors + BASELINE_BYTES)} and the budget is "
+                f"{_fmt(working + BASELINE_BYTES)}.",
+                hint="Raise --max-memory.",
+            )
+        )
+        return 1
+    return max(1, min(rows, room // per_row, MAX_BLOCK_BYTES // per_row or 1))
+
+
+def _fmt(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _with_metadata(shard: ShardJob, ckpt: Checkpoint, provenance: str) -> ShardJob:
+    meta = dict(ckpt.headers[shard.name].metadata)
+    meta["shardmerge"] = provenance
+    return ShardJob(shard.name, shard.in_path, shard.tensors, tuple(meta.items()))
+
+
+def _output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> dict | None:
+    if ckpt.index is None:
+        return None
+    index = json.loads(json.dumps(ckpt.index))
+    metadata = dict(index.get("metadata") or {})
+    metadata["total_size"] = sum(t.out_bytes for s in shards for t in s.tensors)
+    metadata["shardmerge"] = json.loads(provenance)
+    index["metadata"] = metadata
+    return index
+
+
+__all__ = ["MergePlan", "ShardJob", "TensorJob", "build_plan", "parse_size", "NAME_OF"]

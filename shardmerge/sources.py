@@ -1,0 +1,63 @@
+"""Reading adapter tensors named by TensorRef, from safetensors or legacy .bin files."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+
+import torch
+
+from .errors import CorruptFileError
+from .safetensors_io import DTYPES, NAME_OF, TensorInfo, read_tensor
+from .terms import TensorRef
+
+
+def load_torch_state(path: str) -> dict[str, torch.Tensor]:
+    """Load a legacy ``.bin`` state dict safely: tensors only, no arbitrary pickle.
+
+    ``weights_only=True`` refuses any object that is not a tensor or a plain
+    container, so a hostile file cannot run code.
+    """
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files in the pre-1.6 (non-zip) format cannot be memory-mapped.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(
+            f"{path}: cannot be loaded as a tensor-only PyTorch file ({first[:300]}).",
+            hint="shardmerge loads .bin files with torch.load(weights_only=True) and refuses "
+            "anything else; convert the adapter to adapter_model.safetensors.",
+        ) from None
+    except OSError as e:
+        raise CorruptFileError(f"cannot read {path}: {e.strerror or e}.") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CorruptFileError(f"{path}: is not a state dict of named tensors.")
+    for key, value in state.items():
+        if value.dtype not in NAME_OF:
+            raise CorruptFileError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}.")
+    return state
+
+
+class RefLoader:
+    """Loads TensorRefs, keeping each legacy .bin file open (memory-mapped) once loaded."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def load(self, ref: TensorRef) -> torch.Tensor:
+        if ref.fmt == "torch":
+            state = self._states.get(ref.path)
+            if state is None:
+                state = self._states[ref.path] = load_torch_state(ref.path)
+            return state[ref.key]
+        info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
+        tensor = read_tensor(ref.path, info)
+        assert tensor.dtype == DTYPES[ref.dtype]
+        return tensor
