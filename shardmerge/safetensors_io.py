@@ -41,6 +41,10 @@ for _name, _attr in (
     ("U16", "uint16"),
     ("U32", "uint32"),
     ("U64", "uint64"),
+    # Also written by safetensors.torch.save_file; copied as they are, never merged into.
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("C64", "complex64"),
 ):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
@@ -152,7 +156,9 @@ def parse_header(path: str, size: int, raw: bytes) -> Header:
     if not isinstance(doc, dict):
         raise bad("the header is not a JSON object")
 
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:  # absent, or null as the reference reader allows
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
