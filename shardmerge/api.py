@@ -21,6 +21,8 @@ class MergeResult:
     bytes_written: int
     tensors: dict[str, int]  # per action: merge, replace, copy, convert
     modules: dict[str, int]  # adapter modules applied, per kind
+    shards: int = 0
+    shards_resumed: int = 0  # shards an earlier, interrupted run had finished
 
 
 def plan(
@@ -33,6 +35,7 @@ def plan(
     device: str = "auto",
     max_memory: int | str | None = None,
     overwrite: bool = False,
+    resume: bool = True,
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
@@ -49,6 +52,7 @@ def plan(
         device=device,
         max_memory=max_memory,
         overwrite=overwrite,
+        resume=resume,
     )
 
 
@@ -62,6 +66,7 @@ def merge(
     device: str = "auto",
     max_memory: int | str | None = None,
     overwrite: bool = False,
+    resume: bool = True,
     progress: bool = False,
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
@@ -69,7 +74,9 @@ def merge(
     ``weights`` gives one factor per adapter (default 1.0 each):
     ``W + sum_i weights[i] * delta_i``. ``dtype`` is "auto" (keep each
     tensor's dtype), "float32", "float16" or "bfloat16". ``max_memory`` is the
-    memory budget ("4GiB"; default half the available RAM).
+    memory budget ("4GiB"; default half the available RAM). Rerunning an
+    interrupted merge resumes it (``resume=False`` starts over); ``overwrite``
+    replaces whatever model OUT holds.
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -87,6 +94,7 @@ def merge(
         device=device,
         max_memory=max_memory,
         overwrite=overwrite,
+        resume=resume,
     )
     bar = None
     if progress:
@@ -95,7 +103,9 @@ def merge(
         total = sum(t.end - t.start for s in p.shards for t in s.tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
     try:
-        execute(p, overwrite=overwrite, progress=bar.update if bar else None)
+        resumed = execute(
+            p, overwrite=overwrite, resume=resume, progress=bar.update if bar else None
+        )
     finally:
         if bar:
             bar.close()
@@ -105,4 +115,6 @@ def merge(
         bytes_written=p.out_bytes,
         tensors=p.summary,
         modules=dict(p.counts),
+        shards=len(p.shards),
+        shards_resumed=resumed,
     )

@@ -53,21 +53,32 @@ class Checkpoint:
         return sum(h.size for h in self.headers.values())
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, hint: str | None = None) -> dict:
     """Read a JSON object from ``path``; errors name the file and what it is for."""
+    if path.exists() and not path.is_file():
+        # A folder or a FIFO (which would block the reader forever).
+        raise InputError(f"{path}: {what} is not a regular file.", hint=hint)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"{path}: {what} is missing.") from None
+        raise InputError(f"{path}: {what} is missing.", hint=hint) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {what} {path}: {e}.") from None
+        raise InputError(f"cannot read {what} {path}: {e}.", hint=hint) from None
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise InputError(f"{path}: {what} is not valid JSON ({e}).") from None
+        raise InputError(f"{path}: {what} is not valid JSON ({e}).", hint=hint) from None
     if not isinstance(doc, dict):
-        raise InputError(f"{path}: {what} must be a JSON object.")
+        raise InputError(f"{path}: {what} must be a JSON object.", hint=hint)
     return doc
+
+
+def not_a_regular_file(path: Path, what: str) -> InputError:
+    """The error for a folder or FIFO found where a weights file belongs (never opened)."""
+    return InputError(
+        f"{path}: {what} is not a regular file.",
+        hint="Replace it with the real file (re-download or re-export it).",
+    )
 
 
 def safe_relative(folder: Path, name: object, source: Path) -> str:
@@ -97,11 +108,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"base model folder {folder} does not exist or is not a folder.",
             hint="Give the folder that holds config.json and the .safetensors files.",
         )
-    config = read_json(folder / CONFIG_NAME, "the model config (config.json)")
+    config = read_json(
+        folder / CONFIG_NAME,
+        "the model config (config.json)",
+        hint="Give a Hugging Face model folder as written by save_pretrained(), with its "
+        "config.json.",
+    )
     index_path = folder / INDEX_NAME
     index: dict | None = None
     if index_path.exists():
-        index = read_json(index_path, "the shard index")
+        index = read_json(
+            index_path, "the shard index", hint="Re-download the model or re-export it."
+        )
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index_path}: 'weight_map' is missing or empty.")
@@ -127,6 +145,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     headers: dict[str, Header] = {}
     for shard in shards:
         file = folder / shard
+        if file.exists() and not file.is_file():
+            raise not_a_regular_file(file, f"shard {shard}")
         if not file.is_file():
             where = f"named in {index_path}" if index is not None else "expected"
             raise InputError(
@@ -153,7 +173,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(
         path=folder,
         config=config,
-        shards=tuple(shards),
+        shards=tuple(sorted(shards)),
         headers=headers,
         weight_map=full_map,
         index=index,

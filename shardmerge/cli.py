@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 
@@ -25,6 +26,8 @@ def _friendly(fn):
         except ShardmergeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except click.ClickException:
+            raise  # a usage error: click prints it and exits 2
         except KeyboardInterrupt:
             click.echo(
                 "\ninterrupted; the output folder is incomplete and does not look like a model.",
@@ -58,11 +61,14 @@ def _weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(w) for w in text.split(",")]
+        weights = [float(w) for w in text.split(",")]
     except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) for w in weights):
         raise click.BadParameter(
-            f"{text!r}: give comma-separated numbers such as 0.7,0.3"
-        ) from None
+            f"{text!r}: give comma-separated numbers such as 0.7,0.3", param_hint="'--weights'"
+        )
+    return weights
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,9 +98,14 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-memory", help="Memory budget, e.g. 4GiB (default: half the available RAM).")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder.")
+@click.option(
+    "--no-resume", is_flag=True, help="Start over even if an earlier run of this job left work."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def merge(base, adapters, out, weights, dtype, device, max_memory, overwrite, quiet) -> None:
+def merge(
+    base, adapters, out, weights, dtype, device, max_memory, overwrite, no_resume, quiet
+) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     from .api import merge as api_merge
 
@@ -107,10 +118,13 @@ def merge(base, adapters, out, weights, dtype, device, max_memory, overwrite, qu
         device=device,
         max_memory=max_memory,
         overwrite=overwrite,
+        resume=not no_resume,
         progress=not quiet and sys.stderr.isatty(),
     )
     modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
     tensors = ", ".join(f"{n} {k}" for k, n in sorted(result.tensors.items()))
+    if result.shards_resumed:
+        click.echo(f"resumed: {result.shards_resumed} of {result.shards} shards were already done.")
     click.echo(
         f"merged into {result.out} in {result.seconds:.1f} s: "
         f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; adapter modules: {modules}."

@@ -56,6 +56,12 @@ class ResourceError(ShardmergeError):
     exit_code = 6
 
 
+class Interrupted(ShardmergeError):
+    """Ctrl-C or SIGTERM stopped a merge; finished shards are kept for a resume."""
+
+    exit_code = 130
+
+
 class PlanErrors(ShardmergeError):
     """Several problems found while planning, reported together."""
 

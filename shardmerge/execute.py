@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import shutil
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -10,6 +15,8 @@ from typing import BinaryIO
 import torch
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME
+from .errors import Interrupted, ResourceError
+from .journal import Journal, OutputLock, check_resumable, crashpoint, crc32_file
 from .kernels import BlockTerm, accumulation_dtype, merge_block
 from .output import OutputDir
 from .plan import MergePlan, ShardJob, TensorJob
@@ -20,11 +27,76 @@ from .terms import TensorRef, Term
 Progress = Callable[[int], None]
 
 
-def execute(plan: MergePlan, *, overwrite: bool = False, progress: Progress | None = None) -> None:
-    """Write the merged model described by ``plan`` into ``plan.out``."""
+def execute(
+    plan: MergePlan,
+    *,
+    overwrite: bool = False,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> int:
+    """Write the merged model described by ``plan`` into ``plan.out``; returns shards resumed.
+
+    Holds OUT's lock throughout. Shards a previous run of the same job
+    finished (and that still check out) are kept; the rest are written, each
+    recorded in the journal once it is safely in place. Ctrl-C, SIGTERM and a
+    full disk stop the merge with a message; a rerun of the same command
+    resumes.
+    """
     out = OutputDir(Path(plan.out))
+    out.create()
+    lock = OutputLock(out.work)
+    lock.acquire()
+    current: list[Path] = []
+    try:
+        with _sigterm_as_interrupt():
+            return _execute_locked(plan, out, overwrite, resume, progress, current)
+    except KeyboardInterrupt:
+        _discard(current)
+        done = len((Journal.load(out.work) or Journal(out.work)).shards)
+        raise Interrupted(
+            f"interrupted; {done} of {len(plan.shards)} shards are finished and kept in {plan.out}, "
+            "which does not look like a complete model.",
+            hint="Rerun the same command to resume.",
+        ) from None
+    except OSError as e:
+        _discard(current)
+        if e.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(out.path).free
+        raise ResourceError(
+            f"the disk is full while writing to {plan.out}: the merged model needs "
+            f"{plan.out_bytes / 2**30:.2f} GiB in all and {free / 2**30:.2f} GiB is free now.",
+            hint="Free some space and rerun the same command: finished shards are kept.",
+        ) from None
+    finally:
+        lock.release()
+
+
+def _execute_locked(
+    plan: MergePlan,
+    out: OutputDir,
+    overwrite: bool,
+    resume: bool,
+    progress: Progress | None,
+    current: list[Path],
+) -> int:
+    journal = Journal.load(out.work)
+    if journal is not None and journal.fingerprint != plan.fingerprint and not overwrite:
+        # The plan checked this too; another job may have started since.
+        check_resumable(out.path, plan.fingerprint, overwrite=False, resume=resume)
     planned = [s.name for s in plan.shards] + list(plan.extra_files) + [CONFIG_NAME]
-    out.prepare(overwrite=overwrite, planned=planned)
+    if journal is None or journal.fingerprint != plan.fingerprint or not resume or overwrite:
+        out.clear(planned)
+        journal = Journal(out.work)
+        journal.fingerprint = plan.fingerprint
+    done = {s.name for s in plan.shards if journal.verified(out.path, s.name)}
+    journal.shards = {n: e for n, e in journal.shards.items() if n in done}
+    if len(done) < len(plan.shards):
+        # Until every shard is back in place OUT must not look complete.
+        (out.path / INDEX_NAME).unlink(missing_ok=True)
+        journal.status = "running"
+    journal.save()
+
     base = Path(plan.base)
     for name in plan.extra_files:
         out.copy_file(base / name, name)
@@ -34,16 +106,52 @@ def execute(plan: MergePlan, *, overwrite: bool = False, progress: Progress | No
         out.write_bytes(CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     else:
         out.copy_file(base / CONFIG_NAME, CONFIG_NAME)
+    crashpoint()
     device = torch.device(plan.device)
     for shard in plan.shards:
+        if shard.name in done:
+            if progress:
+                progress(sum(t.end - t.start for t in shard.tensors))
+            continue
         tmp = out.temp_path(shard.name)
+        current[:] = [tmp]
         run_shard(shard, tmp, device, progress)
+        crc = crc32_file(tmp)
         out.commit(tmp, shard.name)
+        current.clear()
+        crashpoint()
+        journal.record(shard.name, (out.path / shard.name).stat().st_size, crc)
+        crashpoint()
     if plan.index is not None:
         out.write_bytes(
             INDEX_NAME, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         )
-    out.finish()
+        crashpoint()
+    journal.status = "complete"
+    journal.save()
+    return len(done)
+
+
+def _discard(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C while merging (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run_shard(
@@ -71,6 +179,7 @@ def run_shard(
                     writer.write(block)
             if progress:
                 progress(t.end - t.start)
+            crashpoint()
         writer.close()
 
 

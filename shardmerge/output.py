@@ -7,16 +7,14 @@ weights file) is committed last, so OUT looks complete only when it is.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME
 from .errors import OutputError, ResourceError
+from .journal import WORK_DIR, Journal, check_resumable
 
-WORK_DIR = ".shardmerge"
-STATE_NAME = "state.json"
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -28,15 +26,20 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
-def read_state(out: Path) -> dict | None:
-    try:
-        return json.loads((out / WORK_DIR / STATE_NAME).read_text())
-    except (OSError, ValueError):
-        return None
+def check_output_dir(
+    out: Path,
+    base: Path,
+    adapters: list[Path],
+    *,
+    fingerprint: str,
+    overwrite: bool,
+    resume: bool = True,
+) -> Journal | None:
+    """Refuse an OUT that overlaps an input or holds something we must not clobber.
 
-
-def check_output_dir(out: Path, base: Path, adapters: list[Path], *, overwrite: bool) -> None:
-    """Refuse an OUT that overlaps an input or holds something we must not clobber."""
+    Returns the journal of an earlier run of the same job to resume from, or
+    None for a fresh start.
+    """
     out_r = out.resolve()
     for label, path in [("the base model", base)] + [("an adapter", a) for a in adapters]:
         p = path.resolve()
@@ -53,15 +56,17 @@ def check_output_dir(out: Path, base: Path, adapters: list[Path], *, overwrite: 
                 hint="Choose an output folder that does not contain the inputs.",
             )
     if out.exists() and not out.is_dir():
-        raise OutputError(f"the output path {out} exists and is not a folder.")
-    if not out.exists() or overwrite:
-        return
-    entries = [e.name for e in out.iterdir() if e.name != WORK_DIR]
-    state = read_state(out)
-    if state is not None and state.get("status") != "complete":
-        return  # an unfinished merge of ours: it is redone
-    if not entries:
-        return
+        raise OutputError(
+            f"the output path {out} exists and is not a folder.",
+            hint="Choose a folder path for -o.",
+        )
+    if not out.exists():
+        return None
+    if (out / WORK_DIR).is_dir():
+        return check_resumable(out, fingerprint, overwrite=overwrite, resume=resume)
+    entries = [e.name for e in out.iterdir()]
+    if not entries or overwrite:
+        return None
     holds_model = (out / CONFIG_NAME).exists() or any(
         name.endswith(_MODEL_SUFFIXES) or name == INDEX_NAME for name in entries
     )
@@ -72,17 +77,19 @@ def check_output_dir(out: Path, base: Path, adapters: list[Path], *, overwrite: 
     )
 
 
-def check_free_space(out: Path, needed: int) -> None:
-    """Refuse before writing when the output would not fit on its disk."""
+def check_free_space(out: Path, needed: int, reusable: int = 0) -> None:
+    """Refuse before writing when the output would not fit on its disk.
+
+    ``reusable`` counts bytes already in OUT that the merge will keep or replace.
+    """
     probe = out
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    existing = sum(f.stat().st_size for f in out.glob("*") if f.is_file()) if out.is_dir() else 0
-    if needed > free + existing:
+    if needed > free + reusable:
         raise ResourceError(
-            f"the merged model needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
-            f"is free at {probe}.",
+            f"the merged model needs {needed / 2**30:.2f} GiB but only "
+            f"{(free + reusable) / 2**30:.2f} GiB is free at {probe}.",
             hint="Free some space or choose an output folder on another disk.",
         )
 
@@ -102,30 +109,25 @@ class OutputDir:
         self.path = path
         self.work = path / WORK_DIR
 
-    def prepare(self, *, overwrite: bool, planned: list[str]) -> None:
-        """Create OUT and its work folder; on overwrite, first make OUT stop looking complete."""
+    def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            # The index goes first so that a crash from here on never leaves
-            # an OUT that looks complete.
-            for name in [INDEX_NAME] + [
-                e.name
-                for e in self.path.iterdir()
-                if e.is_file() and e.name.endswith(_MODEL_SUFFIXES)
-            ]:
-                (self.path / name).unlink(missing_ok=True)
-            for name in planned:
-                (self.path / name).unlink(missing_ok=True)
-        if self.work.exists():
-            shutil.rmtree(self.work)
-        self.work.mkdir()
-        self.write_state("running")
-        fsync_dir(self.path)
+        self.work.mkdir(exist_ok=True)
 
-    def write_state(self, status: str) -> None:
-        tmp = self.work / (STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps({"status": status, "pid": os.getpid()}))
-        os.replace(tmp, self.work / STATE_NAME)
+    def clear(self, planned: list[str]) -> None:
+        """Make OUT stop looking complete, then drop old weights and the files we will write.
+
+        The index goes first so that a crash from here on never leaves an OUT
+        that looks complete. Other files of the user's are left alone.
+        """
+        for name in [INDEX_NAME] + [
+            e.name for e in self.path.iterdir() if e.is_file() and e.name.endswith(_MODEL_SUFFIXES)
+        ]:
+            (self.path / name).unlink(missing_ok=True)
+        for name in planned:
+            (self.path / name).unlink(missing_ok=True)
+        for tmp in self.work.glob("*.partial"):
+            tmp.unlink()
+        fsync_dir(self.path)
 
     def temp_path(self, name: str) -> Path:
         return self.work / (name.replace("/", "__") + ".partial")
@@ -148,6 +150,3 @@ class OutputDir:
         tmp = self.temp_path(name)
         shutil.copyfile(src, tmp)
         self.commit(tmp, name)
-
-    def finish(self) -> None:
-        self.write_state("complete")

@@ -6,6 +6,7 @@ all problems are reported together.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from . import __version__
 from .adapters.peft import Adapter, adapter_edits, open_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
-from .output import check_output_dir
+from .output import check_free_space, check_output_dir
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE, NAME_OF, OutEntry, encode_header
 from .terms import TensorEdit
 
@@ -115,6 +116,8 @@ class MergePlan:
     max_memory: int
     counts: dict[str, int] = field(default_factory=dict)
     provenance: str = ""
+    fingerprint: str = ""
+    resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
 
     @property
     def out_bytes(self) -> int:
@@ -179,6 +182,7 @@ def build_plan(
     device: str = "auto",
     max_memory: int | str | None = None,
     overwrite: bool = False,
+    resume: bool = True,
 ) -> MergePlan:
     """Read headers and configs, check everything, and return the schedule.
 
@@ -222,8 +226,18 @@ def build_plan(
                 a.sha256,
             )
         opened.append(a)
+    complete_inputs = ckpt is not None and len(opened) == len(adapters)
+    fingerprint = job_fingerprint(ckpt, opened, weights, dtype) if complete_inputs else ""
+    journal = None
     try:
-        check_output_dir(Path(out), Path(base), [Path(p) for p in adapters], overwrite=overwrite)
+        journal = check_output_dir(
+            Path(out),
+            Path(base),
+            [Path(p) for p in adapters],
+            fingerprint=fingerprint,
+            overwrite=overwrite,
+            resume=resume,
+        )
     except ShardmergeError as e:
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
@@ -291,11 +305,35 @@ def build_plan(
         max_memory=budget,
         counts=dict(counts),
         provenance=provenance,
+        fingerprint=fingerprint,
+        resumable=tuple(sorted(journal.shards)) if journal else (),
     )
-    from .output import check_free_space
-
-    check_free_space(Path(out), plan.out_bytes)
+    reusable = sum(
+        (Path(out) / s.name).stat().st_size for s in shards if (Path(out) / s.name).is_file()
+    )
+    check_free_space(Path(out), plan.out_bytes, reusable)
     return plan
+
+
+def job_fingerprint(
+    ckpt: Checkpoint, adapters: list[Adapter], weights: list[float], dtype: str
+) -> str:
+    """A hash of everything that decides the output bytes, and nothing else.
+
+    Base shards by name, size and header hash; the base config; adapters by
+    weights-file hash and config; weights; dtype; our version (it is in the
+    output's metadata). Device, memory budget and block size do not change
+    the bytes, so a resume may use other values.
+    """
+    doc = {
+        "version": __version__,
+        "base": [[n, ckpt.headers[n].size, ckpt.headers[n].sha256] for n in ckpt.shards],
+        "config": ckpt.config,
+        "adapters": [[a.sha256, a.config] for a in adapters],
+        "weights": [float(w) for w in weights],
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def _combine(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> list[ShardmergeError]:

@@ -9,6 +9,7 @@ the reader seeks by these numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -93,6 +94,7 @@ class Header:
     data_start: int  # absolute offset of the data area
     tensors: dict[str, TensorInfo]  # in file (offset) order
     metadata: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""  # of the header bytes: identifies the layout cheaply
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -209,7 +211,8 @@ def parse_header(path: str, size: int, raw: bytes) -> Header:
             f"the tensors cover {cursor - data_start} bytes but the data area has {data_len}"
             + (" (trailing bytes)" if cursor < size else "")
         )
-    return Header(path, size, data_start, {t.name: t for t in entries}, dict(metadata))
+    digest = hashlib.sha256(raw).hexdigest()
+    return Header(path, size, data_start, {t.name: t for t in entries}, dict(metadata), digest)
 
 
 def read_rows(

@@ -1,0 +1,159 @@
+"""Resume state for one output folder: a lock, the job's fingerprint, the shards finished.
+
+Lives in ``OUT/.shardmerge/``. A shard is recorded only after its file was
+fsynced and renamed into place, with its size and CRC-32; on resume each
+recorded shard is checked against both before it is trusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import zlib
+from pathlib import Path
+
+from .errors import OutputError
+
+WORK_DIR = ".shardmerge"
+JOURNAL_NAME = "journal.json"
+LOCK_NAME = "lock"
+FORMAT = 1
+
+
+def crc32_file(path: Path, chunk: int = 16 << 20) -> int:
+    """CRC-32 of a whole file (zlib releases the GIL, so this overlaps other work)."""
+    crc = 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+class OutputLock:
+    """An exclusive lock on OUT; the kernel drops it when the holder dies, so a stale one is taken over."""
+
+    def __init__(self, work: Path):
+        self.path = work / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                holder = self.path.read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise OutputError(
+                f"another shardmerge (pid {holder}) is writing to {self.path.parent.parent}.",
+                hint="Wait for it to finish, or stop it; a second merge into the same folder is refused.",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Journal:
+    """The fingerprint of the job writing OUT and the shards it has finished."""
+
+    def __init__(self, work: Path):
+        self.path = work / JOURNAL_NAME
+        self.fingerprint: str = ""
+        self.status: str = "running"
+        self.shards: dict[str, dict] = {}
+
+    @classmethod
+    def load(cls, work: Path) -> Journal | None:
+        """The journal in ``work``, or None when there is none (or it is unreadable)."""
+        j = cls(work)
+        try:
+            doc = json.loads(j.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            return None
+        j.fingerprint = str(doc.get("fingerprint", ""))
+        j.status = str(doc.get("status", "running"))
+        shards = doc.get("shards")
+        j.shards = shards if isinstance(shards, dict) else {}
+        return j
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        doc = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "status": self.status,
+            "shards": self.shards,
+        }
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def record(self, name: str, size: int, crc: int) -> None:
+        self.shards[name] = {"size": size, "crc32": crc}
+        self.save()
+
+    def verified(self, out: Path, name: str) -> bool:
+        """True when the recorded shard is on disk with its recorded size and CRC-32."""
+        entry = self.shards.get(name)
+        file = out / name
+        if not entry or not file.is_file():
+            return False
+        try:
+            return file.stat().st_size == entry.get("size") and crc32_file(file) == entry.get(
+                "crc32"
+            )
+        except OSError:
+            return False
+
+
+def check_resumable(
+    out: Path, fingerprint: str, *, overwrite: bool, resume: bool
+) -> Journal | None:
+    """The journal to resume from, None for a fresh start; refuses a different job's output."""
+    journal = Journal.load(out / WORK_DIR)
+    if journal is None or overwrite:
+        return None
+    if journal.fingerprint != fingerprint:
+        state = "a finished" if journal.status == "complete" else "an unfinished"
+        raise OutputError(
+            f"the output folder {out} holds {state} merge of a different job (other base, "
+            "adapters, weights or dtype).",
+            hint="Rerun that job's own command to resume it, choose another folder, "
+            "or pass --overwrite to start over.",
+        )
+    return journal if resume else None
+
+
+_crash_count = 0
+
+
+def crashpoint() -> None:
+    """Fault injection for the crash tests: SIGKILL ourselves at the Nth call.
+
+    Inert unless SHARDMERGE_CRASH_AT is set in the environment.
+    """
+    global _crash_count
+    target = os.environ.get("SHARDMERGE_CRASH_AT")
+    if not target:
+        return
+    _crash_count += 1
+    if _crash_count == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
