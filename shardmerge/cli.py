@@ -14,6 +14,7 @@ from .errors import ShardmergeError
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
+EXIT_VERIFY_FAILED = 1
 
 
 def _friendly(fn):
@@ -101,10 +102,21 @@ def main() -> None:
 @click.option(
     "--no-resume", is_flag=True, help="Start over even if an earlier run of this job left work."
 )
+@click.option("--verify", "then_verify", is_flag=True, help="Verify the output after merging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def merge(
-    base, adapters, out, weights, dtype, device, max_memory, overwrite, no_resume, quiet
+    base,
+    adapters,
+    out,
+    weights,
+    dtype,
+    device,
+    max_memory,
+    overwrite,
+    no_resume,
+    then_verify,
+    quiet,
 ) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     from .api import merge as api_merge
@@ -129,3 +141,35 @@ def merge(
         f"merged into {result.out} in {result.seconds:.1f} s: "
         f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; adapter modules: {modules}."
     )
+    if then_verify:
+        _run_verify(out, base, list(adapters), _weights(weights), dtype, max_memory)
+
+
+def _run_verify(out, base, adapters, weights, dtype, max_memory) -> None:
+    from .verify import verify as api_verify
+
+    report = api_verify(out, base, adapters, weights=weights, dtype=dtype, max_memory=max_memory)
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--base", required=True, help="The base model folder the output was merged from.")
+@click.option(
+    "--adapter", "adapters", multiple=True, required=True, help="An adapter folder (repeat)."
+)
+@click.option("--weights", help="Adapter weights (default: as recorded in the output).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default=None,
+    help="The merge's --dtype (default: as recorded in the output).",
+)
+@click.option("--max-memory", help="Memory budget, e.g. 4GiB.")
+@_friendly
+def verify(out, base, adapters, weights, dtype, max_memory) -> None:
+    """Check every tensor of OUT against BASE + adapters: merged ones against the formula
+    (correct rounding), untouched ones byte for byte; plus index, shapes and dtypes."""
+    _run_verify(out, base, list(adapters), _weights(weights), dtype, max_memory)

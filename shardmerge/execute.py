@@ -195,7 +195,7 @@ def _process(
     acc = accumulation_dtype(
         out_dtype, [DTYPES[in_dtype]] + [DTYPES[r.dtype] for term in terms for r in _refs(term)]
     )
-    factors = [_load_term(term, loader, acc, device) for term in terms]
+    factors = [load_factors(term, loader, acc, device) for term in terms]
     for row0 in range(0, t.rows, t.block_rows):
         row1 = min(t.rows, row0 + t.block_rows)
         base = reader(row0, row1).to(device, non_blocking=False)
@@ -225,7 +225,7 @@ def _base_reader(t: TensorJob, src: BinaryIO, buffer: torch.Tensor, loader: RefL
     return lambda r0, r1: read_rows(f, info, r0, r1, own)
 
 
-class _Factors:
+class Factors:
     """A term's factors on the device in the accumulation dtype, with their bound vectors."""
 
     def __init__(self, term: Term, left: torch.Tensor, right: torch.Tensor | None):
@@ -237,7 +237,8 @@ class _Factors:
             self.right_abssum = right.abs().sum(dim=0)
 
 
-def _load_term(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.device) -> _Factors:
+def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.device) -> Factors:
+    """A term's factors, oriented so rows align with the base's, in ``acc`` on ``device``."""
     left = loader.load(term.left)
     if term.left_t:
         left = left.T
@@ -247,10 +248,10 @@ def _load_term(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.de
         if term.right_t:
             right = right.T
         right = right.to(device=device, dtype=acc).contiguous()
-    return _Factors(term, left.to(device=device, dtype=acc).contiguous(), right)
+    return Factors(term, left.to(device=device, dtype=acc).contiguous(), right)
 
 
-def _slice_term(f: _Factors, row0: int, row1: int) -> BlockTerm:
+def _slice_term(f: Factors, row0: int, row1: int) -> BlockTerm:
     if f.right is None:
         return BlockTerm(f.left[row0:row1], None, f.scale)
     return BlockTerm(f.left[row0:row1], f.right, f.scale, f.left_absmax[row0:row1], f.right_abssum)

@@ -26,7 +26,7 @@ from fractions import Fraction
 import torch
 
 # (precision in bits incl. the implicit one, smallest frexp exponent of a normal number)
-_FORMAT = {
+FORMAT = {
     torch.float64: (53, -1021),
     torch.float32: (24, -125),
     torch.bfloat16: (8, -125),
@@ -61,8 +61,22 @@ def accumulation_dtype(out_dtype: torch.dtype, input_dtypes: list[torch.dtype]) 
     return torch.float64
 
 
-def prepare_factor(t: torch.Tensor, acc: torch.dtype, device: torch.device) -> torch.Tensor:
-    return t.to(device=device, dtype=acc).contiguous()
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert with one correct rounding (round to nearest, ties to even).
+
+    torch converts float64 to bfloat16/float16 through float32, rounding
+    twice. Rounding to float32 *to odd* first makes the second rounding exact
+    (float32 keeps more than two extra bits of either 16-bit format).
+    """
+    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    x32 = x.to(torch.float32)
+    inexact = x32.to(torch.float64) != x
+    bits = x32.view(torch.int32)
+    # Step back toward zero where float32 rounded away from it, then set the low bit.
+    bits = bits - (inexact & (x32.to(torch.float64).abs() > x.abs())).to(torch.int32)
+    bits = bits | inexact.to(torch.int32)
+    return bits.view(torch.float32).to(dtype)
 
 
 def merge_block(
@@ -77,8 +91,8 @@ def merge_block(
     in ``acc_dtype`` on ``base``'s device.
     """
     if not terms:
-        return base.to(out_dtype)
-    acc = base.to(acc_dtype)
+        return cast(base, out_dtype)
+    acc = base.to(acc_dtype, copy=True)  # never alias base: _refine rereads it
     bound = acc.abs()
     max_rank = 1
     for t in terms:
@@ -89,8 +103,8 @@ def merge_block(
             acc.add_(t.left @ t.right, alpha=t.scale)
             bound.addr_(t.left_absmax, t.right_abssum, alpha=abs(t.scale))
             max_rank = max(max_rank, t.left.shape[1])
-    out = acc.to(out_dtype)
-    if out_dtype not in _FORMAT:
+    out = cast(acc, out_dtype)
+    if out_dtype not in FORMAT:
         return out
     tol = _tolerance(acc_dtype, max_rank, len(terms))
     doubt = _in_doubt(acc, out, bound, tol)
@@ -112,7 +126,7 @@ def _in_doubt(
     """Flat indices of elements whose rounding the accumulator cannot settle, or None."""
     if out.dtype == torch.float64:
         return None  # no wider accumulator here: float64 outputs are within a few ulp
-    precision, emin = _FORMAT[out.dtype]
+    precision, emin = FORMAT[out.dtype]
     wide = acc.dtype
     y = out.to(wide)
     mant, exp = torch.frexp(y)
@@ -154,7 +168,7 @@ def _refine(
                 rgt = t.right[:, cols_j].to(torch.float64).T
                 acc.add_((lft * rgt).sum(1), alpha=t.scale)
                 bound.add_((lft.abs() * rgt.abs()).sum(1), alpha=abs(t.scale))
-        sub_out = acc.to(out.dtype)
+        sub_out = cast(acc, out.dtype)
         out.reshape(-1)[idx] = sub_out
         tol = _tolerance(torch.float64, max_rank, len(terms))
         still = _in_doubt(acc, sub_out, bound, tol)
@@ -205,7 +219,7 @@ def round_exact(x: Fraction, dtype: torch.dtype) -> float:
 
     The returned float is exactly representable in ``dtype``.
     """
-    precision, emin = _FORMAT[dtype]
+    precision, emin = FORMAT[dtype]
     if x == 0:
         return 0.0
     sign = -1 if x < 0 else 1
@@ -223,7 +237,6 @@ def round_exact(x: Fraction, dtype: torch.dtype) -> float:
     if rem * 2 > ulp or (rem * 2 == ulp and q % 2 == 1):
         q += 1
     value = q * ulp
-    try:
-        return sign * float(value)
-    except OverflowError:
-        return sign * float("inf")
+    if value > Fraction(torch.finfo(dtype).max):
+        return sign * float("inf")  # at or past the overflow threshold max + ulp/2
+    return sign * float(value)

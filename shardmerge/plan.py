@@ -183,10 +183,12 @@ def build_plan(
     max_memory: int | str | None = None,
     overwrite: bool = False,
     resume: bool = True,
+    check_out: bool = True,
 ) -> MergePlan:
     """Read headers and configs, check everything, and return the schedule.
 
     Raises PlanErrors (or a single ShardmergeError) listing every problem.
+    ``check_out=False`` skips the checks of OUT (for verifying a finished OUT).
     """
     if not adapters:
         raise InputError("no adapter given; name at least one adapter folder.")
@@ -230,14 +232,15 @@ def build_plan(
     fingerprint = job_fingerprint(ckpt, opened, weights, dtype) if complete_inputs else ""
     journal = None
     try:
-        journal = check_output_dir(
-            Path(out),
-            Path(base),
-            [Path(p) for p in adapters],
-            fingerprint=fingerprint,
-            overwrite=overwrite,
-            resume=resume,
-        )
+        if check_out:
+            journal = check_output_dir(
+                Path(out),
+                Path(base),
+                [Path(p) for p in adapters],
+                fingerprint=fingerprint,
+                overwrite=overwrite,
+                resume=resume,
+            )
     except ShardmergeError as e:
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
@@ -308,10 +311,11 @@ def build_plan(
         fingerprint=fingerprint,
         resumable=tuple(sorted(journal.shards)) if journal else (),
     )
-    reusable = sum(
-        (Path(out) / s.name).stat().st_size for s in shards if (Path(out) / s.name).is_file()
-    )
-    check_free_space(Path(out), plan.out_bytes, reusable)
+    if check_out:
+        reusable = sum(
+            (Path(out) / s.name).stat().st_size for s in shards if (Path(out) / s.name).is_file()
+        )
+        check_free_space(Path(out), plan.out_bytes, reusable)
     return plan
 
 
