@@ -36,6 +36,7 @@ def plan(
     max_memory: int | str | None = None,
     overwrite: bool = False,
     resume: bool = True,
+    workers: int | None = None,
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
@@ -53,6 +54,7 @@ def plan(
         max_memory=max_memory,
         overwrite=overwrite,
         resume=resume,
+        workers=workers,
     )
 
 
@@ -67,6 +69,7 @@ def merge(
     max_memory: int | str | None = None,
     overwrite: bool = False,
     resume: bool = True,
+    workers: int | None = None,
     progress: bool = False,
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
@@ -76,7 +79,8 @@ def merge(
     tensor's dtype), "float32", "float16" or "bfloat16". ``max_memory`` is the
     memory budget ("4GiB"; default half the available RAM). Rerunning an
     interrupted merge resumes it (``resume=False`` starts over); ``overwrite``
-    replaces whatever model OUT holds.
+    replaces whatever model OUT holds. ``workers`` runs that many shards at
+    once in worker processes (default: one worker; tiny models in-process).
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -95,6 +99,7 @@ def merge(
         max_memory=max_memory,
         overwrite=overwrite,
         resume=resume,
+        workers=workers,
     )
     bar = None
     if progress:

@@ -102,6 +102,12 @@ def main() -> None:
 @click.option(
     "--no-resume", is_flag=True, help="Start over even if an earlier run of this job left work."
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Shards merged at once, each in a worker process (capped by the budget); 0 = in-process.",
+)
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the output after merging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
@@ -115,6 +121,7 @@ def merge(
     max_memory,
     overwrite,
     no_resume,
+    workers,
     then_verify,
     quiet,
 ) -> None:
@@ -131,6 +138,7 @@ def merge(
         max_memory=max_memory,
         overwrite=overwrite,
         resume=not no_resume,
+        workers=workers,
         progress=not quiet and sys.stderr.isatty(),
     )
     modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))

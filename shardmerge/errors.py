@@ -21,6 +21,14 @@ class ShardmergeError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
+    def __reduce__(self):
+        # Travels back from worker processes with its hint and exit code intact.
+        return _rebuild, (type(self), self.message, self.hint)
+
+
+def _rebuild(cls, message: str, hint: str | None) -> ShardmergeError:
+    return cls(message, hint=hint)
+
 
 class InputError(ShardmergeError):
     """A model or adapter folder is missing, unreadable or malformed."""

@@ -1,30 +1,27 @@
-"""Runs a MergePlan: shard by shard, tensor by tensor, big tensors in row blocks."""
+"""Runs a MergePlan: holds OUT's lock, skips finished shards, runs shard jobs, commits each."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import multiprocessing
+import os
+import queue
 import shutil
 import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME
 from .errors import Interrupted, ResourceError
-from .journal import Journal, OutputLock, check_resumable, crashpoint, crc32_file
-from .kernels import BlockTerm, accumulation_dtype, merge_block
+from .journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
 from .output import OutputDir
-from .plan import MergePlan, ShardJob, TensorJob
-from .safetensors_io import DTYPES, ITEMSIZE, StreamWriter, TensorInfo, read_rows
-from .sources import RefLoader
-from .terms import TensorRef, Term
-
-Progress = Callable[[int], None]
+from .plan import MergePlan, ShardJob
+from .worker import Progress, ShardResult, run_shard
 
 
 def execute(
@@ -107,21 +104,29 @@ def _execute_locked(
     else:
         out.copy_file(base / CONFIG_NAME, CONFIG_NAME)
     crashpoint()
-    device = torch.device(plan.device)
+    todo = []
     for shard in plan.shards:
         if shard.name in done:
             if progress:
                 progress(sum(t.end - t.start for t in shard.tensors))
-            continue
-        tmp = out.temp_path(shard.name)
-        current[:] = [tmp]
-        run_shard(shard, tmp, device, progress)
-        crc = crc32_file(tmp)
-        out.commit(tmp, shard.name)
-        current.clear()
+        else:
+            todo.append(shard)
+
+    def commit(result: ShardResult) -> None:
+        tmp = out.temp_path(result.name)
+        out.commit(tmp, result.name)
+        current.remove(tmp)
         crashpoint()
-        journal.record(shard.name, (out.path / shard.name).stat().st_size, crc)
+        journal.record(result.name, result.size, result.crc32)
         crashpoint()
+
+    current.extend(out.temp_path(s.name) for s in todo)
+    if plan.workers == 0:
+        device = torch.device(plan.device)
+        for shard in todo:
+            commit(run_shard(shard, out.temp_path(shard.name), device, progress))
+    else:
+        _run_in_workers(plan, todo, out, progress, commit)
     if plan.index is not None:
         out.write_bytes(
             INDEX_NAME, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
@@ -130,6 +135,65 @@ def _execute_locked(
     journal.status = "complete"
     journal.save()
     return len(done)
+
+
+def _run_in_workers(
+    plan: MergePlan,
+    todo: list[ShardJob],
+    out: OutputDir,
+    progress: Progress | None,
+    commit: Callable[[ShardResult], None],
+) -> None:
+    """Shard jobs in spawned worker processes, ``plan.workers`` at a time; commits in the parent."""
+    ctx = multiprocessing.get_context("spawn")
+    updates = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // plan.workers)
+    with ctx.Pool(plan.workers, initializer=_worker_init, initargs=(updates, threads)) as pool:
+        pending = [
+            pool.apply_async(_worker_run, (shard, str(out.temp_path(shard.name)), plan.device))
+            for shard in todo
+        ]
+        try:
+            while pending:
+                try:
+                    n = updates.get(timeout=0.2)
+                    if progress:
+                        progress(n)
+                except queue.Empty:
+                    pass
+                for job in [j for j in pending if j.ready()]:
+                    pending.remove(job)
+                    commit(job.get())  # re-raises the worker's exception here
+            while progress and not updates.empty():
+                progress(updates.get_nowait())
+        except BaseException:
+            pool.terminate()
+            raise
+
+
+_updates = None
+
+
+def _worker_init(updates, threads: int) -> None:
+    """Runs in each worker: Ctrl-C is the parent's to handle; die with the parent."""
+    global _updates
+    _updates = updates
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    torch.set_num_threads(threads)
+
+
+def _worker_run(shard: ShardJob, tmp: str, device: str) -> ShardResult:
+    return run_shard(shard, Path(tmp), torch.device(device), _updates.put)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so no orphan writes on."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    set_crash_parent()
 
 
 def _discard(paths: list[Path]) -> None:
@@ -152,106 +216,3 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-def run_shard(
-    job: ShardJob, dest: Path, device: torch.device, progress: Progress | None = None
-) -> None:
-    """Stream one base shard into the output file ``dest`` (header first, then tensors)."""
-    loader = RefLoader()
-    largest = max(
-        (
-            t.block_rows * (t.end - t.start) // max(t.rows, 1)
-            for t in job.tensors
-            if t.action != "copy"
-        ),
-        default=0,
-    )
-    buffer = torch.empty(largest, dtype=torch.uint8)
-    with open(job.in_path, "rb") as src, open(dest, "wb") as dst:
-        writer = StreamWriter(dst, job.out_entries, dict(job.metadata))
-        for t in job.tensors:
-            writer.begin(t.name)
-            if t.action == "copy":
-                writer.copy_from(src, t.start, t.end - t.start)
-            else:
-                for block in _process(t, src, buffer, loader, device):
-                    writer.write(block)
-            if progress:
-                progress(t.end - t.start)
-            crashpoint()
-        writer.close()
-
-
-def _process(
-    t: TensorJob, src: BinaryIO, buffer: torch.Tensor, loader: RefLoader, device: torch.device
-):
-    """Yield the output bytes of one tensor, a row block at a time."""
-    out_dtype = DTYPES[t.out_dtype]
-    edit = t.edit
-    terms = edit.terms if edit else ()
-    reader = _base_reader(t, src, buffer, loader)
-    in_dtype = edit.replacement.source.dtype if edit and edit.replacement else t.in_dtype
-    acc = accumulation_dtype(
-        out_dtype, [DTYPES[in_dtype]] + [DTYPES[r.dtype] for term in terms for r in _refs(term)]
-    )
-    factors = [load_factors(term, loader, acc, device) for term in terms]
-    for row0 in range(0, t.rows, t.block_rows):
-        row1 = min(t.rows, row0 + t.block_rows)
-        base = reader(row0, row1).to(device, non_blocking=False)
-        block_terms = [_slice_term(f, row0, row1) for f in factors]
-        merged = merge_block(base, block_terms, out_dtype, acc)
-        yield merged.cpu() if merged.device.type != "cpu" else merged
-
-
-def _refs(term: Term) -> list[TensorRef]:
-    return [term.left] + ([term.right] if term.right is not None else [])
-
-
-def _base_reader(t: TensorJob, src: BinaryIO, buffer: torch.Tensor, loader: RefLoader):
-    """A function (row0, row1) -> base rows: from the shard, or from the adapter that replaces it."""
-    repl = t.edit.replacement if t.edit else None
-    if repl is None:
-        info = TensorInfo(t.name, t.in_dtype, t.shape, t.start, t.end)
-        return lambda r0, r1: read_rows(src, info, r0, r1, buffer)
-    ref = repl.source
-    if ref.fmt == "torch":
-        whole = loader.load(ref)
-        return lambda r0, r1: whole[r0:r1] if whole.dim() else whole
-    info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
-    f = open(ref.path, "rb")  # noqa: SIM115 - lives as long as the generator using it
-    row_bytes = info.row_bytes
-    own = torch.empty(max(t.block_rows, 1) * max(row_bytes, ITEMSIZE[ref.dtype]), dtype=torch.uint8)
-    return lambda r0, r1: read_rows(f, info, r0, r1, own)
-
-
-class Factors:
-    """A term's factors on the device in the accumulation dtype, with their bound vectors."""
-
-    def __init__(self, term: Term, left: torch.Tensor, right: torch.Tensor | None):
-        self.scale = term.scale
-        self.left = left
-        self.right = right
-        if right is not None:
-            self.left_absmax = left.abs().amax(dim=1)
-            self.right_abssum = right.abs().sum(dim=0)
-
-
-def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.device) -> Factors:
-    """A term's factors, oriented so rows align with the base's, in ``acc`` on ``device``."""
-    left = loader.load(term.left)
-    if term.left_t:
-        left = left.T
-    right = None
-    if term.right is not None:
-        right = loader.load(term.right)
-        if term.right_t:
-            right = right.T
-        right = right.to(device=device, dtype=acc).contiguous()
-    return Factors(term, left.to(device=device, dtype=acc).contiguous(), right)
-
-
-def _slice_term(f: Factors, row0: int, row1: int) -> BlockTerm:
-    if f.right is None:
-        return BlockTerm(f.left[row0:row1], None, f.scale)
-    return BlockTerm(f.left[row0:row1], f.right, f.scale, f.left_absmax[row0:row1], f.right_abssum)

@@ -143,6 +143,13 @@ def check_resumable(
 
 
 _crash_count = 0
+_crash_parent = False
+
+
+def set_crash_parent() -> None:
+    """In a worker process: a crashpoint kills the parent too (the whole merge dies)."""
+    global _crash_parent
+    _crash_parent = True
 
 
 def crashpoint() -> None:
@@ -156,4 +163,6 @@ def crashpoint() -> None:
         return
     _crash_count += 1
     if _crash_count == int(target):
+        if _crash_parent:
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

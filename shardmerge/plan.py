@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -27,14 +28,20 @@ from .terms import TensorEdit
 DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
-# What the interpreter, torch and our own bookkeeping take before any buffer.
+# What the interpreter, torch and our own bookkeeping take before any buffer,
+# for a merge in one process.
 BASELINE_BYTES = 400 << 20
-# Bytes of working memory per element of a merged row block: the input, a
-# wide accumulator, its error bound, the matmul product, the rounded output
-# and the temporaries of the rounding check.
-MERGE_BYTES_PER_ELEMENT = 64
-# Blocks beyond this gain nothing in speed and cost cache misses.
-MAX_BLOCK_BYTES = 256 << 20
+# One more Python process with torch loaded (the parent, when workers run shards).
+PROCESS_BYTES = 300 << 20
+# Bytes of working memory per element of a merged row block: the input
+# blocks read ahead, a wide accumulator, its error bound, the matmul product,
+# the rounded output, the blocks waiting to be written and the temporaries of
+# the rounding check.
+MERGE_BYTES_PER_ELEMENT = 80
+# Blocks beyond this gain nothing in speed and fall out of the CPU caches.
+MAX_BLOCK_BYTES = 64 << 20
+# Below this total size, starting a worker process costs more than it saves.
+SMALL_MODEL_BYTES = 256 << 20
 MIN_BUDGET = 512 << 20
 
 
@@ -117,6 +124,7 @@ class MergePlan:
     counts: dict[str, int] = field(default_factory=dict)
     provenance: str = ""
     fingerprint: str = ""
+    workers: int = 0  # worker processes running shard jobs; 0 runs them in this process
     resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
 
     @property
@@ -184,11 +192,15 @@ def build_plan(
     overwrite: bool = False,
     resume: bool = True,
     check_out: bool = True,
+    workers: int | None = None,
 ) -> MergePlan:
     """Read headers and configs, check everything, and return the schedule.
 
     Raises PlanErrors (or a single ShardmergeError) listing every problem.
     ``check_out=False`` skips the checks of OUT (for verifying a finished OUT).
+    ``workers``: shard jobs run in that many worker processes at once (0: in
+    this process; None: 1, or 0 for models under 256 MiB), capped by the
+    budget, the shard count and the CPU count.
     """
     if not adapters:
         raise InputError("no adapter given; name at least one adapter folder.")
@@ -198,9 +210,17 @@ def build_plan(
         raise InputError(
             f"{len(weights)} weights given for {len(adapters)} adapters; give one per adapter."
         )
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError(f"adapter weights must be finite numbers, not {list(weights)}.")
     if dtype not in DTYPE_CHOICES:
         raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
     budget = parse_size(max_memory) if max_memory is not None else default_budget()
+    if budget <= BASELINE_BYTES:
+        raise ResourceError(
+            f"the memory budget {_fmt(budget)} (--max-memory) is below the {_fmt(BASELINE_BYTES)} "
+            "shardmerge needs before any buffer.",
+            hint=f"Raise --max-memory to at least {_fmt(MIN_BUDGET)}.",
+        )
     device = resolve_device(device)
 
     errors: list[ShardmergeError] = []
@@ -258,7 +278,12 @@ def build_plan(
         raise PlanErrors(errors)
 
     out_dtype = DTYPE_CHOICES[dtype]
-    working = budget - BASELINE_BYTES
+    workers = _worker_count(workers, budget, ckpt)
+    working = (
+        budget - BASELINE_BYTES
+        if workers == 0
+        else (budget - BASELINE_BYTES - PROCESS_BYTES * workers) // workers
+    )
     shards: list[ShardJob] = []
     for shard in ckpt.shards:
         header = ckpt.headers[shard]
@@ -309,6 +334,7 @@ def build_plan(
         counts=dict(counts),
         provenance=provenance,
         fingerprint=fingerprint,
+        workers=workers,
         resumable=tuple(sorted(journal.shards)) if journal else (),
     )
     if check_out:
@@ -338,6 +364,18 @@ def job_fingerprint(
         "dtype": dtype,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _worker_count(requested: int | None, budget: int, ckpt: Checkpoint) -> int:
+    if requested is None:
+        return 0 if ckpt.total_bytes < SMALL_MODEL_BYTES else 1
+    if requested < 0:
+        raise InputError(f"--workers must be 0 or more, not {requested}.")
+    if requested <= 1:
+        return requested
+    # Each extra worker brings its own interpreter and at least one big block.
+    affordable = (budget - BASELINE_BYTES) // (PROCESS_BYTES + MAX_BLOCK_BYTES)
+    return max(1, min(requested, len(ckpt.shards), os.cpu_count() or 1, affordable))
 
 
 def _combine(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> list[ShardmergeError]:
@@ -380,11 +418,14 @@ def _block_rows(
     per_row = cols * MERGE_BYTES_PER_ELEMENT
     room = working - factors
     if room < per_row:
+        need, have = per_row + factors + BASELINE_BYTES, working + BASELINE_BYTES
+        need_s, have_s = _fmt(need), _fmt(have)
+        if need_s == have_s:  # too close to tell apart once rounded
+            need_s, have_s = f"{need:,} bytes", f"{have:,} bytes"
         errors.append(
             ResourceError(
                 f"the memory budget is too small for tensor {name} {list(shape)}: one row block "
-                f"needs {_fmt(per_row + factors + BASELINE_BYTES)} and the budget is "
-                f"{_fmt(working + BASELINE_BYTES)}.",
+                f"needs {need_s} and the budget is {have_s}.",
                 hint="Raise --max-memory.",
             )
         )

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -297,6 +298,7 @@ class StreamWriter:
 
     Tensors must arrive in the order of ``entries``; each may arrive in several
     pieces (row blocks). ``close`` checks that every promised byte was written.
+    ``crc`` is the CRC-32 of the file so far.
     """
 
     def __init__(self, f: BinaryIO, entries: list[OutEntry], metadata: dict[str, str]):
@@ -306,8 +308,10 @@ class StreamWriter:
         self.total = len(header) + sum(e.nbytes for e in entries)
         f.write(header)
         self.pos = len(header)
+        self.crc = zlib.crc32(header)  # of every byte written, for the resume journal
         self._index = -1
         self._left = 0
+        self._crc_buf: bytearray | None = None
 
     def begin(self, name: str) -> None:
         """Start the next tensor, which must be ``name``."""
@@ -324,11 +328,12 @@ class StreamWriter:
     def write(self, data: torch.Tensor | bytes | memoryview) -> None:
         """Append bytes of the current tensor."""
         if isinstance(data, torch.Tensor):
-            data = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
+            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         if n > self._left:
             raise RuntimeError(f"too many bytes for tensor {self.entries[self._index].name}")
         self.f.write(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.pos += n
         self._left -= n
 
@@ -338,9 +343,25 @@ class StreamWriter:
             raise RuntimeError(f"too many bytes for tensor {self.entries[self._index].name}")
         self.f.flush()
         copy_range(src, offset, self.f, self.pos, count)
+        self._crc_range(src, offset, count)
         self.pos += count
         self._left -= count
         self.f.seek(self.pos)
+
+    def _crc_range(self, src: BinaryIO, offset: int, count: int) -> None:
+        # The bytes just went through the page cache: reading them back is cheap.
+        if self._crc_buf is None:
+            self._crc_buf = bytearray(min(_COPY_CHUNK, max(count, 1)))
+        view = memoryview(self._crc_buf)
+        done = 0
+        while done < count:
+            n = os.preadv(src.fileno(), [view[: min(len(view), count - done)]], offset + done)
+            if n == 0:
+                raise CorruptFileError(
+                    f"{src.name}: unexpected end of file at byte {offset + done}."
+                )
+            self.crc = zlib.crc32(view[:n], self.crc)
+            done += n
 
     def close(self) -> None:
         if self._left or self._index != len(self.entries) - 1:

@@ -17,12 +17,12 @@ import torch
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from .errors import InputError
-from .execute import load_factors
 from .journal import Journal
 from .kernels import FORMAT, cast
 from .plan import MergePlan, TensorJob, build_plan
 from .safetensors_io import DTYPES, TensorInfo, read_rows
 from .sources import RefLoader
+from .worker import load_factors
 
 # Correct rounding puts every element within 0.5 ulp of the exact value; the
 # float64 reference is itself off by ~1e-13 ulp of a 16/32-bit output.

@@ -1,0 +1,353 @@
+"""One shard job: read the base shard, merge, write the output shard — as a pipeline.
+
+Three stages run at once, joined by bounded queues so memory stays fixed:
+a reader thread fills reusable row-block buffers from the base shard, the
+calling thread merges each block (CPU or CUDA), and a writer thread streams
+the output file front to back (untouched tensors go file-to-file inside the
+kernel). Wall time approaches the slowest stage instead of the sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .journal import crashpoint
+from .kernels import BlockTerm, accumulation_dtype, merge_block
+from .plan import ShardJob, TensorJob
+from .safetensors_io import DTYPES, StreamWriter, TensorInfo, pread_into
+from .sources import RefLoader
+from .terms import Term
+
+Progress = Callable[[int], None]
+
+# Row-block buffers in flight between reader and merger; each is one block.
+READ_AHEAD = 2
+# Output bytes in flight between merger and writer.
+WRITE_BEHIND = 2
+# Flush written data to disk and drop it from the page cache this often, so
+# dirty pages never pile up (a memory cgroup counts them).
+FLUSH_EVERY = 256 << 20
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    size: int
+    crc32: int
+
+
+def run_shard(
+    job: ShardJob, dest: Path, device: torch.device, progress: Progress | None = None
+) -> ShardResult:
+    """Stream one base shard into the output file ``dest`` (header first, then tensors)."""
+    pin = device.type == "cuda"
+    block_bytes = max(
+        (
+            t.block_rows * ((t.end - t.start) // max(t.rows, 1))
+            for t in job.tensors
+            if t.action != "copy"
+        ),
+        default=0,
+    )
+    free: queue.Queue[torch.Tensor] = queue.Queue()
+    for _ in range(READ_AHEAD + 1 if block_bytes else 0):
+        free.put(torch.empty(block_bytes, dtype=torch.uint8, pin_memory=pin))
+    blocks: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    writes: queue.Queue = queue.Queue(maxsize=WRITE_BEHIND)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    with open(job.in_path, "rb") as src, open(dest, "wb") as dst:
+        _advise(src, _SEQUENTIAL)
+        writer = StreamWriter(dst, job.out_entries, dict(job.metadata))
+        reader_t = threading.Thread(
+            target=_guard,
+            args=(_read_blocks, errors, stop, job, src, free, blocks, stop),
+            daemon=True,
+        )
+        writer_t = threading.Thread(
+            target=_guard,
+            args=(_write_blocks, errors, stop, writer, src, dst, writes, progress, stop),
+            daemon=True,
+        )
+        reader_t.start()
+        writer_t.start()
+        try:
+            _merge_blocks(job, blocks, free, writes, device, stop)
+        except _Stopped:
+            pass
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+        finally:
+            _put(writes, None, stop)  # end of stream for the writer
+            writer_t.join()
+            stop.set()
+            _drain(blocks)
+            reader_t.join()
+        if errors:
+            raise errors[0]
+        writer.close()
+        dst.flush()
+        _flush_and_drop(dst, 0, writer.pos)
+    return ShardResult(job.name, dest.stat().st_size, writer.crc)
+
+
+def _guard(fn, errors: list[BaseException], stop: threading.Event, *args) -> None:
+    try:
+        fn(*args)
+    except _Stopped:
+        return
+    except BaseException as e:  # handed to the calling thread
+        errors.append(e)
+        stop.set()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put unless the pipeline is stopping; False when it is."""
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            if stop.is_set():
+                return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise _Stopped from None
+
+
+class _Stopped(Exception):
+    """Another stage failed; this one just ends."""
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _read_blocks(
+    job: ShardJob, src: BinaryIO, free: queue.Queue, blocks: queue.Queue, stop
+) -> None:
+    """Reader stage: (tensor, row0, row1, buffer) for every block; (tensor, None...) for copies."""
+    try:
+        for t in job.tensors:
+            if t.action == "copy":
+                if not _put(blocks, (t, None, None, None), stop):
+                    return
+                continue
+            row_bytes = (t.end - t.start) // max(t.rows, 1)
+            from_base = not (t.edit and t.edit.replacement)
+            for row0 in range(0, t.rows, t.block_rows):
+                row1 = min(t.rows, row0 + t.block_rows)
+                buf = None
+                if from_base:
+                    buf = _get(free, stop)
+                    pread_into(src, t.start + row0 * row_bytes, buf[: (row1 - row0) * row_bytes])
+                if not _put(blocks, (t, row0, row1, buf), stop):
+                    return
+            if from_base:
+                _advise(src, _DONTNEED, t.start, t.end - t.start)
+        _put(blocks, None, stop)
+    except _Stopped:
+        return
+
+
+def _merge_blocks(
+    job: ShardJob,
+    blocks: queue.Queue,
+    free: queue.Queue,
+    writes: queue.Queue,
+    device: torch.device,
+    stop: threading.Event,
+) -> None:
+    """Merger stage (calling thread): turns base blocks into output bytes, in order."""
+    loader = RefLoader()
+    current: TensorJob | None = None
+    state: _TensorState | None = None
+    while True:
+        item = _get(blocks, stop)
+        if item is None:
+            return
+        t, row0, row1, buf = item
+        if t.action == "copy":
+            if not _put(writes, ("copy", t), stop):
+                return
+            continue
+        if t is not current:
+            current, state = t, _TensorState(t, loader, device)
+        if buf is not None:
+            base = _view_rows(buf, t, row0, row1)
+        else:
+            base = state.replacement_rows(row0, row1)
+        merged = state.merge(base, row0, row1)
+        if buf is not None:
+            free.put(buf)
+        if not _put(writes, ("data", t, merged, row1 == t.rows), stop):
+            return
+
+
+def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
+    row_bytes = (t.end - t.start) // max(t.rows, 1)
+    shape = (row1 - row0, *t.shape[1:]) if t.shape else ()
+    return buf[: (row1 - row0) * row_bytes].view(DTYPES[t.in_dtype]).view(shape)
+
+
+class _TensorState:
+    """The per-tensor part of merging: factors on the device, replacement source, dtypes."""
+
+    def __init__(self, t: TensorJob, loader: RefLoader, device: torch.device):
+        self.t = t
+        self.device = device
+        self.out_dtype = DTYPES[t.out_dtype]
+        edit = t.edit
+        terms = edit.terms if edit else ()
+        self.repl = edit.replacement.source if edit and edit.replacement else None
+        in_dtype = self.repl.dtype if self.repl else t.in_dtype
+        self.acc = accumulation_dtype(
+            self.out_dtype,
+            [DTYPES[in_dtype]] + [DTYPES[r.dtype] for term in terms for r in _refs(term)],
+        )
+        self.factors = [load_factors(term, loader, self.acc, device) for term in terms]
+        self._repl_reader: Callable[[int, int], torch.Tensor] | None = None
+        if self.repl is not None:
+            self._repl_reader = _replacement_reader(self.repl, loader)
+
+    def replacement_rows(self, row0: int, row1: int) -> torch.Tensor:
+        return self._repl_reader(row0, row1)
+
+    def merge(self, base: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
+        base = base.to(self.device, non_blocking=True)
+        terms = [_slice(f, row0, row1) for f in self.factors]
+        merged = merge_block(base, terms, self.out_dtype, self.acc)
+        return merged.cpu() if merged.device.type != "cpu" else merged
+
+
+def _refs(term: Term):
+    return [term.left] + ([term.right] if term.right is not None else [])
+
+
+def _replacement_reader(ref, loader: RefLoader) -> Callable[[int, int], torch.Tensor]:
+    """Rows of a tensor an adapter saves whole (read from its file block by block)."""
+    if ref.fmt == "torch":
+        whole = loader.load(ref)
+        return lambda r0, r1: whole[r0:r1] if whole.dim() else whole
+    info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
+
+    def read(r0: int, r1: int) -> torch.Tensor:
+        buf = torch.empty(
+            (r1 - r0) * info.row_bytes if info.shape else info.nbytes, dtype=torch.uint8
+        )
+        with open(ref.path, "rb") as f:
+            pread_into(f, info.start + r0 * info.row_bytes, buf)
+        shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
+        return buf.view(DTYPES[info.dtype]).view(shape)
+
+    return read
+
+
+def _write_blocks(
+    writer: StreamWriter,
+    src: BinaryIO,
+    dst: BinaryIO,
+    writes: queue.Queue,
+    progress: Progress | None,
+    stop: threading.Event,
+) -> None:
+    """Writer stage: the output file front to back."""
+    flushed = 0
+    started: TensorJob | None = None
+    while True:
+        item = _get(writes, stop)
+        if item is None:
+            return
+        if item[0] == "copy":
+            t = item[1]
+            writer.begin(t.name)
+            writer.copy_from(src, t.start, t.end - t.start)
+            _advise(src, _DONTNEED, t.start, t.end - t.start)
+            done = True
+        else:
+            _, t, merged, done = item
+            if t is not started:
+                writer.begin(t.name)
+                started = t
+            writer.write(merged)
+        if done:
+            if progress:
+                progress(t.end - t.start)
+            crashpoint()
+        if writer.pos - flushed >= FLUSH_EVERY:
+            dst.flush()
+            _flush_and_drop(dst, flushed, writer.pos - flushed)
+            flushed = writer.pos
+
+
+def _flush_and_drop(f: BinaryIO, offset: int, length: int) -> None:
+    """Write a range to disk and drop it from the page cache."""
+    os.fdatasync(f.fileno())
+    _advise(f, _DONTNEED, offset, length)
+
+
+def _advise(f: BinaryIO, advice: int | None, offset: int = 0, length: int = 0) -> None:
+    """Page-cache advice where the platform has it; advisory only."""
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(f.fileno(), offset, length, advice)
+
+
+class Factors:
+    """A term's factors on the device in the accumulation dtype, with their bound vectors."""
+
+    def __init__(self, term: Term, left: torch.Tensor, right: torch.Tensor | None):
+        self.scale = term.scale
+        self.left = left
+        self.right = right
+        if right is not None:
+            self.left_absmax = left.abs().amax(dim=1)
+            self.right_abssum = right.abs().sum(dim=0)
+
+
+def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.device) -> Factors:
+    """A term's factors, oriented so rows align with the base's, in ``acc`` on ``device``."""
+    left = loader.load(term.left)
+    if term.left_t:
+        left = left.T
+    right = None
+    if term.right is not None:
+        right = loader.load(term.right)
+        if term.right_t:
+            right = right.T
+        right = right.to(device=device, dtype=acc).contiguous()
+    return Factors(term, left.to(device=device, dtype=acc).contiguous(), right)
+
+
+def _slice(f: Factors, row0: int, row1: int) -> BlockTerm:
+    if f.right is None:
+        return BlockTerm(f.left[row0:row1], None, f.scale)
+    return BlockTerm(f.left[row0:row1], f.right, f.scale, f.left_absmax[row0:row1], f.right_abssum)
+
+
+def iter_blocks(t: TensorJob) -> Iterator[tuple[int, int]]:
+    for row0 in range(0, t.rows, t.block_rows):
+        yield row0, min(t.rows, row0 + t.block_rows)
