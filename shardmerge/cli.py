@@ -181,3 +181,90 @@ def verify(out, base, adapters, weights, dtype, max_memory) -> None:
     """Check every tensor of OUT against BASE + adapters: merged ones against the formula
     (correct rounding), untouched ones byte for byte; plus index, shapes and dtypes."""
     _run_verify(out, base, list(adapters), _weights(weights), dtype, max_memory)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--out", help="Output folder, to check it and the free disk there.")
+@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto"
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-memory", help="Memory budget, e.g. 4GiB (default: half the available RAM).")
+@click.option("--workers", type=int, default=None, help="As for merge.")
+@click.option("--overwrite", is_flag=True, help="As for merge: plan as if replacing OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_friendly
+def plan(base, adapters, out, weights, dtype, device, max_memory, workers, overwrite, as_json):
+    """Check a merge and print its schedule; reads only headers and configs, writes nothing."""
+    import json
+
+    from .plan import build_plan, describe
+
+    p = build_plan(
+        base,
+        list(adapters),
+        out if out else ".",
+        weights=_weights(weights),
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        overwrite=overwrite,
+        workers=workers,
+        check_out=bool(out),
+    )
+    d = describe(p)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(format_plan(d, has_out=bool(out)))
+    if not d["fits"]:
+        sys.exit(6)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_plan(d: dict, *, has_out: bool) -> str:
+    """The plan for people: what happens, with what resources, how long."""
+    r = d["resources"]
+    n = len(d["adapters"])
+    workers = "in this process" if d["workers"] == 0 else f"{d['workers']} worker process(es)"
+    lines = [
+        f"plan: {d['base']} + {n} adapter{'s' if n != 1 else ''}"
+        + (f" -> {d['out']}" if has_out else ""),
+        f"device {d['device']}, {workers}; memory budget {_size(d['budget'])}, estimated peak "
+        f"{_size(d['estimated_peak_memory'])}: {'fits' if d['fits'] else 'DOES NOT FIT'}",
+    ]
+    if r:
+        gpus = ", ".join(f"{g['name']} {_size(g['free'])} free" for g in r["gpus"]) or "none"
+        disk = f"; disk {_size(r['disk_free'])} free at output, needs {_size(d['bytes_out'])}"
+        lines.append(
+            f"resources: RAM {_size(r['ram_available'])} available of {_size(r['ram_total'])}, "
+            f"{r['cpus']} CPUs{disk if has_out else ''}; GPUs: {gpus}"
+        )
+    modules = ", ".join(f"{v} {k}" for k, v in sorted(d["modules"].items()))
+    lines.append(f"adapter modules: {modules}")
+    if d["resumable_shards"]:
+        lines.append(f"resumes: {len(d['resumable_shards'])} shards already done")
+    width = max(len(s["name"]) for s in d["shards"])
+    lines.append(
+        f"{'shard':<{width}}  {'in':>9}  {'out':>9}  merged  copied  block rows  {'peak':>9}"
+    )
+    for s in d["shards"]:
+        merged = s["tensors_merged"] + s["tensors_converted"]
+        lines.append(
+            f"{s['name']:<{width}}  {_size(s['bytes_in']):>9}  {_size(s['bytes_out']):>9}  "
+            f"{merged:>6}  {s['tensors_copied']:>6}  {s['max_block_rows']:>10}  "
+            f"{_size(s['peak_memory']):>9}"
+        )
+    secs = d["estimated_seconds"]
+    lines.append(f"estimated time: {int(secs // 60)} min {secs % 60:.0f} s (rough)")
+    return "\n".join(lines)

@@ -22,6 +22,8 @@ from .adapters.peft import Adapter, adapter_edits, open_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
 from .output import check_free_space, check_output_dir
+from .resources import Resources
+from .resources import probe as probe_resources
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE, NAME_OF, OutEntry, encode_header
 from .terms import TensorEdit
 
@@ -42,6 +44,8 @@ MERGE_BYTES_PER_ELEMENT = 80
 MAX_BLOCK_BYTES = 64 << 20
 # Below this total size, starting a worker process costs more than it saves.
 SMALL_MODEL_BYTES = 256 << 20
+# The share of a GPU's free memory that row blocks may use.
+VRAM_SHARE = 0.8
 MIN_BUDGET = 512 << 20
 
 
@@ -125,6 +129,7 @@ class MergePlan:
     provenance: str = ""
     fingerprint: str = ""
     workers: int = 0  # worker processes running shard jobs; 0 runs them in this process
+    resources: Resources | None = None
     resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
 
     @property
@@ -278,12 +283,25 @@ def build_plan(
         raise PlanErrors(errors)
 
     out_dtype = DTYPE_CHOICES[dtype]
+    resources = probe_resources(Path(out))
+    if max_memory is not None and budget > resources.ram_available:
+        errors.append(
+            ResourceError(
+                f"the memory budget {_fmt(budget)} (--max-memory) is more than the "
+                f"{_fmt(resources.ram_available)} of RAM available now.",
+                hint="Lower --max-memory, or leave it out to use half the available RAM.",
+            )
+        )
     workers = _worker_count(workers, budget, ckpt)
     working = (
         budget - BASELINE_BYTES
         if workers == 0
         else (budget - BASELINE_BYTES - PROCESS_BYTES * workers) // workers
     )
+    if device.startswith("cuda"):
+        # Row blocks live on the GPU while merged: keep them inside its free memory.
+        _, free_vram, _ = resources.gpus[int(device.split(":")[1]) if ":" in device else 0]
+        working = min(working, int(free_vram * VRAM_SHARE) // max(workers, 1))
     shards: list[ShardJob] = []
     for shard in ckpt.shards:
         header = ckpt.headers[shard]
@@ -335,6 +353,7 @@ def build_plan(
         provenance=provenance,
         fingerprint=fingerprint,
         workers=workers,
+        resources=resources,
         resumable=tuple(sorted(journal.shards)) if journal else (),
     )
     if check_out:
@@ -407,14 +426,8 @@ def _block_rows(
     errors: list[ShardmergeError],
 ) -> int:
     rows = shape[0] if shape else 1
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
-    factors = 0
-    if edit is not None:
-        for t in edit.terms:
-            # Factors are held whole, in float64 at most, plus their bound vectors.
-            factors += 8 * (t.left.numel + (t.right.numel if t.right else 0)) * 2
+    cols = math.prod(shape[1:])
+    factors = _factor_bytes(edit)
     per_row = cols * MERGE_BYTES_PER_ELEMENT
     room = working - factors
     if room < per_row:
@@ -431,6 +444,82 @@ def _block_rows(
         )
         return 1
     return max(1, min(rows, room // per_row, MAX_BLOCK_BYTES // per_row or 1))
+
+
+def _factor_bytes(edit: TensorEdit | None) -> int:
+    """Factors are held whole, in float64 at most, plus their bound vectors."""
+    if edit is None:
+        return 0
+    return sum(16 * (t.left.numel + (t.right.numel if t.right else 0)) for t in edit.terms)
+
+
+def tensor_working_bytes(t: TensorJob) -> int:
+    """Memory a tensor job needs beyond the process baseline."""
+    if t.action == "copy":
+        return 0
+    return t.block_rows * math.prod(t.shape[1:]) * MERGE_BYTES_PER_ELEMENT + _factor_bytes(t.edit)
+
+
+# Rough rates for the time estimate (read+write of the files; merged elements).
+DISK_BYTES_PER_S = 500e6
+CPU_ELEMENTS_PER_S_PER_CORE = 150e6
+GPU_ELEMENTS_PER_S = 3e9
+
+
+def describe(plan: MergePlan) -> dict:
+    """The plan as plain data for people and for --json: shards, memory, resources, time."""
+    shards = []
+    for s in plan.shards:
+        actions = Counter(t.action for t in s.tensors)
+        worked = [t for t in s.tensors if t.action != "copy"]
+        shards.append(
+            {
+                "name": s.name,
+                "bytes_in": s.in_size,
+                "bytes_out": s.out_size,
+                "tensors_merged": actions["merge"] + actions["replace"],
+                "tensors_converted": actions["convert"],
+                "tensors_copied": actions["copy"],
+                "max_block_rows": max((t.block_rows for t in worked), default=0),
+                "peak_memory": BASELINE_BYTES + max(map(tensor_working_bytes, worked), default=0),
+            }
+        )
+    per_worker = max((sh["peak_memory"] for sh in shards), default=BASELINE_BYTES)
+    peak = per_worker * max(plan.workers, 1) + (PROCESS_BYTES if plan.workers else 0)
+    merged_elements = sum(
+        math.prod(t.shape) for s in plan.shards for t in s.tensors if t.action != "copy"
+    )
+    r = plan.resources
+    if plan.device.startswith("cuda"):
+        compute = merged_elements / GPU_ELEMENTS_PER_S
+    else:
+        compute = merged_elements / (CPU_ELEMENTS_PER_S_PER_CORE * (r.cpus if r else 1))
+    io = sum(sh["bytes_in"] + sh["bytes_out"] for sh in shards) / DISK_BYTES_PER_S
+    return {
+        "base": plan.base,
+        "out": plan.out,
+        "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
+        "device": plan.device,
+        "workers": plan.workers,
+        "budget": plan.max_memory,
+        "estimated_peak_memory": peak,
+        "fits": peak <= plan.max_memory,
+        "bytes_out": plan.out_bytes,
+        "estimated_seconds": round(max(io, compute), 1),
+        "resumable_shards": list(plan.resumable),
+        "modules": plan.counts,
+        "tensors": plan.summary,
+        "resources": None
+        if r is None
+        else {
+            "ram_available": r.ram_available,
+            "ram_total": r.ram_total,
+            "disk_free": r.disk_free,
+            "cpus": r.cpus,
+            "gpus": [{"name": n, "free": f, "total": t} for n, f, t in r.gpus],
+        },
+        "shards": shards,
+    }
 
 
 def _fmt(n: int) -> str:
