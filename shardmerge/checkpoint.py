@@ -122,7 +122,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(f"{index_path}: 'weight_map' is missing or empty.")
+            raise InputError(
+                f"{index_path}: 'weight_map' is missing or empty.",
+                hint="Re-download the model or re-export it.",
+            )
         shards: list[str] = []
         for tensor_name, shard in weight_map.items():
             shard = safe_relative(folder, shard, index_path)
@@ -160,7 +163,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         for name in header.tensors:
             if name in full_map:
                 raise InputError(
-                    f"{folder}: tensor {name!r} appears in both {full_map[name]} and {shard}."
+                    f"{folder}: tensor {name!r} appears in both {full_map[name]} and {shard}.",
+                    hint="The shards do not belong together; re-download the model.",
                 )
             full_map[name] = shard
     for name, shard in weight_map.items():

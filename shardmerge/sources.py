@@ -27,9 +27,9 @@ def load_torch_state(path: str) -> dict[str, torch.Tensor]:
             # Files in the pre-1.6 (non-zip) format cannot be memory-mapped.
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptFileError(
-            f"{path}: cannot be loaded as a tensor-only PyTorch file ({first[:300]}).",
+            f"{path}: cannot be loaded as a tensor-only PyTorch file ({_load_failure(e)[:300]}); "
+            "it is corrupt or holds objects other than tensors.",
             hint="shardmerge loads .bin files with torch.load(weights_only=True) and refuses "
             "anything else; convert the adapter to adapter_model.safetensors.",
         ) from None
@@ -38,11 +38,31 @@ def load_torch_state(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise CorruptFileError(f"{path}: is not a state dict of named tensors.")
+        raise CorruptFileError(
+            f"{path}: is not a state dict of named tensors.",
+            hint="Re-save the adapter with PeftModel.save_pretrained() (it writes "
+            "adapter_model.safetensors).",
+        )
     for key, value in state.items():
         if value.dtype not in NAME_OF:
             raise CorruptFileError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}.")
     return state
+
+
+def _load_failure(e: Exception) -> str:
+    """The informative line of a torch.load error (torch's weights_only text is long)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Weights only load failed"):
+        reasons = [
+            line
+            for line in lines[1:]
+            if not line.startswith(("Check the documentation", "Please file an issue"))
+        ]
+        return "refused by weights_only=True" + (f": {reasons[0]}" if reasons else "")
+    # torch's own messages can run on for several sentences: keep the first.
+    return lines[0].split(". ")[0] if len(lines[0]) > 160 else lines[0]
 
 
 class RefLoader:

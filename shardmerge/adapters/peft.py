@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, read_json
+from ..checkpoint import Checkpoint, not_a_regular_file, read_json
 from ..errors import (
     CorruptFileError,
     IncompatibleAdapterError,
@@ -66,6 +66,11 @@ _PEFT_TYPE_NAMES = {
 # the saved factors only make sense against that modified base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
 
+_USE_PEFT = (
+    "Merge this adapter with PEFT instead (PeftModel.from_pretrained(...).merge_and_unload()), "
+    "which needs the whole model in memory."
+)
+
 _KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern))
     for kind, pattern in (
@@ -107,9 +112,16 @@ def open_adapter(path: str | Path, label: str | None = None) -> Adapter:
             f"adapter folder {folder} does not exist or is not a folder.",
             hint="Give the folder that holds adapter_config.json and adapter_model.safetensors.",
         )
-    config = read_json(folder / CONFIG_NAME, "the adapter config (adapter_config.json)")
+    config = read_json(
+        folder / CONFIG_NAME,
+        "the adapter config (adapter_config.json)",
+        hint="Give the folder written by PeftModel.save_pretrained().",
+    )
     label = label or folder.resolve().name
     st, legacy = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    for file in (st, legacy):
+        if file.exists() and not file.is_file():
+            raise not_a_regular_file(file, "the adapter weights file")
     if st.is_file():
         header = read_header(st)
         tensors = {
@@ -130,7 +142,10 @@ def open_adapter(path: str | Path, label: str | None = None) -> Adapter:
             hint="Give the folder written by PeftModel.save_pretrained().",
         )
     if not tensors:
-        raise CorruptFileError(f"{weights_file}: holds no tensors.")
+        raise CorruptFileError(
+            f"{weights_file}: holds no tensors.",
+            hint="Re-save the adapter with PeftModel.save_pretrained().",
+        )
     return Adapter(folder, label, config, weights_file, tensors, _sha256(weights_file))
 
 
@@ -145,20 +160,33 @@ def _sha256(path: Path) -> str:
 def check_supported(adapter: Adapter) -> list[ShardmergeError]:
     """Refuse, by name, adapter kinds and options that shardmerge does not merge."""
     cfg, where = adapter.config, adapter.path / CONFIG_NAME
-    peft_type = str(cfg.get("peft_type", "")).upper()
+    peft_type = str(cfg.get("peft_type") or "").upper()
+    if not peft_type:
+        return [
+            InputError(
+                f"{where}: has no peft_type; this does not look like a PEFT adapter config.",
+                hint="Give the folder written by PeftModel.save_pretrained().",
+            )
+        ]
     if peft_type != "LORA":
         name = _PEFT_TYPE_NAMES.get(peft_type, peft_type or "unknown")
         return [
             UnsupportedAdapterError(
                 f"{where}: {name} adapters (peft_type {cfg.get('peft_type')!r}) are not supported; "
-                "shardmerge merges LoRA adapters."
+                "shardmerge merges LoRA adapters.",
+                hint=_USE_PEFT,
             )
         ]
+    bad_values = _config_problems(cfg, where)
+    if bad_values:
+        return bad_values
     refusals = []
 
     def refuse(what: str, hint: str | None = None) -> None:
         refusals.append(
-            UnsupportedAdapterError(f"{where}: {what} is not supported yet.", hint=hint)
+            UnsupportedAdapterError(
+                f"{where}: {what} is not supported yet.", hint=hint or _USE_PEFT
+            )
         )
 
     if cfg.get("use_dora"):
@@ -189,6 +217,52 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
             "and merge that.",
         )
     return refusals
+
+
+def _config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
+    """Values of the LoRA config fields we use, checked before any arithmetic with them."""
+    problems: list[str] = []
+
+    def is_number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def is_rank(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if "r" in cfg and not is_rank(cfg["r"]):
+        problems.append(f"r must be a positive integer, not {cfg['r']!r}")
+    if "lora_alpha" in cfg and not is_number(cfg["lora_alpha"]):
+        problems.append(f"lora_alpha must be a finite number, not {cfg['lora_alpha']!r}")
+    for field, valid, what in (
+        ("rank_pattern", is_rank, "a positive integer"),
+        ("alpha_pattern", is_number, "a finite number"),
+    ):
+        patterns = cfg.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            problems.append(f"{field} must map module-name patterns to values, not {patterns!r}")
+            continue
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                problems.append(f"{field} key {key!r} is not a valid regular expression ({e})")
+            if not valid(value):
+                problems.append(f"{field}[{key!r}] must be {what}, not {value!r}")
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+        if cfg.get(field) is not None and not isinstance(cfg[field], bool):
+            problems.append(f"{field} must be true or false, not {cfg[field]!r}")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+        problems.append(f"modules_to_save must be a list of module names, not {mts!r}")
+    return [
+        InputError(
+            f"{where}: {p}.",
+            hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
+        )
+        for p in problems
+    ]
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -254,7 +328,10 @@ def adapter_edits(
             f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
         )
         errors.append(
-            UnsupportedAdapterError(f"{wfile}: keys shardmerge does not understand: {shown}.")
+            UnsupportedAdapterError(
+                f"{wfile}: keys shardmerge does not understand: {shown}.",
+                hint="Is this a PEFT LoRA adapter? Otherwise merge it with the tool that made it.",
+            )
         )
 
     model_type = str(ckpt.config.get("model_type", ""))
@@ -283,7 +360,20 @@ def adapter_edits(
 
     for module, roles in sorted(modules.items()):
         if "dora" in roles or "trainable_tokens" in roles:
-            continue  # refused by check_supported via the config; keys alone are caught here
+            # check_supported refused these when the config says so; here the
+            # weights hold them although the config does not: refuse too.
+            what = (
+                "DoRA magnitude vectors (lora_magnitude_vector)"
+                if "dora" in roles
+                else "trainable tokens (trainable_tokens_delta)"
+            )
+            errors.append(
+                UnsupportedAdapterError(
+                    f"{wfile}: module {module} has {what}, which shardmerge does not merge yet.",
+                    hint=_USE_PEFT,
+                )
+            )
+            continue
         low_rank = [r for r in ("lora_A", "lora_B", "emb_A", "emb_B") if r in roles]
         r_cfg = pattern_value(rank_pattern, module, cfg.get("r", 8))
         alpha = pattern_value(alpha_pattern, module, cfg.get("lora_alpha", 8))
@@ -301,7 +391,8 @@ def adapter_edits(
                 errors.append(
                     UnsupportedAdapterError(
                         f"{wfile}: module {module} has {len(a.shape)}-D LoRA factors; "
-                        "LoRA on convolution layers is not supported yet."
+                        "LoRA on convolution layers is not supported yet.",
+                        hint=_USE_PEFT,
                     )
                 )
                 continue
