@@ -19,7 +19,7 @@ import torch
 from .checkpoint import CONFIG_NAME, INDEX_NAME
 from .errors import Interrupted, ResourceError
 from .journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
-from .output import OutputDir
+from .output import OutputDir, fmt_bytes
 from .plan import MergePlan, ShardJob
 from .worker import Progress, ShardResult, run_shard
 
@@ -62,7 +62,7 @@ def execute(
         free = shutil.disk_usage(out.path).free
         raise ResourceError(
             f"the disk is full while writing to {plan.out}: the merged model needs "
-            f"{plan.out_bytes / 2**30:.2f} GiB in all and {free / 2**30:.2f} GiB is free now.",
+            f"{fmt_bytes(plan.out_bytes)} in all and {fmt_bytes(free)} is free now.",
             hint="Free some space and rerun the same command: finished shards are kept.",
         ) from None
     finally:

@@ -7,6 +7,7 @@ recorded shard is checked against both before it is trusted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -57,9 +58,12 @@ class OutputLock:
                 f"another shardmerge (pid {holder}) is writing to {self.path.parent.parent}.",
                 hint="Wait for it to finish, or stop it; a second merge into the same folder is refused.",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+        # The pid is only for the message above; on a full disk the first real
+        # write reports ENOSPC properly.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -100,11 +104,15 @@ class Journal:
             "status": self.status,
             "shards": self.shards,
         }
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: the old journal stands
+            raise
 
     def record(self, name: str, size: int, crc: int) -> None:
         self.shards[name] = {"size": size, "crc32": crc}

@@ -60,6 +60,17 @@ def check_output_dir(
             f"the output path {out} exists and is not a folder.",
             hint="Choose a folder path for -o.",
         )
+    if out.is_symlink() and not out.exists():
+        raise OutputError(
+            f"the output path {out} is a symbolic link to {os.readlink(out)}, which does not exist.",
+            hint="Create the folder it points to, or choose another path for -o.",
+        )
+    blocker = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(
+            f"the output folder {out} cannot be created: {blocker} is a file, not a folder.",
+            hint="Choose another path for -o.",
+        )
     if not out.exists():
         return None
     if (out / WORK_DIR).is_dir():
@@ -88,10 +99,19 @@ def check_free_space(out: Path, needed: int, reusable: int = 0) -> None:
     free = shutil.disk_usage(probe).free
     if needed > free + reusable:
         raise ResourceError(
-            f"the merged model needs {needed / 2**30:.2f} GiB but only "
-            f"{(free + reusable) / 2**30:.2f} GiB is free at {probe}.",
+            f"the merged model needs {fmt_bytes(needed)} but only "
+            f"{fmt_bytes(free + reusable)} is free at {probe}.",
             hint="Free some space or choose an output folder on another disk.",
         )
+
+
+def fmt_bytes(n: int) -> str:
+    """A size for messages: 3.2 GiB, 12.5 KiB (never a bare "0.00 GiB")."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
 
 
 def fsync_dir(path: Path) -> None:
@@ -143,10 +163,18 @@ class OutputDir:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         tmp = self.temp_path(name)
-        tmp.write_bytes(data)
-        self.commit(tmp, name)
+        try:
+            tmp.write_bytes(data)
+            self.commit(tmp, name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file
+            raise
 
     def copy_file(self, src: Path, name: str) -> None:
         tmp = self.temp_path(name)
-        shutil.copyfile(src, tmp)
-        self.commit(tmp, name)
+        try:
+            shutil.copyfile(src, tmp)
+            self.commit(tmp, name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
