@@ -224,30 +224,26 @@ def plan(base, adapters, out, weights, dtype, device, max_memory, workers, overw
         sys.exit(6)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_plan(d: dict, *, has_out: bool) -> str:
     """The plan for people: what happens, with what resources, how long."""
+    from .output import fmt_bytes
+
     r = d["resources"]
     n = len(d["adapters"])
     workers = "in this process" if d["workers"] == 0 else f"{d['workers']} worker process(es)"
     lines = [
         f"plan: {d['base']} + {n} adapter{'s' if n != 1 else ''}"
         + (f" -> {d['out']}" if has_out else ""),
-        f"device {d['device']}, {workers}; memory budget {_size(d['budget'])}, estimated peak "
-        f"{_size(d['estimated_peak_memory'])}: {'fits' if d['fits'] else 'DOES NOT FIT'}",
+        f"device {d['device']}, {workers}; memory budget {fmt_bytes(d['budget'])}, estimated peak "
+        f"{fmt_bytes(d['estimated_peak_memory'])}: {'fits' if d['fits'] else 'DOES NOT FIT'}",
     ]
     if r:
-        gpus = ", ".join(f"{g['name']} {_size(g['free'])} free" for g in r["gpus"]) or "none"
-        disk = f"; disk {_size(r['disk_free'])} free at output, needs {_size(d['bytes_out'])}"
+        gpus = ", ".join(f"{g['name']} {fmt_bytes(g['free'])} free" for g in r["gpus"]) or "none"
+        disk = (
+            f"; disk {fmt_bytes(r['disk_free'])} free at output, needs {fmt_bytes(d['bytes_out'])}"
+        )
         lines.append(
-            f"resources: RAM {_size(r['ram_available'])} available of {_size(r['ram_total'])}, "
+            f"resources: RAM {fmt_bytes(r['ram_available'])} available of {fmt_bytes(r['ram_total'])}, "
             f"{r['cpus']} CPUs{disk if has_out else ''}; GPUs: {gpus}"
         )
     modules = ", ".join(f"{v} {k}" for k, v in sorted(d["modules"].items()))
@@ -261,9 +257,9 @@ def format_plan(d: dict, *, has_out: bool) -> str:
     for s in d["shards"]:
         merged = s["tensors_merged"] + s["tensors_converted"]
         lines.append(
-            f"{s['name']:<{width}}  {_size(s['bytes_in']):>9}  {_size(s['bytes_out']):>9}  "
+            f"{s['name']:<{width}}  {fmt_bytes(s['bytes_in']):>9}  {fmt_bytes(s['bytes_out']):>9}  "
             f"{merged:>6}  {s['tensors_copied']:>6}  {s['max_block_rows']:>10}  "
-            f"{_size(s['peak_memory']):>9}"
+            f"{fmt_bytes(s['peak_memory']):>9}"
         )
     secs = d["estimated_seconds"]
     lines.append(f"estimated time: {int(secs // 60)} min {secs % 60:.0f} s (rough)")

@@ -21,7 +21,7 @@ from . import __version__
 from .adapters.peft import Adapter, adapter_edits, open_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
-from .output import check_free_space, check_output_dir
+from .output import check_free_space, check_output_dir, fmt_bytes
 from .resources import Resources
 from .resources import probe as probe_resources
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE, NAME_OF, OutEntry, encode_header
@@ -222,9 +222,9 @@ def build_plan(
     budget = parse_size(max_memory) if max_memory is not None else default_budget()
     if budget <= BASELINE_BYTES:
         raise ResourceError(
-            f"the memory budget {_fmt(budget)} (--max-memory) is below the {_fmt(BASELINE_BYTES)} "
+            f"the memory budget {fmt_bytes(budget)} (--max-memory) is below the {fmt_bytes(BASELINE_BYTES)} "
             "shardmerge needs before any buffer.",
-            hint=f"Raise --max-memory to at least {_fmt(MIN_BUDGET)}.",
+            hint=f"Raise --max-memory to at least {fmt_bytes(MIN_BUDGET)}.",
         )
     device = resolve_device(device)
 
@@ -287,8 +287,8 @@ def build_plan(
     if max_memory is not None and budget > resources.ram_available:
         errors.append(
             ResourceError(
-                f"the memory budget {_fmt(budget)} (--max-memory) is more than the "
-                f"{_fmt(resources.ram_available)} of RAM available now.",
+                f"the memory budget {fmt_bytes(budget)} (--max-memory) is more than the "
+                f"{fmt_bytes(resources.ram_available)} of RAM available now.",
                 hint="Lower --max-memory, or leave it out to use half the available RAM.",
             )
         )
@@ -360,7 +360,12 @@ def build_plan(
         reusable = sum(
             (Path(out) / s.name).stat().st_size for s in shards if (Path(out) / s.name).is_file()
         )
-        check_free_space(Path(out), plan.out_bytes, reusable)
+        # Shards, plus the files copied beside them, the index, the journal and
+        # filesystem rounding (a block per file).
+        extras = sum((ckpt.path / n).stat().st_size for n in (*ckpt.extra_files, "config.json"))
+        index = len(json.dumps(plan.index, indent=2)) if plan.index else 0
+        slack = (len(shards) + len(ckpt.extra_files) + 8) * 4096
+        check_free_space(Path(out), plan.out_bytes + extras + index + slack, reusable)
     return plan
 
 
@@ -432,7 +437,7 @@ def _block_rows(
     room = working - factors
     if room < per_row:
         need, have = per_row + factors + BASELINE_BYTES, working + BASELINE_BYTES
-        need_s, have_s = _fmt(need), _fmt(have)
+        need_s, have_s = fmt_bytes(need), fmt_bytes(have)
         if need_s == have_s:  # too close to tell apart once rounded
             need_s, have_s = f"{need:,} bytes", f"{have:,} bytes"
         errors.append(
@@ -520,14 +525,6 @@ def describe(plan: MergePlan) -> dict:
         },
         "shards": shards,
     }
-
-
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 def _with_metadata(shard: ShardJob, ckpt: Checkpoint, provenance: str) -> ShardJob:
