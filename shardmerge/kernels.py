@@ -20,6 +20,7 @@ bytes do not depend on the device, BLAS, thread count or block size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -33,6 +34,8 @@ FORMAT = {
     torch.float16: (11, -13),
 }
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+# Working memory of one chunk of elements refined together.
+_REFINE_BYTES = 64 << 20
 _TINY = {torch.float32: 2.0**-149 / 2.0**-24, torch.float64: 2.0**-1074 / 2.0**-53}
 
 
@@ -130,6 +133,8 @@ def _in_doubt(
     wide = acc.dtype
     y = out.to(wide)
     mant, exp = torch.frexp(y)
+    # frexp(0) gives exponent 0, but zero's neighbours are the smallest subnormals.
+    exp.masked_fill_(y == 0, emin)
     normal = exp > emin
     exp = exp.clamp(min=emin)
     half_gap = torch.ldexp(torch.ones_like(y), exp - (precision + 1))
@@ -138,7 +143,18 @@ def _in_doubt(
     half_gap = torch.where(below, half_gap * 0.5, half_gap)
     margin = half_gap - (acc - y).abs()
     # The absolute term covers products that underflow in the accumulator.
-    doubt = (margin <= bound * tol + tol * _TINY[wide]) & torch.isfinite(y)
+    slack = bound * tol + tol * _TINY[wide]
+    finite = torch.isfinite(y)
+    doubt = (margin <= slack) & finite
+    if not bool(finite.all()):
+        # Rounded to infinity from a finite value: what matters is the distance
+        # to the overflow threshold, max + ulp(max)/2.
+        fmax = torch.finfo(out.dtype).max
+        threshold = fmax + 2.0 ** (math.frexp(fmax)[1] - precision - 1)
+        doubt |= ~finite & torch.isfinite(acc) & (acc.abs() - threshold <= slack)
+        if wide != torch.float64:
+            # A float32 accumulator can overflow where float64 does not: recheck.
+            doubt |= ~torch.isfinite(acc)
     idx = doubt.reshape(-1).nonzero().squeeze(1)
     return idx if idx.numel() else None
 
@@ -152,6 +168,13 @@ def _refine(
     max_rank: int,
 ) -> None:
     """Settle the doubtful elements ``idx`` (flat) of ``out`` in place."""
+    # The gathers below take about 32 * rank bytes per element: bound them,
+    # since up to most of a block can be in doubt (float16 outputs, high rank).
+    chunk = max(1, _REFINE_BYTES // (32 * max_rank))
+    if idx.numel() > chunk:
+        for i in range(0, idx.numel(), chunk):
+            _refine(base, terms, out, idx[i : i + chunk], acc_dtype, max_rank)
+        return
     cols = base.shape[1] if base.dim() == 2 else 1
     rows_i, cols_j = idx // cols, idx % cols
     flat_base = base.reshape(-1)
