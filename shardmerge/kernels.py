@@ -36,6 +36,13 @@ FORMAT = {
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 # Working memory of one chunk of elements refined together.
 _REFINE_BYTES = 64 << 20
+# Products at least this large stay far from the accumulator's subnormal range.
+# The accumulator's integer twin and precision, for reading its low bits.
+_ACC_BITS = {torch.float32: (torch.int32, 24), torch.float64: (torch.int64, 53)}
+# Output formats whose subnormal range starts above the accumulator's:
+# below their smallest normal they keep fewer bits than the fast path assumes.
+_MIN_NORMAL = {(torch.float16, torch.float32): 2.0**-14, (torch.float32, torch.float64): 2.0**-126}
+_SAFE_PRODUCT = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 _TINY = {torch.float32: 2.0**-149 / 2.0**-24, torch.float64: 2.0**-1074 / 2.0**-53}
 
 
@@ -54,6 +61,28 @@ class BlockTerm:
     scale: float
     left_absmax: torch.Tensor | None = None
     right_abssum: torch.Tensor | None = None
+    # False only when every nonzero product of the term is far above the
+    # accumulator's underflow range (see underflow_risk); True is always safe.
+    may_underflow: bool = True
+
+
+def underflow_risk(
+    left: torch.Tensor, right: torch.Tensor | None, scale: float, acc: torch.dtype
+) -> bool:
+    """Could a product of this term (or its scaling) underflow in ``acc``?
+
+    Without underflow every rounding error is relative, so the error bound
+    needs no absolute part and exact zeros are certain.
+    """
+
+    def smallest(t: torch.Tensor) -> float:
+        nz = t.abs()[t != 0]
+        return float(nz.min()) if nz.numel() else float("inf")
+
+    small = smallest(left) * (smallest(right) if right is not None else 1.0)
+    if small == float("inf"):
+        return False  # an all-zero term contributes exact zeros
+    return min(small, small * abs(scale)) < _SAFE_PRODUCT[acc]
 
 
 def accumulation_dtype(out_dtype: torch.dtype, input_dtypes: list[torch.dtype]) -> torch.dtype:
@@ -96,24 +125,74 @@ def merge_block(
     if not terms:
         return cast(base, out_dtype)
     acc = base.to(acc_dtype, copy=True)  # never alias base: _refine rereads it
-    bound = acc.abs()
     max_rank = 1
     for t in terms:
         if t.right is None:
             acc.add_(t.left, alpha=t.scale)
-            bound.add_(t.left.abs(), alpha=abs(t.scale))
         else:
             acc.add_(t.left @ t.right, alpha=t.scale)
-            bound.addr_(t.left_absmax, t.right_abssum, alpha=abs(t.scale))
             max_rank = max(max_rank, t.left.shape[1])
     out = cast(acc, out_dtype)
-    if out_dtype not in FORMAT:
-        return out
+    if out_dtype not in FORMAT or out_dtype == torch.float64:
+        return out  # float64 outputs: no wider accumulator, within a few ulp
     tol = _tolerance(acc_dtype, max_rank, len(terms))
-    doubt = _in_doubt(acc, out, bound, tol)
+    doubt = _first_tier_doubt(base, acc, out, terms, tol)
     if doubt is not None:
         _refine(base, terms, out, doubt, acc_dtype, max_rank)
     return out
+
+
+def _first_tier_doubt(
+    base: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, terms: list[BlockTerm], tol: float
+) -> torch.Tensor | None:
+    """The elements of a block whose rounding the accumulator cannot settle (flat indices).
+
+    The fast path reads the rounding position straight from the accumulator's
+    bits: rounding to the output format drops its low ``drop`` bits, and the
+    value lies ``|low - 2^(drop-1)|`` accumulator ulps from the rounding
+    midpoint of its binade (the other midpoint is at least 2^(drop-2) ulps
+    away). One accumulator ulp is at least ``|acc| * 2^-p``, so an element is
+    settled when ``dist * |acc| * 2^-p`` exceeds the error bound
+    ``tol * (|W| + sum |scale| u_i v_j)``, with ``|W| <= |acc| + sum |scale| u_i v_j``.
+    Blocks with non-finite values or near the output's overflow take the
+    general path.
+    """
+    a = acc.abs()
+    if a.numel() and not bool(a.amax() < torch.finfo(out.dtype).max / 2):  # also NaN
+        return _in_doubt(acc, out, _bound(base, terms, acc.dtype), tol)
+    int_dtype, p_acc = _ACC_BITS[acc.dtype]
+    p_out, _ = FORMAT[out.dtype]
+    drop = p_acc - p_out
+    mid = 1 << (drop - 1)
+    dist = torch.bitwise_and(acc.view(int_dtype), (1 << drop) - 1)
+    dist.sub_(mid).abs_().clamp_(max=mid // 2)
+    lhs = dist.to(acc.dtype).mul_(a)
+    k = tol * 2.0**p_acc
+    rhs = a.mul_(k)  # |acc| now scaled: reuse its memory
+    for t in terms:
+        if t.right is None:
+            rhs.add_(t.left.abs(), alpha=2.0 * abs(t.scale) * k)
+        else:
+            rhs.addr_(t.left_absmax, t.right_abssum, alpha=2.0 * abs(t.scale) * k)
+    if any(t.may_underflow for t in terms):
+        rhs.add_(k * _TINY[acc.dtype])
+    doubt = lhs < rhs
+    if _MIN_NORMAL.get((out.dtype, acc.dtype)):
+        # Below the output's normal range it keeps fewer bits: settle those apart.
+        doubt |= lhs.copy_(acc).abs_() < _MIN_NORMAL[(out.dtype, acc.dtype)]
+    idx = doubt.reshape(-1).nonzero().squeeze(1)
+    return idx if idx.numel() else None
+
+
+def _bound(base: torch.Tensor, terms: list[BlockTerm], acc_dtype: torch.dtype) -> torch.Tensor:
+    """|W| + sum |scale| * sum_k |left[i,k] right[k,j]| (bounded by the outer products)."""
+    bound = base.to(acc_dtype).abs()
+    for t in terms:
+        if t.right is None:
+            bound.add_(t.left.abs(), alpha=abs(t.scale))
+        else:
+            bound.addr_(t.left_absmax, t.right_abssum, alpha=abs(t.scale))
+    return bound
 
 
 def _tolerance(acc_dtype: torch.dtype, max_rank: int, n_terms: int) -> float:

@@ -15,14 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from . import __version__
 from .adapters.peft import Adapter, adapter_edits, open_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
 from .output import check_free_space, check_output_dir, fmt_bytes
-from .resources import Resources
+from .resources import Resources, available_memory
 from .resources import probe as probe_resources
 from .safetensors_io import FLOAT_DTYPES, ITEMSIZE, NAME_OF, OutEntry, encode_header
 from .terms import TensorEdit
@@ -158,9 +156,8 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def default_budget() -> int:
-    """Half the available RAM, between 512 MiB and 8 GiB."""
-    available = psutil.virtual_memory().available
-    return max(MIN_BUDGET, min(8 << 30, available // 2))
+    """Half the available RAM (capped by a memory cgroup's limit), between 512 MiB and 8 GiB."""
+    return max(MIN_BUDGET, min(8 << 30, available_memory() // 2))
 
 
 def resolve_device(device: str) -> str:

@@ -25,6 +25,38 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of the cgroup this process runs in (v2 or v1), or None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
+        elif "memory" in controllers.split(","):
+            candidates.append(
+                Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            )
+    for file in candidates:
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number: no limit
+            return int(text)
+    return None
+
+
+def available_memory() -> int:
+    """RAM this process can use: the system's available memory, capped by its cgroup's limit."""
+    available = int(psutil.virtual_memory().available)
+    limit = cgroup_memory_limit()
+    return min(available, limit) if limit else available
+
+
 def probe(out: Path) -> Resources:
     """Read the machine's resources; looks at GPUs only when torch already sees CUDA."""
     vm = psutil.virtual_memory()
@@ -36,7 +68,7 @@ def probe(out: Path) -> Resources:
             free, total = torch.cuda.mem_get_info(i)
             gpus.append((torch.cuda.get_device_name(i), int(free), int(total)))
     return Resources(
-        ram_available=int(vm.available),
+        ram_available=available_memory(),
         ram_total=int(vm.total),
         disk_free=free_disk(out),
         cpus=psutil.cpu_count() or 1,

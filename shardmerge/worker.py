@@ -21,7 +21,7 @@ from typing import BinaryIO
 import torch
 
 from .journal import crashpoint
-from .kernels import BlockTerm, accumulation_dtype, merge_block
+from .kernels import BlockTerm, accumulation_dtype, merge_block, underflow_risk
 from .plan import ShardJob, TensorJob
 from .safetensors_io import DTYPES, StreamWriter, TensorInfo, pread_into
 from .sources import RefLoader
@@ -323,6 +323,7 @@ class Factors:
         self.scale = term.scale
         self.left = left
         self.right = right
+        self.may_underflow = underflow_risk(left, right, term.scale, left.dtype)
         if right is not None:
             self.left_absmax = left.abs().amax(dim=1)
             self.right_abssum = right.abs().sum(dim=0)
@@ -344,8 +345,15 @@ def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.
 
 def _slice(f: Factors, row0: int, row1: int) -> BlockTerm:
     if f.right is None:
-        return BlockTerm(f.left[row0:row1], None, f.scale)
-    return BlockTerm(f.left[row0:row1], f.right, f.scale, f.left_absmax[row0:row1], f.right_abssum)
+        return BlockTerm(f.left[row0:row1], None, f.scale, may_underflow=f.may_underflow)
+    return BlockTerm(
+        f.left[row0:row1],
+        f.right,
+        f.scale,
+        f.left_absmax[row0:row1],
+        f.right_abssum,
+        f.may_underflow,
+    )
 
 
 def iter_blocks(t: TensorJob) -> Iterator[tuple[int, int]]:
