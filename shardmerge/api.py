@@ -25,6 +25,16 @@ class MergeResult:
     shards_resumed: int = 0  # shards an earlier, interrupted run had finished
 
 
+def _bar_callback(bar):
+    def update(item: int | str) -> None:
+        if isinstance(item, str):
+            bar.set_postfix_str(item, refresh=False)  # the shard being merged
+        else:
+            bar.update(item)
+
+    return update
+
+
 def plan(
     base: PathLike,
     adapters: list[PathLike],
@@ -109,7 +119,7 @@ def merge(
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
     try:
         resumed = execute(
-            p, overwrite=overwrite, resume=resume, progress=bar.update if bar else None
+            p, overwrite=overwrite, resume=resume, progress=_bar_callback(bar) if bar else None
         )
     finally:
         if bar:

@@ -124,6 +124,8 @@ def _execute_locked(
     if plan.workers == 0:
         device = torch.device(plan.device)
         for shard in todo:
+            if progress:
+                progress(shard.name)
             commit(run_shard(shard, out.temp_path(shard.name), device, progress))
     else:
         _run_in_workers(plan, todo, out, progress, commit)
@@ -184,6 +186,7 @@ def _worker_init(updates, threads: int) -> None:
 
 
 def _worker_run(shard: ShardJob, tmp: str, device: str) -> ShardResult:
+    _updates.put(shard.name)  # the shard being worked on, for the progress bar
     return run_shard(shard, Path(tmp), torch.device(device), _updates.put)
 
 

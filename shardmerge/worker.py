@@ -27,7 +27,8 @@ from .safetensors_io import DTYPES, StreamWriter, TensorInfo, pread_into
 from .sources import RefLoader
 from .terms import Term
 
-Progress = Callable[[int], None]
+# Called with bytes of base processed, or with the name of the shard now started.
+Progress = Callable[[int | str], None]
 
 # Row-block buffers in flight between reader and merger; each is one block.
 READ_AHEAD = 2
