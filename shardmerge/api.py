@@ -1,4 +1,4 @@
-"""The Python face of shardmerge: ``merge`` and ``plan``; the CLI calls these."""
+"""The Python face of shardmerge: ``merge``, ``plan`` and ``run_job``; the CLI calls these."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from .execute import execute
+from .jobs import AdapterSpec, MergeJob
 from .plan import MergePlan, build_plan
 
 PathLike = str | os.PathLike
@@ -23,6 +24,7 @@ class MergeResult:
     modules: dict[str, int]  # adapter modules applied, per kind
     shards: int = 0
     shards_resumed: int = 0  # shards an earlier, interrupted run had finished
+    verify: object | None = None  # the VerifyReport, when the job asked for one
 
 
 def _bar_callback(bar):
@@ -133,3 +135,52 @@ def merge(
         shards=len(p.shards),
         shards_resumed=resumed,
     )
+
+
+def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
+    """Run a MergeJob (from the CLI flags or a YAML job file); one result per output.
+
+    With ``job.separate`` each adapter gets its own merged model in
+    ``job.output/<adapter folder name>``.
+
+    >>> from shardmerge.jobs import load_job
+    >>> shardmerge.run_job(load_job("configs/batch-adapters.yaml"))   # doctest: +SKIP
+    [MergeResult(out='merged/support', ...), ...]
+    """
+    outputs = separate_outputs(job) if job.separate else [(job.output, job.adapters)]
+    results = []
+    for out, adapters in outputs:
+        result = merge(
+            job.base,
+            [a.path for a in adapters],
+            out,
+            weights=[a.weight for a in adapters],
+            dtype=job.dtype,
+            device=job.device,
+            max_memory=job.max_memory,
+            overwrite=job.overwrite,
+            resume=job.resume,
+            workers=job.workers,
+            progress=progress,
+        )
+        results.append(result)
+        if job.verify:
+            from .verify import verify
+
+            report = verify(out, job.base, [a.path for a in adapters], max_memory=job.max_memory)
+            result = MergeResult(**{**result.__dict__, "verify": report})
+            results[-1] = result
+    return results
+
+
+def separate_outputs(job: MergeJob) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
+    """OUT/<adapter folder name> for each adapter (names made unique)."""
+    seen: dict[str, int] = {}
+    outputs = []
+    for a in job.adapters:
+        name = os.path.basename(os.path.normpath(a.path.split("@")[0])) or "adapter"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        outputs.append((os.path.join(job.output, name), (a,)))
+    return outputs

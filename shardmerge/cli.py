@@ -10,7 +10,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import ShardmergeError
+from .errors import InputError, ShardmergeError
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
@@ -108,6 +108,11 @@ def main() -> None:
     default=None,
     help="Shards merged at once, each in a worker process (capped by the budget); 0 = in-process.",
 )
+@click.option(
+    "--separate",
+    is_flag=True,
+    help="One merged model per adapter, in OUT/<adapter folder name>, reading the base once.",
+)
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the output after merging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
@@ -122,35 +127,72 @@ def merge(
     overwrite,
     no_resume,
     workers,
+    separate,
     then_verify,
     quiet,
 ) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
-    from .api import merge as api_merge
+    from .jobs import job_from_dict
 
-    result = api_merge(
-        base,
-        list(adapters),
-        out,
-        weights=_weights(weights),
-        dtype=dtype,
-        device=device,
-        max_memory=max_memory,
-        overwrite=overwrite,
-        resume=not no_resume,
-        workers=workers,
-        progress=not quiet and sys.stderr.isatty(),
+    weight_list = _weights(weights) or [1.0] * len(adapters)
+    if len(weight_list) != len(adapters):
+        raise InputError(
+            f"{len(weight_list)} weights given for {len(adapters)} adapters; give one per adapter."
+        )
+    job = job_from_dict(
+        {
+            "base": base,
+            "adapters": [
+                {"path": a, "weight": w} for a, w in zip(adapters, weight_list, strict=True)
+            ],
+            "output": out,
+            "separate": separate,
+            "dtype": dtype,
+            "device": device,
+            "max_memory": max_memory,
+            "workers": workers,
+            "overwrite": overwrite,
+            "resume": not no_resume,
+            "verify": then_verify,
+        },
+        "command line",
     )
-    modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
-    tensors = ", ".join(f"{n} {k}" for k, n in sorted(result.tensors.items()))
-    if result.shards_resumed:
-        click.echo(f"resumed: {result.shards_resumed} of {result.shards} shards were already done.")
-    click.echo(
-        f"merged into {result.out} in {result.seconds:.1f} s: "
-        f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; adapter modules: {modules}."
-    )
-    if then_verify:
-        _run_verify(out, base, list(adapters), _weights(weights), dtype, max_memory)
+    _run_job(job, quiet)
+
+
+@main.command()
+@click.argument("job_file")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def run(job_file, quiet) -> None:
+    """Run the merge described in a YAML job file (see configs/ for examples)."""
+    from .jobs import load_job
+
+    _run_job(load_job(job_file), quiet)
+
+
+def _run_job(job, quiet: bool) -> None:
+    from .api import run_job
+
+    results = run_job(job, progress=not quiet and sys.stderr.isatty())
+    failed = False
+    for result in results:
+        modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
+        tensors = ", ".join(f"{n} {k}" for k, n in sorted(result.tensors.items()))
+        if result.shards_resumed:
+            click.echo(
+                f"resumed: {result.shards_resumed} of {result.shards} shards were already done."
+            )
+        click.echo(
+            f"merged into {result.out} in {result.seconds:.1f} s: "
+            f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; "
+            f"adapter modules: {modules}."
+        )
+        if result.verify is not None:
+            click.echo(result.verify.summary())
+            failed |= not result.verify.ok
+    if failed:
+        sys.exit(EXIT_VERIFY_FAILED)
 
 
 def _run_verify(out, base, adapters, weights, dtype, max_memory) -> None:
