@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .execute import execute
+from .execute import execute_many
 from .jobs import AdapterSpec, MergeJob
 from .plan import MergePlan, build_plan
 
@@ -113,28 +113,38 @@ def merge(
         resume=resume,
         workers=workers,
     )
+    return _execute_plans([p], start, overwrite=overwrite, resume=resume, progress=progress)[0]
+
+
+def _execute_plans(
+    plans: list[MergePlan], start: float, *, overwrite: bool, resume: bool, progress: bool
+) -> list[MergeResult]:
     bar = None
     if progress:
         from tqdm import tqdm
 
-        total = sum(t.end - t.start for s in p.shards for t in s.tensors)
+        total = sum(t.end - t.start for s in plans[0].shards for t in s.tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
     try:
-        resumed = execute(
-            p, overwrite=overwrite, resume=resume, progress=_bar_callback(bar) if bar else None
+        resumed = execute_many(
+            plans, overwrite=overwrite, resume=resume, progress=_bar_callback(bar) if bar else None
         )
     finally:
         if bar:
             bar.close()
-    return MergeResult(
-        out=str(out),
-        seconds=time.perf_counter() - start,
-        bytes_written=p.out_bytes,
-        tensors=p.summary,
-        modules=dict(p.counts),
-        shards=len(p.shards),
-        shards_resumed=resumed,
-    )
+    seconds = time.perf_counter() - start
+    return [
+        MergeResult(
+            out=p.out,
+            seconds=seconds,
+            bytes_written=p.out_bytes,
+            tensors=p.summary,
+            modules=dict(p.counts),
+            shards=len(p.shards),
+            shards_resumed=n,
+        )
+        for p, n in zip(plans, resumed, strict=True)
+    ]
 
 
 def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
@@ -148,9 +158,9 @@ def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
     [MergeResult(out='merged/support', ...), ...]
     """
     outputs = separate_outputs(job) if job.separate else [(job.output, job.adapters)]
-    results = []
-    for out, adapters in outputs:
-        result = merge(
+    start = time.perf_counter()
+    plans = [
+        build_plan(
             job.base,
             [a.path for a in adapters],
             out,
@@ -161,15 +171,19 @@ def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
             overwrite=job.overwrite,
             resume=job.resume,
             workers=job.workers,
-            progress=progress,
+            outputs=len(outputs),
         )
-        results.append(result)
-        if job.verify:
-            from .verify import verify
+        for out, adapters in outputs
+    ]
+    results = _execute_plans(
+        plans, start, overwrite=job.overwrite, resume=job.resume, progress=progress
+    )
+    if job.verify:
+        from .verify import verify
 
+        for i, (out, adapters) in enumerate(outputs):
             report = verify(out, job.base, [a.path for a in adapters], max_memory=job.max_memory)
-            result = MergeResult(**{**result.__dict__, "verify": report})
-            results[-1] = result
+            results[i] = MergeResult(**{**results[i].__dict__, "verify": report})
     return results
 
 

@@ -21,7 +21,7 @@ from .errors import Interrupted, ResourceError
 from .journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
 from .output import OutputDir, fmt_bytes
 from .plan import MergePlan, ShardJob
-from .worker import Progress, ShardResult, run_shard
+from .worker import Progress, ShardResult, run_shards
 
 
 def execute(
@@ -39,44 +39,60 @@ def execute(
     full disk stop the merge with a message; a rerun of the same command
     resumes.
     """
-    out = OutputDir(Path(plan.out))
-    out.create()
-    lock = OutputLock(out.work)
-    lock.acquire()
+    return execute_many([plan], overwrite=overwrite, resume=resume, progress=progress)[0]
+
+
+def execute_many(
+    plans: list[MergePlan],
+    *,
+    overwrite: bool = False,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> list[int]:
+    """Write several merges of the same base at once, reading each base shard once.
+
+    Each plan has its own OUT, lock and journal; returns shards resumed per plan.
+    """
+    outs = [OutputDir(Path(p.out)) for p in plans]
+    locks: list[OutputLock] = []
     current: list[Path] = []
     try:
+        for out in outs:
+            out.create()
+            locks.append(OutputLock(out.work))
+            locks[-1].acquire()
         with _sigterm_as_interrupt():
-            return _execute_locked(plan, out, overwrite, resume, progress, current)
+            return _execute_locked(plans, outs, overwrite, resume, progress, current)
     except KeyboardInterrupt:
         _discard(current)
-        done = len((Journal.load(out.work) or Journal(out.work)).shards)
+        done = [len((Journal.load(o.work) or Journal(o.work)).shards) for o in outs]
+        where = ", ".join(
+            f"{d} of {len(p.shards)} shards are finished and kept in {p.out}"
+            for d, p in zip(done, plans, strict=True)
+        )
         raise Interrupted(
-            f"interrupted; {done} of {len(plan.shards)} shards are finished and kept in {plan.out}, "
-            "which does not look like a complete model.",
+            f"interrupted; {where}, which does not look like a complete model.",
             hint="Rerun the same command to resume.",
         ) from None
     except OSError as e:
         _discard(current)
         if e.errno != errno.ENOSPC:
             raise
-        free = shutil.disk_usage(out.path).free
+        free = shutil.disk_usage(outs[0].path).free
+        needed = sum(p.out_bytes for p in plans)
         raise ResourceError(
-            f"the disk is full while writing to {plan.out}: the merged model needs "
-            f"{fmt_bytes(plan.out_bytes)} in all and {fmt_bytes(free)} is free now.",
+            f"the disk is full while writing to {', '.join(p.out for p in plans)}: the merged "
+            f"model{'s need' if len(plans) > 1 else ' needs'} {fmt_bytes(needed)} in all and "
+            f"{fmt_bytes(free)} is free now.",
             hint="Free some space and rerun the same command: finished shards are kept.",
         ) from None
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
 
 
-def _execute_locked(
-    plan: MergePlan,
-    out: OutputDir,
-    overwrite: bool,
-    resume: bool,
-    progress: Progress | None,
-    current: list[Path],
-) -> int:
+def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> tuple[Journal, set]:
+    """Journal checks, then the non-weight files; returns the journal and the shards done."""
     journal = Journal.load(out.work)
     if journal is not None and journal.fingerprint != plan.fingerprint and not overwrite:
         # The plan checked this too; another job may have started since.
@@ -104,57 +120,87 @@ def _execute_locked(
     else:
         out.copy_file(base / CONFIG_NAME, CONFIG_NAME)
     crashpoint()
-    todo = []
-    for shard in plan.shards:
-        if shard.name in done:
-            if progress:
-                progress(sum(t.end - t.start for t in shard.tensors))
-        else:
-            todo.append(shard)
+    return journal, done
 
-    def commit(result: ShardResult) -> None:
-        tmp = out.temp_path(result.name)
-        out.commit(tmp, result.name)
+
+# One unit of work: a base shard (by index) and the outputs (by index) still needing it.
+Task = tuple[int, list[int]]
+
+
+def _execute_locked(
+    plans: list[MergePlan],
+    outs: list[OutputDir],
+    overwrite: bool,
+    resume: bool,
+    progress: Progress | None,
+    current: list[Path],
+) -> list[int]:
+    prepared = [_prepare(p, o, overwrite, resume) for p, o in zip(plans, outs, strict=True)]
+    journals = [j for j, _ in prepared]
+    dones = [d for _, d in prepared]
+    tasks: list[Task] = []
+    for si, shard in enumerate(plans[0].shards):
+        needing = [k for k, done in enumerate(dones) if plans[k].shards[si].name not in done]
+        if needing:
+            tasks.append((si, needing))
+            current.extend(outs[k].temp_path(shard.name) for k in needing)
+        elif progress:
+            progress(sum(t.end - t.start for t in shard.tensors))
+
+    def commit(k: int, result: ShardResult) -> None:
+        tmp = outs[k].temp_path(result.name)
+        outs[k].commit(tmp, result.name)
         current.remove(tmp)
         crashpoint()
-        journal.record(result.name, result.size, result.crc32)
+        journals[k].record(result.name, result.size, result.crc32)
         crashpoint()
 
-    current.extend(out.temp_path(s.name) for s in todo)
-    if plan.workers == 0:
-        device = torch.device(plan.device)
-        for shard in todo:
+    if plans[0].workers == 0:
+        device = torch.device(plans[0].device)
+        for si, needing in tasks:
+            jobs, dests = _task_jobs(plans, outs, si, needing)
             if progress:
-                progress(shard.name)
-            commit(run_shard(shard, out.temp_path(shard.name), device, progress))
+                progress(jobs[0].name)
+            for k, result in zip(needing, run_shards(jobs, dests, device, progress), strict=True):
+                commit(k, result)
     else:
-        _run_in_workers(plan, todo, out, progress, commit)
-    if plan.index is not None:
-        out.write_bytes(
-            INDEX_NAME, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
-        )
-        crashpoint()
-    journal.status = "complete"
-    journal.save()
-    return len(done)
+        _run_in_workers(plans, outs, tasks, progress, commit)
+    for plan, out, journal in zip(plans, outs, journals, strict=True):
+        if plan.index is not None:
+            out.write_bytes(
+                INDEX_NAME, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
+            )
+            crashpoint()
+        journal.status = "complete"
+        journal.save()
+    return [len(d) for d in dones]
+
+
+def _task_jobs(
+    plans: list[MergePlan], outs: list[OutputDir], si: int, needing: list[int]
+) -> tuple[list[ShardJob], list[Path]]:
+    jobs = [plans[k].shards[si] for k in needing]
+    return jobs, [outs[k].temp_path(j.name) for k, j in zip(needing, jobs, strict=True)]
 
 
 def _run_in_workers(
-    plan: MergePlan,
-    todo: list[ShardJob],
-    out: OutputDir,
+    plans: list[MergePlan],
+    outs: list[OutputDir],
+    tasks: list[Task],
     progress: Progress | None,
-    commit: Callable[[ShardResult], None],
+    commit: Callable[[int, ShardResult], None],
 ) -> None:
-    """Shard jobs in spawned worker processes, ``plan.workers`` at a time; commits in the parent."""
+    """Tasks in spawned worker processes, ``workers`` at a time; commits in the parent."""
+    workers = plans[0].workers
     ctx = multiprocessing.get_context("spawn")
     updates = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // plan.workers)
-    with ctx.Pool(plan.workers, initializer=_worker_init, initargs=(updates, threads)) as pool:
-        pending = [
-            pool.apply_async(_worker_run, (shard, str(out.temp_path(shard.name)), plan.device))
-            for shard in todo
-        ]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(updates, threads)) as pool:
+        pending = []
+        for si, needing in tasks:
+            jobs, dests = _task_jobs(plans, outs, si, needing)
+            args = (jobs, [str(d) for d in dests], plans[0].device)
+            pending.append((needing, pool.apply_async(_worker_run, args)))
         try:
             while pending:
                 try:
@@ -163,9 +209,12 @@ def _run_in_workers(
                         progress(n)
                 except queue.Empty:
                     pass
-                for job in [j for j in pending if j.ready()]:
-                    pending.remove(job)
-                    commit(job.get())  # re-raises the worker's exception here
+                for entry in [e for e in pending if e[1].ready()]:
+                    pending.remove(entry)
+                    needing, job = entry
+                    # job.get() re-raises the worker's exception here
+                    for k, result in zip(needing, job.get(), strict=True):
+                        commit(k, result)
             while progress and not updates.empty():
                 progress(updates.get_nowait())
         except BaseException:
@@ -185,9 +234,9 @@ def _worker_init(updates, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(shard: ShardJob, tmp: str, device: str) -> ShardResult:
-    _updates.put(shard.name)  # the shard being worked on, for the progress bar
-    return run_shard(shard, Path(tmp), torch.device(device), _updates.put)
+def _worker_run(jobs: list[ShardJob], dests: list[str], device: str) -> list[ShardResult]:
+    _updates.put(jobs[0].name)  # the shard being worked on, for the progress bar
+    return run_shards(jobs, [Path(d) for d in dests], torch.device(device), _updates.put)
 
 
 def die_with_parent() -> None:

@@ -52,57 +52,108 @@ def run_shard(
     job: ShardJob, dest: Path, device: torch.device, progress: Progress | None = None
 ) -> ShardResult:
     """Stream one base shard into the output file ``dest`` (header first, then tensors)."""
+    return run_shards([job], [dest], device, progress)[0]
+
+
+def run_shards(
+    jobs: list[ShardJob], dests: list[Path], device: torch.device, progress: Progress | None = None
+) -> list[ShardResult]:
+    """Stream one base shard into several outputs at once, reading it only once.
+
+    The jobs are the same base shard planned for different adapters (same
+    tensors, same order); each writes its own file.
+    """
+    first = jobs[0]
     pin = device.type == "cuda"
-    block_bytes = max(
-        (
-            t.block_rows * ((t.end - t.start) // max(t.rows, 1))
-            for t in job.tensors
-            if t.action != "copy"
-        ),
-        default=0,
-    )
+    layout = _BlockLayout(jobs)
     free: queue.Queue[torch.Tensor] = queue.Queue()
-    for _ in range(READ_AHEAD + 1 if block_bytes else 0):
-        free.put(torch.empty(block_bytes, dtype=torch.uint8, pin_memory=pin))
+    for _ in range(READ_AHEAD + 1 if layout.block_bytes else 0):
+        free.put(torch.empty(layout.block_bytes, dtype=torch.uint8, pin_memory=pin))
     blocks: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-    writes: queue.Queue = queue.Queue(maxsize=WRITE_BEHIND)
+    writes = [queue.Queue(maxsize=WRITE_BEHIND) for _ in jobs]
     stop = threading.Event()
     errors: list[BaseException] = []
 
-    with open(job.in_path, "rb") as src, open(dest, "wb") as dst:
+    with contextlib.ExitStack() as files:
+        src = files.enter_context(open(first.in_path, "rb"))
         _advise(src, _SEQUENTIAL)
-        writer = StreamWriter(dst, job.out_entries, dict(job.metadata))
-        reader_t = threading.Thread(
-            target=_guard,
-            args=(_read_blocks, errors, stop, job, src, free, blocks, stop),
-            daemon=True,
-        )
-        writer_t = threading.Thread(
-            target=_guard,
-            args=(_write_blocks, errors, stop, writer, src, dst, writes, progress, stop),
-            daemon=True,
-        )
-        reader_t.start()
-        writer_t.start()
+        outs = [files.enter_context(open(d, "wb")) for d in dests]
+        writers = [
+            StreamWriter(f, j.out_entries, dict(j.metadata))
+            for f, j in zip(outs, jobs, strict=True)
+        ]
+        threads = [
+            threading.Thread(
+                target=_guard,
+                args=(_read_blocks, errors, stop, layout, first, src, free, blocks, stop),
+                daemon=True,
+            )
+        ]
+        for k, (writer, dst) in enumerate(zip(writers, outs, strict=True)):
+            threads.append(
+                threading.Thread(
+                    target=_guard,
+                    # Base bytes are counted once, by the first output's writer.
+                    args=(
+                        _write_blocks,
+                        errors,
+                        stop,
+                        writer,
+                        src,
+                        dst,
+                        writes[k],
+                        progress if k == 0 else None,
+                        stop,
+                    ),
+                    daemon=True,
+                )
+            )
+        for t in threads:
+            t.start()
         try:
-            _merge_blocks(job, blocks, free, writes, device, stop)
+            _merge_blocks(jobs, blocks, free, writes, device, stop)
         except _Stopped:
             pass
         except BaseException as e:
             errors.append(e)
             stop.set()
         finally:
-            _put(writes, None, stop)  # end of stream for the writer
-            writer_t.join()
+            for q in writes:
+                _put(q, None, stop)  # end of stream for the writers
+            for t in threads[1:]:
+                t.join()
             stop.set()
             _drain(blocks)
-            reader_t.join()
+            threads[0].join()
         if errors:
             raise errors[0]
-        writer.close()
-        dst.flush()
-        _flush_and_drop(dst, 0, writer.pos)
-    return ShardResult(job.name, dest.stat().st_size, writer.crc)
+        results = []
+        for job, writer, dst, dest in zip(jobs, writers, outs, dests, strict=True):
+            writer.close()
+            dst.flush()
+            _flush_and_drop(dst, 0, writer.pos)
+            results.append(ShardResult(job.name, dest.stat().st_size, writer.crc))
+    return results
+
+
+class _BlockLayout:
+    """How the shared reader cuts each tensor: rows per block, and whether to read it."""
+
+    def __init__(self, jobs: list[ShardJob]):
+        self.block_rows: list[int] = []
+        self.read: list[bool] = []
+        for i in range(len(jobs[0].tensors)):
+            worked = [j.tensors[i] for j in jobs if j.tensors[i].action != "copy"]
+            self.block_rows.append(min((w.block_rows for w in worked), default=0))
+            self.read.append(any(not (w.edit and w.edit.replacement) for w in worked))
+        self.block_bytes = max(
+            (
+                rows * ((t.end - t.start) // max(t.rows, 1))
+                for t, rows, read in zip(jobs[0].tensors, self.block_rows, self.read, strict=True)
+                if read
+            ),
+            default=0,
+        )
 
 
 def _guard(fn, errors: list[BaseException], stop: threading.Event, *args) -> None:
@@ -148,26 +199,26 @@ def _drain(q: queue.Queue) -> None:
 
 
 def _read_blocks(
-    job: ShardJob, src: BinaryIO, free: queue.Queue, blocks: queue.Queue, stop
+    layout: _BlockLayout, job: ShardJob, src: BinaryIO, free: queue.Queue, blocks: queue.Queue, stop
 ) -> None:
-    """Reader stage: (tensor, row0, row1, buffer) for every block; (tensor, None...) for copies."""
+    """Reader stage: (index, row0, row1, buffer) for every block; row0 None for copies."""
     try:
-        for t in job.tensors:
-            if t.action == "copy":
-                if not _put(blocks, (t, None, None, None), stop):
+        for i, t in enumerate(job.tensors):
+            rows_per_block = layout.block_rows[i]
+            if not rows_per_block:
+                if not _put(blocks, (i, None, None, None), stop):
                     return
                 continue
             row_bytes = (t.end - t.start) // max(t.rows, 1)
-            from_base = not (t.edit and t.edit.replacement)
-            for row0 in range(0, t.rows, t.block_rows):
-                row1 = min(t.rows, row0 + t.block_rows)
+            for row0 in range(0, t.rows, rows_per_block) or [0]:  # an empty tensor: one block
+                row1 = min(t.rows, row0 + rows_per_block)
                 buf = None
-                if from_base:
+                if layout.read[i]:
                     buf = _get(free, stop)
                     pread_into(src, t.start + row0 * row_bytes, buf[: (row1 - row0) * row_bytes])
-                if not _put(blocks, (t, row0, row1, buf), stop):
+                if not _put(blocks, (i, row0, row1, buf), stop):
                     return
-            if from_base:
+            if layout.read[i]:
                 _advise(src, _DONTNEED, t.start, t.end - t.start)
         _put(blocks, None, stop)
     except _Stopped:
@@ -175,37 +226,43 @@ def _read_blocks(
 
 
 def _merge_blocks(
-    job: ShardJob,
+    jobs: list[ShardJob],
     blocks: queue.Queue,
     free: queue.Queue,
-    writes: queue.Queue,
+    writes: list[queue.Queue],
     device: torch.device,
     stop: threading.Event,
 ) -> None:
-    """Merger stage (calling thread): turns base blocks into output bytes, in order."""
+    """Merger stage (calling thread): turns base blocks into each output's bytes, in order."""
     loader = RefLoader()
-    current: TensorJob | None = None
-    state: _TensorState | None = None
+    states: dict[int, _TensorState] = {}
+    current = -1
     while True:
         item = _get(blocks, stop)
         if item is None:
             return
-        t, row0, row1, buf = item
-        if t.action == "copy":
-            if not _put(writes, ("copy", t), stop):
+        i, row0, row1, buf = item
+        if i != current:
+            current = i
+            states.clear()
+        for k, job in enumerate(jobs):
+            t = job.tensors[i]
+            if t.action == "copy":
+                if row0 in (None, 0) and not _put(writes[k], ("copy", t), stop):
+                    return
+                continue
+            state = states.get(k)
+            if state is None:
+                state = states[k] = _TensorState(t, loader, device)
+            if buf is not None and not (t.edit and t.edit.replacement):
+                base = _view_rows(buf, t, row0, row1)
+            else:
+                base = state.replacement_rows(row0, row1)
+            merged = state.merge(base, row0, row1)
+            if not _put(writes[k], ("data", t, merged, row1 == t.rows), stop):
                 return
-            continue
-        if t is not current:
-            current, state = t, _TensorState(t, loader, device)
-        if buf is not None:
-            base = _view_rows(buf, t, row0, row1)
-        else:
-            base = state.replacement_rows(row0, row1)
-        merged = state.merge(base, row0, row1)
         if buf is not None:
             free.put(buf)
-        if not _put(writes, ("data", t, merged, row1 == t.rows), stop):
-            return
 
 
 def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:

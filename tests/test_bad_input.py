@@ -745,17 +745,22 @@ def test_bad_max_memory(ws, text):
 
 
 def test_max_memory_below_baseline(ws):
+    from shardmerge.output import fmt_bytes
+    from shardmerge.plan import BASELINE_BYTES
+
     run = ws.merge("--max-memory", "1MiB")
-    ws.refused(run, "memory budget 1.0 MiB", "400.0 MiB", "Raise --max-memory", code=6)
+    ws.refused(
+        run, "memory budget 1.0 MiB", fmt_bytes(BASELINE_BYTES), "Raise --max-memory", code=6
+    )
 
 
 def test_max_memory_too_small_for_a_row(ws):
     """Just above the fixed overhead: q_proj's factors and one row do not fit; named with numbers."""
-    from shardmerge.plan import BASELINE_BYTES
+    from shardmerge.plan import BASELINE_BYTES, MERGE_BYTES_PER_ELEMENT
 
     run = ws.merge("--max-memory", str(BASELINE_BYTES + 100))
     ws.refused(run, "memory budget is too small", f"{Q}.weight [8, 8]", "--max-memory", code=6)
-    need = f"needs {BASELINE_BYTES + 8 * 64 + 8 * (2 * 8 + 8 * 2) * 2:,} bytes"
+    need = f"needs {BASELINE_BYTES + 8 * MERGE_BYTES_PER_ELEMENT + 8 * (2 * 8 + 8 * 2) * 2:,} bytes"
     assert need in run.stderr and f"budget is {BASELINE_BYTES + 100:,} bytes" in run.stderr
 
 
@@ -895,14 +900,14 @@ def test_failure_in_last_shard_leaves_no_index(ws, monkeypatch):
     import shardmerge.execute as execute
 
     a = ws.adapter_dir("head", modules={Q: (HID, HID), "lm_head": (16, HID)})
-    real = execute.run_shard
+    real = execute.run_shards
 
-    def failing(job, dest, device, progress=None):
-        if job.name == SHARD2:
+    def failing(jobs, dests, device, progress=None):
+        if jobs[0].name == SHARD2:
             raise RuntimeError("boom")
-        return real(job, dest, device, progress)
+        return real(jobs, dests, device, progress)
 
-    monkeypatch.setattr(execute, "run_shard", failing)
+    monkeypatch.setattr(execute, "run_shards", failing)
     run = ws.merge(adapters=[a])
     assert run.code == EXIT_INTERNAL and "Traceback" not in run.output
     assert (ws.out / SHARD1).exists()
@@ -915,15 +920,15 @@ def test_shard_truncated_after_planning(ws, monkeypatch, shard, cut):
     (a merged tensor in shard 1, a copied one at the end of shard 2)."""
     import shardmerge.api as api
 
-    real = api.execute
+    real = api.execute_many
     victim = ws.base / shard
 
-    def truncate_then_execute(plan, **kwargs):
+    def truncate_then_execute(plans, **kwargs):
         data = victim.read_bytes()
         victim.write_bytes(data[: len(data) - cut])
-        return real(plan, **kwargs)
+        return real(plans, **kwargs)
 
-    monkeypatch.setattr(api, "execute", truncate_then_execute)
+    monkeypatch.setattr(api, "execute_many", truncate_then_execute)
     argv = ["merge", str(ws.base), str(ws.adapter), "-o", str(ws.out), "-q"]
     result = CliRunner().invoke(main, argv)
     print(result.stderr)
