@@ -800,7 +800,20 @@ def table(r: dict) -> str:
                 rows.append(("PEFT under a memory cgroup", f"skipped: {pc['why']}"))
     out = ["| metric | value |", "|---|---|"]
     out += [f"| {k} | {v.replace('|', '/')} |" for k, v in rows]
+    out += separate_rows(r)
     return "\n".join(out)
+
+
+def separate_rows(r: dict) -> list[str]:
+    s = r.get("separate")
+    if not s:
+        return []
+    return [
+        f"| merge --separate, {s['adapters']} adapters | {s['together_s']:.1f} s "
+        f"({gib(s['tree_anon_bytes'])} anonymous) |",
+        f"| {s['adapters']} separate merges | {sum(s['separate_runs_s']):.1f} s |",
+        f"| ratio --separate / separate merges | {s['ratio']:.2f} |",
+    ]
 
 
 def mem(d: dict) -> str:
@@ -816,6 +829,60 @@ def _list(xs: list[float]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def time_separate(args, base: Path, adapter: Path, work: Path, flags: list[str]) -> dict:
+    """One `merge --separate` with K adapters vs K merges one after the other."""
+    k = args.separate
+    names = []
+    for i in range(k):
+        link = work / f"adapter-{i + 1}"
+        if not link.exists():
+            link.symlink_to(adapter.resolve(), target_is_directory=True)
+        names.append(link)
+    out = work / "out-separate"
+    rm(out)
+    if not args.no_drop_caches:
+        drop_caches()
+    cmd = [args.python, "-m", "shardmerge", "merge", str(base), *map(str, names)]
+    together = timed([*cmd, "--separate", "-o", str(out), *flags], cwd=REPO)
+    if together.rc:
+        raise SystemExit(f"merge --separate failed:\n{together.stderr}")
+    rm(out)
+    alone = []
+    for i, name in enumerate(names):
+        if not args.no_drop_caches:
+            drop_caches()
+        one = work / f"out-alone-{i}"
+        c = timed(
+            [
+                args.python,
+                "-m",
+                "shardmerge",
+                "merge",
+                str(base),
+                str(name),
+                "-o",
+                str(one),
+                *flags,
+            ],
+            cwd=REPO,
+        )
+        if c.rc:
+            raise SystemExit(f"merge failed:\n{c.stderr}")
+        alone.append(c.seconds_sync)
+        rm(one)
+    log(
+        f"--separate with {k} adapters: {together.seconds_sync:.1f} s; {k} separate merges: "
+        f"{sum(alone):.1f} s ({' + '.join(f'{a:.1f}' for a in alone)})"
+    )
+    return {
+        "adapters": k,
+        "together_s": together.seconds_sync,
+        "separate_runs_s": alone,
+        "ratio": together.seconds_sync / sum(alone),
+        "tree_anon_bytes": together.tree_anon,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -847,6 +914,13 @@ def main(argv: list[str] | None = None) -> int:
         help="--max-memory for the merge in the cgroup (default: same flags as the timed runs)",
     )
     ap.add_argument("--no-verify", action="store_true", help="skip shardmerge verify")
+    ap.add_argument(
+        "--separate",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time merge --separate with K adapters against K separate merges",
+    )
     ap.add_argument("--peft", action="store_true", help="also time transformers + PEFT")
     ap.add_argument("--peft-cgroup", action="store_true", help="also run PEFT under --limit")
     ap.add_argument("--max-memory", default=None, help="--max-memory for the timed merges")
@@ -948,6 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
     results["ratio_merge_cp"] = statistics.median(
         m.seconds_sync / c.seconds_sync for c, m in zip(cp_runs, merge_runs, strict=True)
     )
+
+    if args.separate > 1:
+        results["separate"] = time_separate(args, base, adapter, work, flags)
 
     if not args.no_verify:
         if subcommand_exists("verify", args.python):

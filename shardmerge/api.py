@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .execute import execute_many
+from .hub import resolve
 from .jobs import AdapterSpec, MergeJob
+from .journal import WORK_DIR
 from .plan import MergePlan, build_plan
+from .report import REPORT_NAME, peak_memory_bytes, write_report
 
 PathLike = str | os.PathLike
 
@@ -25,6 +30,30 @@ class MergeResult:
     shards: int = 0
     shards_resumed: int = 0  # shards an earlier, interrupted run had finished
     verify: object | None = None  # the VerifyReport, when the job asked for one
+    base: str = ""
+    adapters: tuple[dict, ...] = ()  # {"path", "label", "weight", "sha256"} each
+    max_delta: dict[str, float] = field(default_factory=dict)  # per tensor kind: max |out - base|
+    peak_memory_bytes: int = 0
+
+    def report(self) -> dict:
+        """The JSON report of this merge (what OUT/.shardmerge/report.json holds)."""
+        return {
+            "out": self.out,
+            "base": self.base,
+            "adapters": [dict(a) for a in self.adapters],
+            "seconds": round(self.seconds, 3),
+            "bytes_written": self.bytes_written,
+            "tensors": dict(self.tensors),
+            "modules": dict(self.modules),
+            "shards": self.shards,
+            "shards_resumed": self.shards_resumed,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "max_delta": dict(self.max_delta),
+        }
+
+
+# Receives the --json events: start, shard, progress, done.
+EventSink = Callable[[dict], None]
 
 
 def _bar_callback(bar):
@@ -49,16 +78,20 @@ def plan(
     overwrite: bool = False,
     resume: bool = True,
     workers: int | None = None,
+    offline: bool | None = None,
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
     >>> p = shardmerge.plan("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
     >>> p.summary                                                    # doctest: +SKIP
     {'merge': 224, 'copy': 67}
+
+    ``base`` and ``adapters`` may be Hub ids (``org/name[@revision]``); ``offline``
+    (default: HF_HUB_OFFLINE) takes them only from the local Hub cache.
     """
     return build_plan(
-        base,
-        list(adapters),
+        resolve(base, offline=offline),
+        [resolve(a, offline=offline) for a in adapters],
         out,
         weights=weights,
         dtype=dtype,
@@ -83,6 +116,9 @@ def merge(
     resume: bool = True,
     workers: int | None = None,
     progress: bool = False,
+    report: PathLike | None = None,
+    events: EventSink | None = None,
+    offline: bool | None = None,
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
 
@@ -93,6 +129,9 @@ def merge(
     interrupted merge resumes it (``resume=False`` starts over); ``overwrite``
     replaces whatever model OUT holds. ``workers`` runs that many shards at
     once in worker processes (default: one worker; tiny models in-process).
+    The JSON report goes to ``OUT/.shardmerge/report.json`` and, given
+    ``report``, to that path too; ``events`` receives progress as dicts
+    (``{"event": "start" | "shard" | "progress" | "done", ...}``).
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -112,28 +151,82 @@ def merge(
         overwrite=overwrite,
         resume=resume,
         workers=workers,
+        offline=offline,
     )
-    return _execute_plans([p], start, overwrite=overwrite, resume=resume, progress=progress)[0]
+    return _execute_plans(
+        [p],
+        start,
+        overwrite=overwrite,
+        resume=resume,
+        progress=progress,
+        report=report,
+        events=events,
+    )[0]
+
+
+def _event_callback(events: EventSink, total: int, every: float = 1.0):
+    """Progress items as events: each shard start, and bytes done at most every ``every`` s."""
+    state = {"done": 0, "last": 0.0}
+    lock = threading.Lock()
+
+    def update(item: int | str) -> None:
+        with lock:
+            if isinstance(item, str):
+                events({"event": "shard", "name": item})
+                force = True
+            else:
+                state["done"] += item
+                force = state["done"] >= total
+            now = time.monotonic()
+            if force or now - state["last"] >= every:
+                state["last"] = now
+                events({"event": "progress", "bytes_done": state["done"], "bytes_total": total})
+
+    return update
 
 
 def _execute_plans(
-    plans: list[MergePlan], start: float, *, overwrite: bool, resume: bool, progress: bool
+    plans: list[MergePlan],
+    start: float,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    report: PathLike | None = None,
+    events: EventSink | None = None,
 ) -> list[MergeResult]:
     bar = None
+    total = sum(t.end - t.start for s in plans[0].shards for t in s.tensors)
+    callbacks = []
     if progress:
         from tqdm import tqdm
 
-        total = sum(t.end - t.start for s in plans[0].shards for t in s.tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
+        callbacks.append(_bar_callback(bar))
+    if events:
+        outs = [p.out for p in plans]
+        events({"event": "start", "out": outs[0] if len(outs) == 1 else outs, "bytes_total": total})
+        callbacks.append(_event_callback(events, total))
+
+    def callback(item: int | str) -> None:
+        for c in callbacks:
+            c(item)
+
+    stats: list[dict] = []
     try:
         resumed = execute_many(
-            plans, overwrite=overwrite, resume=resume, progress=_bar_callback(bar) if bar else None
+            plans,
+            overwrite=overwrite,
+            resume=resume,
+            progress=callback if callbacks else None,
+            stats=stats,
         )
     finally:
         if bar:
             bar.close()
     seconds = time.perf_counter() - start
-    return [
+    peak = peak_memory_bytes()
+    results = [
         MergeResult(
             out=p.out,
             seconds=seconds,
@@ -142,12 +235,34 @@ def _execute_plans(
             modules=dict(p.counts),
             shards=len(p.shards),
             shards_resumed=n,
+            base=p.base,
+            adapters=tuple(
+                {"path": a.path, "label": a.label, "weight": a.weight, "sha256": a.sha256}
+                for a in p.adapters
+            ),
+            max_delta=st.get("max_delta", {}),
+            peak_memory_bytes=peak,
         )
-        for p, n in zip(plans, resumed, strict=True)
+        for p, n, st in zip(plans, resumed, stats, strict=True)
     ]
+    for r in results:
+        write_report(r.report(), os.path.join(r.out, WORK_DIR, REPORT_NAME))
+    if report is not None:
+        docs = [r.report() for r in results]
+        write_report(docs[0] if len(docs) == 1 else docs, report)
+    if events:
+        for r in results:
+            events({"event": "done", **r.report()})
+    return results
 
 
-def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
+def run_job(
+    job: MergeJob,
+    *,
+    progress: bool = False,
+    report: PathLike | None = None,
+    events: EventSink | None = None,
+) -> list[MergeResult]:
     """Run a MergeJob (from the CLI flags or a YAML job file); one result per output.
 
     With ``job.separate`` each adapter gets its own merged model in
@@ -159,10 +274,14 @@ def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
     """
     outputs = separate_outputs(job) if job.separate else [(job.output, job.adapters)]
     start = time.perf_counter()
+    # Hub ids to cached folders, once each (after separate_outputs: names come from the ids).
+    local = {
+        p: resolve(p, offline=job.offline) for p in [job.base, *(a.path for a in job.adapters)]
+    }
     plans = [
         build_plan(
-            job.base,
-            [a.path for a in adapters],
+            local[job.base],
+            [local[a.path] for a in adapters],
             out,
             weights=[a.weight for a in adapters],
             dtype=job.dtype,
@@ -176,19 +295,27 @@ def run_job(job: MergeJob, *, progress: bool = False) -> list[MergeResult]:
         for out, adapters in outputs
     ]
     results = _execute_plans(
-        plans, start, overwrite=job.overwrite, resume=job.resume, progress=progress
+        plans,
+        start,
+        overwrite=job.overwrite,
+        resume=job.resume,
+        progress=progress,
+        report=report,
+        events=events,
     )
     if job.verify:
         from .verify import verify
 
         for i, (out, adapters) in enumerate(outputs):
-            report = verify(out, job.base, [a.path for a in adapters], max_memory=job.max_memory)
+            report = verify(
+                out, local[job.base], [local[a.path] for a in adapters], max_memory=job.max_memory
+            )
             results[i] = MergeResult(**{**results[i].__dict__, "verify": report})
     return results
 
 
 def separate_outputs(job: MergeJob) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
-    """OUT/<adapter folder name> for each adapter (names made unique)."""
+    """OUT/<adapter folder name> for each adapter (names made unique); name for org/name@rev."""
     seen: dict[str, int] = {}
     outputs = []
     for a in job.adapters:

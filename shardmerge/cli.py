@@ -88,6 +88,9 @@ def main() -> None:
     required=True,
 )
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model folder.")
+@click.option(
+    "--offline", is_flag=True, help="Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
+)
 @click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
 @click.option(
     "--dtype",
@@ -115,6 +118,10 @@ def main() -> None:
 )
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the output after merging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--report", "report_path", type=click.Path(), help="Also write the JSON report here.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Progress and result as JSON lines on stdout."
+)
 @_friendly
 def merge(
     base,
@@ -130,8 +137,13 @@ def merge(
     separate,
     then_verify,
     quiet,
+    report_path,
+    as_json,
+    offline,
 ) -> None:
-    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
+    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT.
+
+    BASE and ADAPTERS may also be Hub ids, org/name or org/name@revision."""
     from .jobs import job_from_dict
 
     weight_list = _weights(weights) or [1.0] * len(adapters)
@@ -154,27 +166,61 @@ def merge(
             "overwrite": overwrite,
             "resume": not no_resume,
             "verify": then_verify,
+            "offline": True if offline else None,  # None: follow HF_HUB_OFFLINE
         },
         "command line",
     )
-    _run_job(job, quiet)
+    _run_job(job, quiet, report_path, as_json)
 
 
 @main.command()
 @click.argument("job_file")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--report", "report_path", type=click.Path(), help="Also write the JSON report here.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Progress and result as JSON lines on stdout."
+)
 @_friendly
-def run(job_file, quiet) -> None:
+def run(job_file, quiet, report_path, as_json) -> None:
     """Run the merge described in a YAML job file (see configs/ for examples)."""
     from .jobs import load_job
 
-    _run_job(load_job(job_file), quiet)
+    _run_job(load_job(job_file), quiet, report_path, as_json)
 
 
-def _run_job(job, quiet: bool) -> None:
+def _echo_event(event: dict) -> None:
+    import json
+
+    click.echo(json.dumps(event))
+    sys.stdout.flush()
+
+
+def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
     from .api import run_job
 
-    results = run_job(job, progress=not quiet and sys.stderr.isatty())
+    results = run_job(
+        job,
+        progress=not quiet and not as_json and sys.stderr.isatty(),
+        report=report_path,
+        events=_echo_event if as_json else None,
+    )
+    if as_json:
+        failed = False
+        for result in results:
+            if result.verify is not None:
+                ok = result.verify.ok
+                _echo_event(
+                    {
+                        "event": "verify",
+                        "out": result.out,
+                        "ok": ok,
+                        "summary": result.verify.summary(),
+                    }
+                )
+                failed |= not ok
+        if failed:
+            sys.exit(EXIT_VERIFY_FAILED)
+        return
     failed = False
     for result in results:
         modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
@@ -195,10 +241,18 @@ def _run_job(job, quiet: bool) -> None:
         sys.exit(EXIT_VERIFY_FAILED)
 
 
-def _run_verify(out, base, adapters, weights, dtype, max_memory) -> None:
+def _run_verify(out, base, adapters, weights, dtype, max_memory, offline=None) -> None:
     from .verify import verify as api_verify
 
-    report = api_verify(out, base, adapters, weights=weights, dtype=dtype, max_memory=max_memory)
+    report = api_verify(
+        out,
+        base,
+        adapters,
+        weights=weights,
+        dtype=dtype,
+        max_memory=max_memory,
+        offline=offline,
+    )
     click.echo(report.summary())
     if not report.ok:
         sys.exit(EXIT_VERIFY_FAILED)
@@ -206,9 +260,15 @@ def _run_verify(out, base, adapters, weights, dtype, max_memory) -> None:
 
 @main.command()
 @click.argument("out")
-@click.option("--base", required=True, help="The base model folder the output was merged from.")
 @click.option(
-    "--adapter", "adapters", multiple=True, required=True, help="An adapter folder (repeat)."
+    "--base", required=True, help="The base model folder (or Hub id) the output was merged from."
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    required=True,
+    help="An adapter folder or Hub id (repeat).",
 )
 @click.option("--weights", help="Adapter weights (default: as recorded in the output).")
 @click.option(
@@ -218,17 +278,25 @@ def _run_verify(out, base, adapters, weights, dtype, max_memory) -> None:
     help="The merge's --dtype (default: as recorded in the output).",
 )
 @click.option("--max-memory", help="Memory budget, e.g. 4GiB.")
+@click.option(
+    "--offline", is_flag=True, help="Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
+)
 @_friendly
-def verify(out, base, adapters, weights, dtype, max_memory) -> None:
+def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
     """Check every tensor of OUT against BASE + adapters: merged ones against the formula
     (correct rounding), untouched ones byte for byte; plus index, shapes and dtypes."""
-    _run_verify(out, base, list(adapters), _weights(weights), dtype, max_memory)
+    _run_verify(
+        out, base, list(adapters), _weights(weights), dtype, max_memory, True if offline else None
+    )
 
 
 @main.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--out", help="Output folder, to check it and the free disk there.")
+@click.option(
+    "--offline", is_flag=True, help="Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
+)
 @click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
 @click.option(
     "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto"
@@ -239,15 +307,19 @@ def verify(out, base, adapters, weights, dtype, max_memory) -> None:
 @click.option("--overwrite", is_flag=True, help="As for merge: plan as if replacing OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_friendly
-def plan(base, adapters, out, weights, dtype, device, max_memory, workers, overwrite, as_json):
+def plan(
+    base, adapters, out, weights, dtype, device, max_memory, workers, overwrite, as_json, offline
+):
     """Check a merge and print its schedule; reads only headers and configs, writes nothing."""
     import json
 
+    from .hub import resolve
     from .plan import build_plan, describe
 
+    offline = True if offline else None
     p = build_plan(
-        base,
-        list(adapters),
+        resolve(base, offline=offline),
+        [resolve(a, offline=offline) for a in adapters],
         out if out else ".",
         weights=_weights(weights),
         dtype=dtype,
@@ -264,6 +336,58 @@ def plan(base, adapters, out, weights, dtype, device, max_memory, workers, overw
         click.echo(format_plan(d, has_out=bool(out)))
     if not d["fits"]:
         sys.exit(6)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_friendly
+def inspect(path, as_json) -> None:
+    """Summarise a model folder or a LoRA adapter folder (reads only headers and configs)."""
+    import json
+
+    from .inspect_folder import inspect_folder
+
+    d = inspect_folder(path)
+    click.echo(json.dumps(d, indent=2) if as_json else format_inspect(d))
+
+
+def format_inspect(d: dict) -> str:
+    """An inspect summary for people."""
+    from .output import fmt_bytes
+
+    if d["kind"] == "model":
+        dtypes = ", ".join(
+            f"{k} {v['tensors']} ({fmt_bytes(v['bytes'])})" for k, v in d["dtypes"].items()
+        )
+        lines = [
+            f"model {d['path']}: model_type {d['model_type']}, dtype {d['dtype']}",
+            f"{d['shards']} shard(s), {d['tensors']} tensors, {fmt_bytes(d['total_bytes'])}",
+            f"dtypes: {dtypes}",
+            f"tied embeddings: {d['tie_word_embeddings']}",
+            "largest tensors:",
+        ]
+        lines += [
+            f"  {t['name']} {t['shape']} {t['dtype']} {fmt_bytes(t['bytes'])}"
+            for t in d["largest_tensors"]
+        ]
+        return "\n".join(lines)
+    modules = ", ".join(f"{n} {k}" for k, n in d["modules"].items()) or "none"
+    lines = [
+        f"adapter {d['path']}: {d['peft_type']}, r {d['r']}, lora_alpha {d['lora_alpha']}, "
+        f"rsLoRA {d['use_rslora']}, DoRA {d['use_dora']}",
+        f"target_modules: {d['target_modules']}",
+        f"modules: {modules}; ranks found: {d['ranks']}; scaling: {d['scaling']}",
+        f"weights: {d['weights_file']}, {d['tensors']} tensors, {fmt_bytes(d['weights_bytes'])}, "
+        f"dtypes {d['dtypes']}",
+    ]
+    if d["rank_pattern"] or d["alpha_pattern"]:
+        lines.append(f"rank_pattern: {d['rank_pattern']}; alpha_pattern: {d['alpha_pattern']}")
+    if d["modules_to_save"]:
+        lines.append(f"modules_to_save: {d['modules_to_save']}")
+    if d["unknown_keys"]:
+        lines.append(f"keys not understood: {d['unknown_keys']}")
+    return "\n".join(lines)
 
 
 def format_plan(d: dict, *, has_out: bool) -> str:

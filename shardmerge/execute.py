@@ -21,6 +21,7 @@ from .errors import Interrupted, ResourceError
 from .journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
 from .output import OutputDir, fmt_bytes
 from .plan import MergePlan, ShardJob
+from .report import CARD_NAME, model_card
 from .worker import Progress, ShardResult, run_shards
 
 
@@ -48,10 +49,13 @@ def execute_many(
     overwrite: bool = False,
     resume: bool = True,
     progress: Progress | None = None,
+    stats: list[dict] | None = None,
 ) -> list[int]:
     """Write several merges of the same base at once, reading each base shard once.
 
     Each plan has its own OUT, lock and journal; returns shards resumed per plan.
+    A ``stats`` list is filled with one dict per plan: ``{"max_delta": {kind: float}}``,
+    the largest |merged - base| per tensor kind over all its shards (resumed ones included).
     """
     outs = [OutputDir(Path(p.out)) for p in plans]
     locks: list[OutputLock] = []
@@ -62,7 +66,7 @@ def execute_many(
             locks.append(OutputLock(out.work))
             locks[-1].acquire()
         with _sigterm_as_interrupt():
-            return _execute_locked(plans, outs, overwrite, resume, progress, current)
+            return _execute_locked(plans, outs, overwrite, resume, progress, current, stats)
     except KeyboardInterrupt:
         _discard(current)
         done = [len((Journal.load(o.work) or Journal(o.work)).shards) for o in outs]
@@ -97,7 +101,7 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
     if journal is not None and journal.fingerprint != plan.fingerprint and not overwrite:
         # The plan checked this too; another job may have started since.
         check_resumable(out.path, plan.fingerprint, overwrite=False, resume=resume)
-    planned = [s.name for s in plan.shards] + list(plan.extra_files) + [CONFIG_NAME]
+    planned = [s.name for s in plan.shards] + list(plan.extra_files) + [CONFIG_NAME, CARD_NAME]
     if journal is None or journal.fingerprint != plan.fingerprint or not resume or overwrite:
         out.clear(planned)
         journal = Journal(out.work)
@@ -119,6 +123,7 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
         out.write_bytes(CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     else:
         out.copy_file(base / CONFIG_NAME, CONFIG_NAME)
+    out.write_bytes(CARD_NAME, model_card(plan).encode())
     crashpoint()
     return journal, done
 
@@ -134,6 +139,7 @@ def _execute_locked(
     resume: bool,
     progress: Progress | None,
     current: list[Path],
+    stats: list[dict] | None = None,
 ) -> list[int]:
     prepared = [_prepare(p, o, overwrite, resume) for p, o in zip(plans, outs, strict=True)]
     journals = [j for j, _ in prepared]
@@ -152,7 +158,7 @@ def _execute_locked(
         outs[k].commit(tmp, result.name)
         current.remove(tmp)
         crashpoint()
-        journals[k].record(result.name, result.size, result.crc32)
+        journals[k].record(result.name, result.size, result.crc32, result.max_delta)
         crashpoint()
 
     if plans[0].workers == 0:
@@ -173,7 +179,18 @@ def _execute_locked(
             crashpoint()
         journal.status = "complete"
         journal.save()
+    if stats is not None:
+        stats[:] = [{"max_delta": _max_delta(j)} for j in journals]
     return [len(d) for d in dones]
+
+
+def _max_delta(journal: Journal) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for entry in journal.shards.values():
+        for kind, d in (entry.get("max_delta") or {}).items():
+            if kind not in out or d > out[kind] or d != d:
+                out[kind] = d
+    return dict(sorted(out.items()))
 
 
 def _task_jobs(

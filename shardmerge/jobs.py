@@ -16,6 +16,7 @@ A job file looks like this (every key but base, adapters and output is optional)
     overwrite: false
     resume: true
     verify: false
+    offline: false                        # true: Hub ids only from the local cache
 
 Relative paths in a job file are relative to the file's folder.
 """
@@ -52,6 +53,7 @@ class MergeJob:
     overwrite: bool = False
     resume: bool = True
     verify: bool = False
+    offline: bool | None = None  # Hub ids: None follows HF_HUB_OFFLINE
     source: str = field(default="command line", compare=False)  # where it came from, for messages
 
     @property
@@ -68,6 +70,7 @@ _OPTIONAL = {
     "overwrite": bool,
     "resume": bool,
     "verify": bool,
+    "offline": bool,
 }
 
 

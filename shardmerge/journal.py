@@ -114,8 +114,10 @@ class Journal:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: the old journal stands
             raise
 
-    def record(self, name: str, size: int, crc: int) -> None:
+    def record(self, name: str, size: int, crc: int, max_delta: dict | None = None) -> None:
         self.shards[name] = {"size": size, "crc32": crc}
+        if max_delta:
+            self.shards[name]["max_delta"] = max_delta
         self.save()
 
     def verified(self, out: Path, name: str) -> bool:

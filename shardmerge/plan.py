@@ -358,7 +358,8 @@ def build_plan(
         out=str(out),
         adapters=adapter_specs,
         shards=tuple(shards),
-        extra_files=ckpt.extra_files,
+        # The base's model card describes the base; the merge writes its own.
+        extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
         config_update=config_update,
         index=_output_index(ckpt, shards, provenance),
         device=device,

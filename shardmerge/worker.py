@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,6 +46,8 @@ class ShardResult:
     name: str
     size: int
     crc32: int
+    # Per tensor kind (linear, conv1d, embedding, lora_bias, replaced): max |merged - base|.
+    max_delta: dict[str, float] = field(default_factory=dict)
 
 
 def run_shard(
@@ -73,6 +75,7 @@ def run_shards(
     writes = [queue.Queue(maxsize=WRITE_BEHIND) for _ in jobs]
     stop = threading.Event()
     errors: list[BaseException] = []
+    deltas: list[dict[str, float]] = [{} for _ in jobs]
 
     with contextlib.ExitStack() as files:
         src = files.enter_context(open(first.in_path, "rb"))
@@ -111,7 +114,7 @@ def run_shards(
         for t in threads:
             t.start()
         try:
-            _merge_blocks(jobs, blocks, free, writes, device, stop)
+            _merge_blocks(jobs, blocks, free, writes, device, stop, deltas)
         except _Stopped:
             pass
         except BaseException as e:
@@ -128,11 +131,11 @@ def run_shards(
         if errors:
             raise errors[0]
         results = []
-        for job, writer, dst, dest in zip(jobs, writers, outs, dests, strict=True):
+        for job, writer, dst, dest, delta in zip(jobs, writers, outs, dests, deltas, strict=True):
             writer.close()
             dst.flush()
             _flush_and_drop(dst, 0, writer.pos)
-            results.append(ShardResult(job.name, dest.stat().st_size, writer.crc))
+            results.append(ShardResult(job.name, dest.stat().st_size, writer.crc, delta))
     return results
 
 
@@ -232,8 +235,12 @@ def _merge_blocks(
     writes: list[queue.Queue],
     device: torch.device,
     stop: threading.Event,
+    deltas: list[dict[str, float]] | None = None,
 ) -> None:
-    """Merger stage (calling thread): turns base blocks into each output's bytes, in order."""
+    """Merger stage (calling thread): turns base blocks into each output's bytes, in order.
+
+    ``deltas[k]`` collects output k's largest |merged - base| per tensor kind.
+    """
     loader = RefLoader()
     states: dict[int, _TensorState] = {}
     current = -1
@@ -254,15 +261,31 @@ def _merge_blocks(
             state = states.get(k)
             if state is None:
                 state = states[k] = _TensorState(t, loader, device)
-            if buf is not None and not (t.edit and t.edit.replacement):
-                base = _view_rows(buf, t, row0, row1)
+            original = _view_rows(buf, t, row0, row1) if buf is not None else None
+            if original is not None and not (t.edit and t.edit.replacement):
+                base = original
             else:
                 base = state.replacement_rows(row0, row1)
+                if original is None and state.kind and deltas is not None:
+                    original = _read_rows(job.in_path, t, row0, row1)
             merged = state.merge(base, row0, row1)
+            if state.kind and deltas is not None:
+                d = state.max_delta(merged, original)
+                if d > deltas[k].get(state.kind, -1.0) or d != d:  # NaN sticks
+                    deltas[k][state.kind] = d
             if not _put(writes[k], ("data", t, merged, row1 == t.rows), stop):
                 return
         if buf is not None:
             free.put(buf)
+
+
+def _read_rows(path: str, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
+    """Rows of a base tensor the merge does not need (it is replaced), for max_delta."""
+    row_bytes = (t.end - t.start) // max(t.rows, 1)
+    buf = torch.empty((row1 - row0) * row_bytes, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        pread_into(f, t.start + row0 * row_bytes, buf)
+    return _view_rows(buf, t, row0, row1)
 
 
 def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
@@ -290,6 +313,9 @@ class _TensorState:
         self._repl_reader: Callable[[int, int], torch.Tensor] | None = None
         if self.repl is not None:
             self._repl_reader = _replacement_reader(self.repl, loader)
+        # The kind reported in max_delta; None for a dtype conversion only.
+        kinds = sorted({term.kind for term in terms})
+        self.kind = "replaced" if self.repl is not None else ("+".join(kinds) or None)
 
     def replacement_rows(self, row0: int, row1: int) -> torch.Tensor:
         return self._repl_reader(row0, row1)
@@ -299,6 +325,23 @@ class _TensorState:
         terms = [_slice(f, row0, row1) for f in self.factors]
         merged = merge_block(base, terms, self.out_dtype, self.acc)
         return merged.cpu() if merged.device.type != "cpu" else merged
+
+    @staticmethod
+    def max_delta(merged: torch.Tensor, base: torch.Tensor) -> float:
+        """max |merged - base| over a block.
+
+        Same dtypes: one fused pass (torch.dist, p=inf; for 16-bit dtypes the
+        result is rounded to that dtype). Otherwise a wide copy, exact.
+        """
+        if merged.numel() == 0:
+            return 0.0
+        if merged.dtype == base.dtype:
+            return float(torch.dist(merged, base, float("inf")))
+        wide = torch.promote_types(torch.promote_types(merged.dtype, base.dtype), torch.float32)
+        d = merged.to(wide, copy=True)
+        d.sub_(base)
+        lo, hi = torch.aminmax(d)
+        return max(float(hi), -float(lo))
 
 
 def _refs(term: Term):
