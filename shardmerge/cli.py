@@ -35,6 +35,10 @@ def _friendly(fn):
                 err=True,
             )
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # Output piped into `head` and the like: stop quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}.", err=True)

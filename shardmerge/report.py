@@ -53,7 +53,7 @@ def model_card(plan) -> str:
         f"# {base} with {len(plan.adapters)} LoRA adapter{'s' if len(plan.adapters) != 1 else ''} merged",
         "",
         f"This model is **{base}** with the following LoRA adapters folded into its weights "
-        "by [shardmerge](https://github.com/) (no adapter is needed at inference).",
+        "by shardmerge (no adapter is needed at inference).",
         "",
         "| adapter | weight | sha256 of weights file |",
         "|---|---|---|",
