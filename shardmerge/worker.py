@@ -13,7 +13,7 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +23,7 @@ import torch
 from .journal import crashpoint
 from .kernels import BlockTerm, accumulation_dtype, merge_block, underflow_risk
 from .plan import ShardJob, TensorJob
-from .safetensors_io import DTYPES, StreamWriter, TensorInfo, pread_into
+from .safetensors_io import DTYPES, StreamWriter, TensorInfo, pread_into, read_rows
 from .sources import RefLoader
 from .terms import Term
 
@@ -48,13 +48,6 @@ class ShardResult:
     crc32: int
     # Per tensor kind (linear, conv1d, embedding, lora_bias, replaced): max |merged - base|.
     max_delta: dict[str, float] = field(default_factory=dict)
-
-
-def run_shard(
-    job: ShardJob, dest: Path, device: torch.device, progress: Progress | None = None
-) -> ShardResult:
-    """Stream one base shard into the output file ``dest`` (header first, then tensors)."""
-    return run_shards([job], [dest], device, progress)[0]
 
 
 def run_shards(
@@ -281,11 +274,14 @@ def _merge_blocks(
 
 def _read_rows(path: str, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
     """Rows of a base tensor the merge does not need (it is replaced), for max_delta."""
-    row_bytes = (t.end - t.start) // max(t.rows, 1)
-    buf = torch.empty((row1 - row0) * row_bytes, dtype=torch.uint8)
+    return _read_once(path, TensorInfo(t.name, t.in_dtype, t.shape, t.start, t.end), row0, row1)
+
+
+def _read_once(path: str, info: TensorInfo, row0: int, row1: int) -> torch.Tensor:
+    """Rows [row0, row1) of a tensor, read into a fresh buffer."""
+    buf = torch.empty((row1 - row0) * info.row_bytes, dtype=torch.uint8)
     with open(path, "rb") as f:
-        pread_into(f, t.start + row0 * row_bytes, buf)
-    return _view_rows(buf, t, row0, row1)
+        return read_rows(f, info, row0, row1, buf)
 
 
 def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
@@ -354,17 +350,7 @@ def _replacement_reader(ref, loader: RefLoader) -> Callable[[int, int], torch.Te
         whole = loader.load(ref)
         return lambda r0, r1: whole[r0:r1] if whole.dim() else whole
     info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
-
-    def read(r0: int, r1: int) -> torch.Tensor:
-        buf = torch.empty(
-            (r1 - r0) * info.row_bytes if info.shape else info.nbytes, dtype=torch.uint8
-        )
-        with open(ref.path, "rb") as f:
-            pread_into(f, info.start + r0 * info.row_bytes, buf)
-        shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
-        return buf.view(DTYPES[info.dtype]).view(shape)
-
-    return read
+    return lambda r0, r1: _read_once(ref.path, info, r0, r1)
 
 
 def _write_blocks(
@@ -455,8 +441,3 @@ def _slice(f: Factors, row0: int, row1: int) -> BlockTerm:
         f.right_abssum,
         f.may_underflow,
     )
-
-
-def iter_blocks(t: TensorJob) -> Iterator[tuple[int, int]]:
-    for row0 in range(0, t.rows, t.block_rows):
-        yield row0, min(t.rows, row0 + t.block_rows)
