@@ -79,6 +79,7 @@ def plan(
     resume: bool = True,
     workers: int | None = None,
     offline: bool | None = None,
+    qlora_base: str = "none",
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
@@ -100,6 +101,7 @@ def plan(
         overwrite=overwrite,
         resume=resume,
         workers=workers,
+        qlora_base=qlora_base,
     )
 
 
@@ -119,6 +121,7 @@ def merge(
     report: PathLike | None = None,
     events: EventSink | None = None,
     offline: bool | None = None,
+    qlora_base: str = "none",
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
 
@@ -132,6 +135,9 @@ def merge(
     The JSON report goes to ``OUT/.shardmerge/report.json`` and, given
     ``report``, to that path too; ``events`` receives progress as dicts
     (``{"event": "start" | "shard" | "progress" | "done", ...}``).
+    ``qlora_base="nf4"`` merges into the base weights as a QLoRA run saw them
+    (NF4 round trip of the quantized Linear weights); a bitsandbytes 4-bit base
+    folder is dequantized in any case.
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -152,6 +158,7 @@ def merge(
         resume=resume,
         workers=workers,
         offline=offline,
+        qlora_base=qlora_base,
     )
     return _execute_plans(
         [p],
@@ -291,6 +298,7 @@ def run_job(
             resume=job.resume,
             workers=job.workers,
             outputs=len(outputs),
+            qlora_base=job.qlora_base,
         )
         for out, adapters in outputs
     ]

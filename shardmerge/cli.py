@@ -79,7 +79,7 @@ def _weights(text: str | None) -> list[float] | None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="shardmerge")
 def main() -> None:
-    """Fold LoRA adapters into a model's safetensors shards, streaming, with bounded memory."""
+    """Fold PEFT adapters (LoRA and kin) into a model's safetensors shards, streaming, with bounded memory."""
 
 
 @main.command()
@@ -120,6 +120,15 @@ def main() -> None:
     is_flag=True,
     help="One merged model per adapter, in OUT/<adapter folder name>, reading the base once.",
 )
+@click.option(
+    "--qlora-base",
+    default="none",
+    show_default=True,
+    metavar="[none|nf4]",
+    help="For an adapter trained with QLoRA: nf4 merges into the weights as training saw them "
+    "(the quantized Linear weights NF4-quantized and dequantized); none into the 16-bit weights. "
+    "A bitsandbytes 4-bit BASE folder is always dequantized.",
+)
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the output after merging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--report", "report_path", type=click.Path(), help="Also write the JSON report here.")
@@ -144,8 +153,9 @@ def merge(
     report_path,
     as_json,
     offline,
+    qlora_base,
 ) -> None:
-    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT.
+    """Merge ADAPTERS (PEFT adapter folders: LoRA, DoRA, LoHa, LoKr, IA3, trainable tokens) into BASE (a Hugging Face model folder), writing OUT.
 
     BASE and ADAPTERS may also be Hub ids, org/name or org/name@revision."""
     from .jobs import job_from_dict
@@ -171,6 +181,7 @@ def merge(
             "resume": not no_resume,
             "verify": then_verify,
             "offline": True if offline else None,  # None: follow HF_HUB_OFFLINE
+            "qlora_base": qlora_base,
         },
         "command line",
     )
@@ -309,10 +320,22 @@ def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
 @click.option("--max-memory", help="Memory budget, e.g. 4GiB (default: half the available RAM).")
 @click.option("--workers", type=int, default=None, help="As for merge.")
 @click.option("--overwrite", is_flag=True, help="As for merge: plan as if replacing OUT.")
+@click.option("--qlora-base", default="none", metavar="[none|nf4]", help="As for merge.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_friendly
 def plan(
-    base, adapters, out, weights, dtype, device, max_memory, workers, overwrite, as_json, offline
+    base,
+    adapters,
+    out,
+    weights,
+    dtype,
+    device,
+    max_memory,
+    workers,
+    overwrite,
+    as_json,
+    offline,
+    qlora_base,
 ):
     """Check a merge and print its schedule; reads only headers and configs, writes nothing."""
     import json
@@ -332,6 +355,7 @@ def plan(
         overwrite=overwrite,
         workers=workers,
         check_out=bool(out),
+        qlora_base=qlora_base,
     )
     d = describe(p)
     if as_json:
@@ -347,7 +371,7 @@ def plan(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_friendly
 def inspect(path, as_json) -> None:
-    """Summarise a model folder or a LoRA adapter folder (reads only headers and configs)."""
+    """Summarise a model folder or a PEFT adapter folder (reads only headers and configs)."""
     import json
 
     from .inspect_folder import inspect_folder
@@ -418,6 +442,9 @@ def format_plan(d: dict, *, has_out: bool) -> str:
         )
     modules = ", ".join(f"{v} {k}" for k, v in sorted(d["modules"].items()))
     lines.append(f"adapter modules: {modules}")
+    if d.get("qlora_base", "none") != "none":
+        how = {"nf4": "NF4 round-tripped", "bnb4": "dequantized from 4-bit"}[d["qlora_base"]]
+        lines.append(f"4-bit base: {d['quantized_tensors']} tensors {how} before merging")
     if d["resumable_shards"]:
         lines.append(f"resumes: {len(d['resumable_shards'])} shards already done")
     width = max(len(s["name"]) for s in d["shards"])

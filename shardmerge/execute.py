@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME
+from .embeddings import apply_config_update
 from .errors import Interrupted, ResourceError
 from .journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
 from .output import OutputDir, fmt_bytes
@@ -117,9 +118,11 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
     base = Path(plan.base)
     for name in plan.extra_files:
         out.copy_file(base / name, name)
-    if plan.config_update:
+    if plan.config_update or plan.config_drop:
         config = json.loads((base / CONFIG_NAME).read_text(encoding="utf-8"))
-        config.update(dict(plan.config_update))
+        apply_config_update(config, plan.config_update)
+        for key in plan.config_drop:
+            config.pop(key, None)
         out.write_bytes(CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     else:
         out.copy_file(base / CONFIG_NAME, CONFIG_NAME)

@@ -66,9 +66,20 @@ def _inspect_model(folder: Path) -> dict:
     }
 
 
+# Key suffixes of PEFT's other additive methods -> the kind counted (one per module).
+_OTHER_ROLES = {
+    "LOHA": (("hada_w1_a", "loha"),),
+    "LOKR": (("lokr_w1", "lokr"), ("lokr_w1_a", "lokr")),
+    "IA3": (("ia3_l", "ia3"),),
+}
+
+
 def _inspect_adapter(folder: Path) -> dict:
     a = open_adapter(folder)
     cfg = a.config
+    peft_type = str(cfg.get("peft_type") or "").upper()
+    if peft_type in _OTHER_ROLES:
+        return _inspect_other(a, peft_type)
     modules, unknown = _classify_keys(a)
     kinds: Counter = Counter()
     ranks: set[int] = set()
@@ -114,5 +125,40 @@ def _inspect_adapter(folder: Path) -> dict:
         "tensors": len(a.tensors),
         "dtypes": dict(sorted(dtypes.items())),
         "unknown_keys": len(unknown),
+        "sha256": a.sha256,
+    }
+
+
+def _inspect_other(a, peft_type: str) -> dict:
+    """LoHa, LoKr, IA3: modules counted by their characteristic key; rank and alpha from the config."""
+    cfg = a.config
+    kinds: Counter = Counter()
+    for key in a.tensors:
+        leaf = key.rsplit(".", 1)[-1] if not key.endswith(".weight") else key.split(".")[-2]
+        for role, kind in _OTHER_ROLES[peft_type]:
+            if leaf == role:
+                kinds[kind] += 1
+    dtypes = Counter(r.dtype for r in a.tensors.values())
+    return {
+        "kind": "adapter",
+        "path": str(a.path),
+        "peft_type": cfg.get("peft_type"),
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("alpha"),
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": cfg.get("target_modules"),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
+        "modules_to_save": cfg.get("modules_to_save") or [],
+        "modules": dict(sorted(kinds.items())),
+        "ranks": [cfg["r"]] if isinstance(cfg.get("r"), int) else [],
+        "scaling": [],
+        "weights_file": a.weights_file.name,
+        "weights_bytes": a.weights_file.stat().st_size,
+        "tensors": len(a.tensors),
+        "dtypes": dict(sorted(dtypes.items())),
+        "unknown_keys": 0,
         "sha256": a.sha256,
     }

@@ -17,6 +17,7 @@ A job file looks like this (every key but base, adapters and output is optional)
     resume: true
     verify: false
     offline: false                        # true: Hub ids only from the local cache
+    qlora_base: none                      # none | nf4 (merge into the NF4 weights QLoRA saw)
 
 Relative paths in a job file are relative to the file's folder.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import InputError
+from .quant import QLORA_BASE_CHOICES, REFUSED_CHOICES, check_choice
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -54,6 +56,7 @@ class MergeJob:
     resume: bool = True
     verify: bool = False
     offline: bool | None = None  # Hub ids: None follows HF_HUB_OFFLINE
+    qlora_base: str = "none"  # "nf4": the base weights as a QLoRA run saw them (quant.py)
     source: str = field(default="command line", compare=False)  # where it came from, for messages
 
     @property
@@ -71,6 +74,7 @@ _OPTIONAL = {
     "resume": bool,
     "verify": bool,
     "offline": bool,
+    "qlora_base": str,
 }
 
 
@@ -141,6 +145,13 @@ def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeJo
         options[name] = value
     if options.get("dtype", "auto") not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}, not {options['dtype']!r}")
+    if options.get("qlora_base", "none") not in QLORA_BASE_CHOICES:
+        if options["qlora_base"] in REFUSED_CHOICES:
+            check_choice(options["qlora_base"])  # refused with the reason
+        raise bad(
+            "qlora_base",
+            f"must be one of {', '.join(QLORA_BASE_CHOICES)}, not {options['qlora_base']!r}",
+        )
     if "workers" in options and options["workers"] < 0:
         raise bad("workers", "must be 0 or more")
     if "max_memory" in options:

@@ -41,7 +41,13 @@ _REFINE_BYTES = 64 << 20
 _ACC_BITS = {torch.float32: (torch.int32, 24), torch.float64: (torch.int64, 53)}
 # Output formats whose subnormal range starts above the accumulator's:
 # below their smallest normal they keep fewer bits than the fast path assumes.
-_MIN_NORMAL = {(torch.float16, torch.float32): 2.0**-14, (torch.float32, torch.float64): 2.0**-126}
+_MIN_NORMAL = {
+    (torch.float16, torch.float32): 2.0**-14,
+    (torch.float32, torch.float64): 2.0**-126,
+    # 16-bit outputs of a float64 accumulator (LoHa/LoKr/IA3, float64 factors).
+    (torch.float16, torch.float64): 2.0**-14,
+    (torch.bfloat16, torch.float64): 2.0**-126,
+}
 _SAFE_PRODUCT = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 _TINY = {torch.float32: 2.0**-149 / 2.0**-24, torch.float64: 2.0**-1074 / 2.0**-53}
 
@@ -178,8 +184,18 @@ def _first_tier_doubt(
         rhs.add_(k * _TINY[acc.dtype])
     doubt = lhs < rhs
     if _MIN_NORMAL.get((out.dtype, acc.dtype)):
-        # Below the output's normal range it keeps fewer bits: settle those apart.
-        doubt |= lhs.copy_(acc).abs_() < _MIN_NORMAL[(out.dtype, acc.dtype)]
+        # Below the output's normal range it keeps fewer bits than assumed above:
+        # settle those with the general check, which knows the subnormal spacing
+        # (float16 outputs have many; sending them all to the exact tier is slow).
+        small = (lhs.copy_(acc).abs_() < _MIN_NORMAL[(out.dtype, acc.dtype)]).reshape(-1)
+        flat = small.nonzero().squeeze(1)
+        if flat.numel():
+            bound = _bound(base, terms, acc.dtype).reshape(-1)[flat]
+            still = _in_doubt(acc.reshape(-1)[flat], out.reshape(-1)[flat], bound, tol)
+            doubt = doubt.reshape(-1)
+            doubt[flat] = False
+            if still is not None:
+                doubt[flat[still]] = True
     idx = doubt.reshape(-1).nonzero().squeeze(1)
     return idx if idx.numel() else None
 

@@ -17,14 +17,33 @@ from pathlib import Path
 
 import psutil
 
-from . import __version__
-from .adapters.peft import Adapter, adapter_edits, open_adapter
+from . import __version__, dora, embeddings
+from .adapters import lycoris
+from .adapters.peft import CONV1D_MODULES, Adapter, adapter_edits, open_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
 from .output import check_free_space, check_output_dir, fmt_bytes
+from .quant import (
+    Bnb4Base,
+    QuantSpec,
+    base_quantization,
+    dequantized_view,
+    nf4_targets,
+    open_bnb4,
+)
+from .quant import check_choice as check_qlora_choice
 from .resources import Resources, cgroup_memory_limit
 from .resources import probe as probe_resources
-from .safetensors_io import FLOAT_DTYPES, ITEMSIZE, NAME_OF, OutEntry, encode_header
+from .safetensors_io import (
+    FLOAT_DTYPES,
+    ITEMSIZE,
+    NAME_OF,
+    OutEntry,
+    block_shape,
+    encode_header,
+    matrix_rows,
+)
+from .sources import PART_CACHE_BYTES
 from .terms import TensorEdit
 
 DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -51,6 +70,9 @@ SMALL_MODEL_BYTES = 256 << 20
 # The share of a GPU's free memory that row blocks may use.
 VRAM_SHARE = 0.8
 MIN_BUDGET = 512 << 20
+# Extra working memory per element of a block whose base is NF4 round-tripped or
+# dequantized first (float32 copies, code indices).
+QUANT_BYTES_PER_ELEMENT = 16
 
 
 @dataclass(frozen=True)
@@ -65,16 +87,25 @@ class TensorJob:
     end: int
     edit: TensorEdit | None = None
     block_rows: int = 0  # rows per block when the tensor is processed, not copied
+    # A 4-bit base: the base values are NF4 round-tripped or dequantized first (quant.py).
+    quant: QuantSpec | None = None
+    # The shape of the base bytes [start, end) when it is not ``shape``: a
+    # vocabulary resized by a replacement, or (0, ...) for a tensor the base
+    # does not store (an untied lm_head; embeddings.py). Such a tensor is never
+    # read from the base.
+    base_shape: tuple[int, ...] | None = None
 
     @property
     def action(self) -> str:
         if self.edit is not None:
-            return "merge" if self.edit.terms else "replace"
-        return "copy" if self.in_dtype == self.out_dtype else "convert"
+            worked = self.edit.terms or self.edit.scaling or self.edit.token_rows
+            return "merge" if worked else "replace"
+        return "copy" if self.in_dtype == self.out_dtype and not self.quant else "convert"
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        """Rows in row blocks: N-D tensors are viewed as matrices (safetensors_io.matrix_rows)."""
+        return matrix_rows(self.shape)
 
     @property
     def out_bytes(self) -> int:
@@ -125,7 +156,8 @@ class MergePlan:
     adapters: tuple[AdapterSpec, ...]
     shards: tuple[ShardJob, ...]
     extra_files: tuple[str, ...]
-    config_update: tuple[tuple[str, str], ...]  # keys of config.json to set
+    # keys of config.json to set; a dotted key reaches into text_config (embeddings.py)
+    config_update: tuple[tuple[str, object], ...]
     index: dict | None  # the output index (weight_map + metadata), None for one file
     device: str
     max_memory: int
@@ -135,6 +167,8 @@ class MergePlan:
     workers: int = 0  # worker processes running shard jobs; 0 runs them in this process
     resources: Resources | None = None
     resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
+    config_drop: tuple[str, ...] = ()  # keys of config.json to remove
+    qlora_base: str = "none"  # "nf4": round-tripped 16-bit base; "bnb4": a 4-bit base folder
 
     @property
     def out_bytes(self) -> int:
@@ -209,6 +243,7 @@ def build_plan(
     check_out: bool = True,
     workers: int | None = None,
     outputs: int = 1,
+    qlora_base: str = "none",
 ) -> MergePlan:
     """Read headers and configs, check everything, and return the schedule.
 
@@ -218,7 +253,9 @@ def build_plan(
     this process; None: 1, or 0 for models under 256 MiB), capped by the
     budget, the shard count and the CPU count. ``outputs``: this plan is one
     of that many written together from one read of the base (merge
-    --separate); they share the working memory.
+    --separate); they share the working memory. ``qlora_base`` "nf4": merge
+    into the weights as a QLoRA run saw them (quant.py); a bitsandbytes 4-bit
+    base folder is dequantized whatever it says.
     """
     if not adapters:
         raise InputError("no adapter given; name at least one adapter folder.")
@@ -243,8 +280,9 @@ def build_plan(
 
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
+    bnb4: Bnb4Base | None = None
     try:
-        ckpt = open_checkpoint(base)
+        ckpt, bnb4 = _open_base(base, qlora_base)
     except ShardmergeError as e:
         errors.append(e)
     opened: list[Adapter] = []
@@ -267,7 +305,9 @@ def build_plan(
             )
         opened.append(a)
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
-    fingerprint = job_fingerprint(ckpt, opened, weights, dtype) if complete_inputs else ""
+    fingerprint = (
+        job_fingerprint(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else ""
+    )
     journal = None
     try:
         if check_out:
@@ -292,6 +332,13 @@ def build_plan(
         counts.update(adapter_counts)
         for name, edit in adapter_edit.items():
             errors.extend(_combine(edits, name, edit))
+    for name, edit in edits.items():
+        errors.extend(dora.plan_problems(name, edit))
+    # Tied embeddings, resized vocabularies, trainable tokens: settled for all adapters at once.
+    settled = embeddings.resolve(ckpt, edits) if not errors else None
+    if settled is not None:
+        errors.extend(settled.errors)
+        edits = settled.edits
     if errors:
         raise PlanErrors(errors)
 
@@ -317,18 +364,50 @@ def build_plan(
         _, free_vram, _ = resources.gpus[int(device.split(":")[1]) if ":" in device else 0]
         working = min(working, int(free_vram * VRAM_SHARE) // max(workers, 1))
     shards: list[ShardJob] = []
+    nf4 = set(nf4_targets(ckpt)) if qlora_base == "nf4" else set()
+    if nf4 and str(ckpt.config.get("model_type", "")) in CONV1D_MODULES:
+        errors.append(
+            InputError(
+                f"--qlora-base nf4: {ckpt.config['model_type']} models use Conv1D layers, which "
+                "bitsandbytes quantizes transposed; that layout is not supported.",
+                hint="Merge without --qlora-base (into the 16-bit weights).",
+            )
+        )
     for shard in ckpt.shards:
         header = ckpt.headers[shard]
         jobs = []
         for t in header.tensors.values():
             target = out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
             edit = edits.get(t.name)
+            quant = _quant_spec(t.name, t.dtype, edit, nf4, bnb4, errors)
+            shape = embeddings.output_shape(t.shape, edit)  # a resized vocabulary
             block_rows = 0
-            if edit is not None or target != t.dtype:
-                block_rows = _block_rows(t.name, t.shape, edit, working, errors)
+            if edit is not None or target != t.dtype or quant:
+                room = working - (quant.state_bytes(t.shape) if quant else 0)
+                block_rows = _block_rows(t.name, shape, edit, room, errors)
+                if quant:
+                    block_rows = _quant_block_rows(block_rows, quant.row_align(t.shape))
+            in_dtype = t.dtype
+            if quant and quant.packed:  # the bytes are packed codes; t has the real shape
+                in_dtype = bnb4.storage[t.name]
             jobs.append(
-                TensorJob(t.name, t.shape, t.dtype, target, t.start, t.end, edit, block_rows)
-            )
+                TensorJob(
+                    t.name, shape, in_dtype, target, t.start, t.end, edit, block_rows, quant,
+                    base_shape=t.shape if shape != t.shape else None,
+                )
+            )  # fmt: skip
+            if settled.new_tensor and settled.new_tensor[0] == t.name:
+                # An untied lm_head the base does not store: written after the embedding.
+                _, name, new_edit = settled.new_tensor
+                new_shape = embeddings.output_shape(t.shape, new_edit)
+                rows = _block_rows(name, new_shape, new_edit, working, errors)
+                base_shape = (0, *new_shape[1:])
+                jobs.append(
+                    TensorJob(
+                        name, new_shape, t.dtype, target, t.end, t.end, new_edit, rows,
+                        base_shape=base_shape,
+                    )
+                )  # fmt: skip
         shards.append(ShardJob(shard, str(header.path), tuple(jobs), ()))
     if errors:
         raise PlanErrors(errors)
@@ -345,14 +424,16 @@ def build_plan(
                 {"name": s.label, "weight": s.weight, "sha256": s.sha256} for s in adapter_specs
             ],
             "dtype": dtype,
+            **({"qlora_base": qlora_base} if qlora_base != "none" else {}),
         },
         separators=(",", ":"),
     )
     shards = [_with_metadata(s, ckpt, provenance) for s in shards]
-    config_update: tuple[tuple[str, str], ...] = ()
+    config_update: tuple[tuple[str, object], ...] = ()
     if out_dtype:
         keys = [k for k in ("torch_dtype", "dtype") if k in ckpt.config] or ["torch_dtype"]
         config_update = tuple((k, TORCH_DTYPE_NAMES[out_dtype]) for k in keys)
+    config_update += tuple(settled.config)  # tie_word_embeddings, vocab_size
     plan = MergePlan(
         base=str(ckpt.path),
         out=str(out),
@@ -361,7 +442,10 @@ def build_plan(
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
         config_update=config_update,
-        index=_output_index(ckpt, shards, provenance),
+        # A dequantized 4-bit base is an ordinary model now.
+        config_drop=("quantization_config",) if bnb4 else (),
+        qlora_base="bnb4" if bnb4 else qlora_base,
+        index=settled.update_index(_output_index(ckpt, shards, provenance)),
         device=device,
         max_memory=budget,
         counts=dict(counts),
@@ -384,15 +468,35 @@ def build_plan(
     return plan
 
 
+def _open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, Bnb4Base | None]:
+    """The base folder; a bitsandbytes 4-bit one as its dequantized view (quant.py)."""
+    check_qlora_choice(qlora_base)
+    ckpt = open_checkpoint(base)
+    if base_quantization(ckpt) != "bnb4":
+        return ckpt, None
+    if qlora_base != "none":
+        raise InputError(
+            f"--qlora-base {qlora_base}: the base {ckpt.path} is already a bitsandbytes 4-bit "
+            "model; it is dequantized exactly as stored.",
+            hint="Leave out --qlora-base for a 4-bit base folder.",
+        )
+    bnb4 = open_bnb4(ckpt)
+    return dequantized_view(ckpt, bnb4), bnb4
+
+
 def job_fingerprint(
-    ckpt: Checkpoint, adapters: list[Adapter], weights: list[float], dtype: str
+    ckpt: Checkpoint,
+    adapters: list[Adapter],
+    weights: list[float],
+    dtype: str,
+    qlora_base: str = "none",
 ) -> str:
     """A hash of everything that decides the output bytes, and nothing else.
 
     Base shards by name, size and header hash; the base config; adapters by
     weights-file hash and config; weights; dtype; our version (it is in the
-    output's metadata). Device, memory budget and block size do not change
-    the bytes, so a resume may use other values.
+    output's metadata); --qlora-base when set. Device, memory budget and block
+    size do not change the bytes, so a resume may use other values.
     """
     doc = {
         "version": __version__,
@@ -402,6 +506,8 @@ def job_fingerprint(
         "weights": [float(w) for w in weights],
         "dtype": dtype,
     }
+    if qlora_base != "none":  # absent otherwise: earlier jobs keep their fingerprints
+        doc["qlora_base"] = qlora_base
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -426,9 +532,21 @@ def _combine(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> list[
     if old is None:
         edits[name] = edit
         return []
+    if edit.scaling is not None or old.scaling is not None:
+        who = [e.scaling.adapter for e in (old, edit) if e.scaling] + [
+            x.adapter for e in (old, edit) for x in (e.replacement, *e.terms) if x is not None
+        ]
+        return [
+            UnsupportedAdapterError(
+                f"adapters {', '.join(sorted(set(who)))} both change {name}, and at least one "
+                "scales it (IA3); PEFT defines no merge of an IA3 scaling with another adapter "
+                "on the same tensor.",
+                hint="Merge these adapters in separate runs, or drop one of them.",
+            )
+        ]
     if edit.replacement is not None or old.replacement is not None:
         who = [e.replacement.adapter for e in (old, edit) if e.replacement] + [
-            t.adapter for e in (old, edit) for t in e.terms
+            t.adapter for e in (old, edit) for t in (*e.terms, *e.token_rows)
         ]
         return [
             UnsupportedAdapterError(
@@ -437,7 +555,9 @@ def _combine(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> list[
                 hint="Merge these adapters in separate runs, or drop one of them.",
             )
         ]
-    edits[name] = TensorEdit(None, old.terms + edit.terms)
+    edits[name] = TensorEdit(
+        None, old.terms + edit.terms, token_rows=old.token_rows + edit.token_rows
+    )
     return []
 
 
@@ -448,10 +568,10 @@ def _block_rows(
     working: int,
     errors: list[ShardmergeError],
 ) -> int:
-    rows = shape[0] if shape else 1
-    cols = math.prod(shape[1:])
+    rows = matrix_rows(shape)
+    cols = _row_elements(shape)
     factors = _factor_bytes(edit)
-    per_row = cols * MERGE_BYTES_PER_ELEMENT
+    per_row = cols * (MERGE_BYTES_PER_ELEMENT + dora.bytes_per_element(edit))
     room = working - factors
     if room < per_row:
         need, have = per_row + factors + BASELINE_BYTES, working + BASELINE_BYTES
@@ -473,14 +593,89 @@ def _factor_bytes(edit: TensorEdit | None) -> int:
     """Factors are held whole, in float64 at most, plus their bound vectors."""
     if edit is None:
         return 0
-    return sum(16 * (t.left.numel + (t.right.numel if t.right else 0)) for t in edit.terms)
+    return (
+        sum(
+            16 * (t.left.loaded_numel + (t.right.loaded_numel if t.right else 0))
+            if t.form == "lowrank"
+            else lycoris.factor_bytes(t)  # LoHa/LoKr: the built factors, often larger
+            for t in edit.terms
+        )
+        + _part_bytes(edit)
+        + lycoris.scaling_bytes(edit)
+        + dora.fixed_bytes(edit)
+        + sum(16 * r.source.numel for r in edit.token_rows)  # replaced rows, held whole
+    )
+
+
+def _part_bytes(edit: TensorEdit) -> int:
+    """Whole adapter tensors held while parts are taken of them (sources.RefLoader)."""
+    wholes = [
+        r.numel * ITEMSIZE[r.dtype]
+        for t in edit.terms
+        for r in _term_refs(t)
+        if r.part and not (len(r.part) == 1 and r.part[0][2] == 1)
+    ]
+    if not wholes:
+        return 0
+    return PART_CACHE_BYTES + max((n for n in wholes if n > PART_CACHE_BYTES), default=0)
+
+
+def _term_refs(term):
+    return [term.left] + ([term.right] if term.right is not None else [])
+
+
+def _row_elements(shape: tuple[int, ...]) -> int:
+    """Elements per row of the matrix view of a tensor (safetensors_io.block_shape)."""
+    return math.prod(block_shape(shape, 1)[1:])
 
 
 def tensor_working_bytes(t: TensorJob) -> int:
     """Memory a tensor job needs beyond the process baseline."""
     if t.action == "copy":
         return 0
-    return t.block_rows * math.prod(t.shape[1:]) * MERGE_BYTES_PER_ELEMENT + _factor_bytes(t.edit)
+    quant = t.quant.state_bytes(t.shape) if t.quant else 0
+    return (
+        t.block_rows
+        * _row_elements(t.shape)
+        * (
+            MERGE_BYTES_PER_ELEMENT
+            + dora.bytes_per_element(t.edit)
+            + (QUANT_BYTES_PER_ELEMENT if t.quant else 0)
+        )
+        + _factor_bytes(t.edit)
+        + quant
+    )
+
+
+def _quant_spec(
+    name: str,
+    dtype: str,
+    edit: TensorEdit | None,
+    nf4: set[str],
+    bnb4: Bnb4Base | None,
+    errors: list[ShardmergeError],
+) -> QuantSpec | None:
+    """How tensor ``name``'s base values are made (quant.py), or None: as stored."""
+    if bnb4 is not None and name in bnb4.specs:
+        if edit is not None and edit.replacement is not None:
+            errors.append(
+                UnsupportedAdapterError(
+                    f"an adapter replaces {name} whole, but it is a packed 4-bit tensor of the "
+                    "base; replacing a 4-bit tensor is not supported.",
+                    hint="Merge into the original 16-bit base instead.",
+                )
+            )
+        return bnb4.specs[name]
+    if name in nf4 and not (edit is not None and edit.replacement is not None):
+        # A replaced tensor is the adapter's own full-precision copy: no round trip.
+        return QuantSpec("nf4", dtype)
+    return None
+
+
+def _quant_block_rows(rows: int, align: int) -> int:
+    """Rows per block for a 4-bit base: whole quantization blocks, room for their temporaries."""
+    rows = rows * MERGE_BYTES_PER_ELEMENT // (MERGE_BYTES_PER_ELEMENT + QUANT_BYTES_PER_ELEMENT)
+    return max(align, rows - rows % align)
 
 
 # Rough rates for the time estimate (read+write of the files; merged elements).
@@ -522,6 +717,9 @@ def describe(plan: MergePlan) -> dict:
         "base": plan.base,
         "out": plan.out,
         "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
+        # "nf4": these base tensors NF4 round-tripped; "bnb4": dequantized from a 4-bit folder.
+        "qlora_base": plan.qlora_base,
+        "quantized_tensors": sum(1 for s in plan.shards for t in s.tensors if t.quant),
         "device": plan.device,
         "workers": plan.workers,
         "budget": plan.max_memory,
@@ -555,6 +753,8 @@ def _output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> 
     if ckpt.index is None:
         return None
     index = json.loads(json.dumps(ckpt.index))
+    # Only the tensors written (a 4-bit base's quantization tensors are not).
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in ckpt.weight_map}
     metadata = dict(index.get("metadata") or {})
     metadata["total_size"] = sum(t.out_bytes for s in shards for t in s.tensors)
     metadata["shardmerge"] = json.loads(provenance)

@@ -52,7 +52,7 @@ def model_card(plan) -> str:
         "",
         f"# {base} with {len(plan.adapters)} LoRA adapter{'s' if len(plan.adapters) != 1 else ''} merged",
         "",
-        f"This model is **{base}** with the following LoRA adapters folded into its weights "
+        f"This model is **{base}** with the following adapters folded into its weights "
         "by shardmerge (no adapter is needed at inference).",
         "",
         "| adapter | weight | sha256 of weights file |",
@@ -63,11 +63,13 @@ def model_card(plan) -> str:
         "",
         "## How it was merged",
         "",
-        "Every changed tensor is `W + sum_i w_i * scale_i * delta_i`, where `delta_i` is adapter "
-        "i's low-rank update (`B @ A`), `scale_i` its `lora_alpha / r` (or `/ sqrt(r)` with "
-        "rsLoRA) and `w_i` the weight above; the sum is accumulated wide and rounded once to the "
-        "output dtype. Tensors an adapter saves whole (modules_to_save) replace the base's; all "
-        "other tensors are copied byte for byte.",
+        "Every changed tensor is what PEFT's merge defines for its adapter kind, with `w_i` the "
+        "weight above scaling adapter i's update: `W + sum_i w_i * scale_i * delta_i` for LoRA "
+        "(`delta_i = B @ A`, `scale_i = lora_alpha / r`, or `/ sqrt(r)` with rsLoRA), LoHa and "
+        "LoKr (their Hadamard and Kronecker updates), DoRA's magnitude over the norm of the "
+        "updated weight, IA3's scaling vector. It is computed exactly and rounded once to the "
+        "output dtype. Tensors an adapter saves whole (modules_to_save, trainable token rows) "
+        "replace the base's; all other tensors are copied byte for byte.",
         "",
         f"- output dtype: `{dtype}`"
         + (" (each tensor keeps its dtype)" if dtype == "auto" else ""),

@@ -58,6 +58,22 @@ NAME_OF: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
+def matrix_rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor processed in row blocks: the first axis of a 1-D or 2-D
+    tensor; for 3 or more dimensions the leading axes flattened (a fused MoE
+    expert tensor [E, out, in] is E*out rows of ``in``), so blocks stay small."""
+    if len(shape) >= 3:
+        return math.prod(shape[:-1])
+    return shape[0] if shape else 1
+
+
+def block_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
+    """The shape of ``rows`` consecutive rows of a tensor of ``shape`` (see ``matrix_rows``)."""
+    if not shape:
+        return ()
+    return (rows, shape[-1]) if len(shape) >= 3 else (rows, *shape[1:])
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One header entry, with offsets made absolute within the file."""
@@ -78,8 +94,8 @@ class TensorInfo:
 
     @property
     def rows(self) -> int:
-        """Length of the first axis; a scalar counts as one row."""
-        return self.shape[0] if self.shape else 1
+        """Rows of the tensor as a matrix (see ``matrix_rows``); a scalar counts as one row."""
+        return matrix_rows(self.shape)
 
     @property
     def row_bytes(self) -> int:
@@ -227,8 +243,7 @@ def read_rows(
     nbytes = (row1 - row0) * info.row_bytes
     view = out[:nbytes]
     pread_into(f, info.start + row0 * info.row_bytes, view)
-    shape = (row1 - row0, *info.shape[1:]) if info.shape else ()
-    return view.view(DTYPES[info.dtype]).view(shape)
+    return view.view(DTYPES[info.dtype]).view(block_shape(info.shape, row1 - row0))
 
 
 def pread_into(f: BinaryIO, offset: int, buf: torch.Tensor) -> None:
@@ -250,7 +265,9 @@ def read_tensor(path: str, info: TensorInfo) -> torch.Tensor:
     """Read one whole tensor (for small ones: LoRA factors, biases)."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(path, "rb") as f:
-        return read_rows(f, info, 0, info.rows, buf) if info.shape else _scalar(f, info, buf)
+        if not info.shape:
+            return _scalar(f, info, buf)
+        return read_rows(f, info, 0, info.rows, buf).view(info.shape)
 
 
 def _scalar(f: BinaryIO, info: TensorInfo, buf: torch.Tensor) -> torch.Tensor:

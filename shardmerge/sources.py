@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections import OrderedDict
 
 import torch
 
 from .errors import CorruptFileError
-from .safetensors_io import DTYPES, NAME_OF, TensorInfo, read_tensor
+from .safetensors_io import DTYPES, NAME_OF, TensorInfo, read_rows, read_tensor
 from .terms import TensorRef
 
 
@@ -65,13 +66,51 @@ def _load_failure(e: Exception) -> str:
     return lines[0].split(". ")[0] if len(lines[0]) > 160 else lines[0]
 
 
+# Whole adapter tensors kept for taking further parts of them (one expert's
+# columns of a fused MoE lora_B are strided: the whole tensor is read once and
+# every expert's part taken from it). Bigger tensors are read again each time.
+PART_CACHE_BYTES = 64 << 20
+
+
 class RefLoader:
     """Loads TensorRefs, keeping each legacy .bin file open (memory-mapped) once loaded."""
 
     def __init__(self) -> None:
         self._states: dict[str, dict[str, torch.Tensor]] = {}
+        self._wholes: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
     def load(self, ref: TensorRef) -> torch.Tensor:
+        """The tensor ``ref`` names, with its ``part`` taken (a fresh tensor then)."""
+        if not ref.part:
+            return self._load(ref)
+        index = tuple(slice(*p) for p in ref.part)
+        rows = ref.part[0]
+        if ref.fmt == "safetensors" and len(ref.part) == 1 and rows[2] == 1 and len(ref.shape) == 2:
+            # A range of rows (one expert's rows of a fused lora_A): read just those.
+            info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
+            buf = torch.empty((rows[1] - rows[0]) * info.row_bytes, dtype=torch.uint8)
+            with open(ref.path, "rb") as f:
+                return read_rows(f, info, rows[0], rows[1], buf)
+        whole = self._wholes.get((ref.path, ref.key))
+        if whole is None:
+            whole = self._load(ref)
+            nbytes = whole.numel() * whole.element_size()
+            if ref.fmt == "safetensors" and nbytes <= PART_CACHE_BYTES:
+                while self._wholes and nbytes + self._cached_bytes() > PART_CACHE_BYTES:
+                    self._wholes.popitem(last=False)
+                self._wholes[(ref.path, ref.key)] = whole
+        else:
+            self._wholes.move_to_end((ref.path, ref.key))
+        return whole[index].clone()
+
+    def release(self) -> None:
+        """Drop the whole tensors kept for taking parts of them."""
+        self._wholes.clear()
+
+    def _cached_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._wholes.values())
+
+    def _load(self, ref: TensorRef) -> torch.Tensor:
         if ref.fmt == "torch":
             state = self._states.get(ref.path)
             if state is None:

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 
+from . import dora
+from .adapters import lycoris
 from .checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
+from .embeddings import config_value
 from .errors import InputError
 from .journal import Journal
 from .kernels import FORMAT, cast
 from .plan import MergePlan, TensorJob, build_plan
-from .safetensors_io import DTYPES, TensorInfo, read_rows
+from .quant import QuantRows
+from .rows import RowPatch
+from .safetensors_io import DTYPES, TensorInfo, pread_into, read_rows
 from .sources import RefLoader
 from .worker import load_factors
 
@@ -28,6 +33,8 @@ from .worker import load_factors
 # float64 reference is itself off by ~1e-13 ulp of a 16/32-bit output.
 ULP_LIMIT = 0.5 + 1e-6
 ULP_LIMIT_F64 = 4.0
+# DoRA's float64 reference also sums squares over a whole row or column.
+ULP_LIMIT_DORA = 0.5 + 1e-5
 
 
 @dataclass
@@ -112,9 +119,10 @@ def verify(
         weights = recorded if len(recorded) == len(adapters) else None
     if dtype is None:
         dtype = record.get("dtype", "auto")
+    qlora_base = record.get("qlora_base", "none")
     plan = build_plan(
         base, list(adapters), out, weights=weights, dtype=dtype, device="cpu",
-        max_memory=max_memory, check_out=False,
+        max_memory=max_memory, check_out=False, qlora_base=qlora_base,
     )  # fmt: skip
     report = VerifyReport(str(out))
     _check_layout(plan, out, report)
@@ -139,6 +147,16 @@ def _check_layout(plan: MergePlan, out: Path, report: VerifyReport) -> None:
         return
     if not (out / CONFIG_NAME).is_file():
         report.problems.append(f"{out / CONFIG_NAME} is missing.")
+    elif plan.config_drop:
+        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+        kept = [k for k in plan.config_drop if k in config]
+        if kept:
+            report.problems.append(f"{out / CONFIG_NAME} still has {', '.join(kept)}.")
+    if (out / CONFIG_NAME).is_file() and plan.config_update:
+        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+        for key, value in plan.config_update:  # tie_word_embeddings, vocab_size, dtype
+            if config_value(config, key) != value:
+                report.problems.append(f"{out / CONFIG_NAME}: {key} should be {value!r}.")
     if set(got.shards) != {s.name for s in plan.shards}:
         report.problems.append(
             f"shard files differ: expected {sorted(s.name for s in plan.shards)}, found {sorted(got.shards)}."
@@ -186,41 +204,89 @@ def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, re
     if edit and edit.replacement:
         ref = edit.replacement.source
         source = loader.load(ref)  # replacements are adapter tensors: modest in size
-    factors = (
-        [load_factors(term, loader, torch.float64, torch.device("cpu")) for term in edit.terms]
-        if edit
-        else []
+        if source.dim() >= 3:
+            source = source.reshape(t.rows, -1)  # the matrix view the rows are counted in
+    terms = edit.terms if edit else ()
+    factors = [
+        load_factors(term, loader, torch.float64, torch.device("cpu"))
+        for term in terms
+        if term.form not in ("loha", "lokr")
+    ]
+    # LoHa/LoKr: PEFT's formula evaluated directly (not the merge's exact factors).
+    deltas = [
+        lycoris.reference_delta(term, loader) for term in terms if term.form in ("loha", "lokr")
+    ]
+    scaling = edit.scaling if edit else None
+    if scaling is not None:
+        vector = loader.load(scaling.vector).reshape(-1).to(torch.float64)
+    kinds = {term.kind for term in terms} | ({"ia3"} if scaling is not None else set())
+    kind = ",".join(sorted(kinds)) or "replaced"
+    quant = QuantRows(t.quant, t.shape, loader.load) if t.quant else None
+    patch = None
+    if edit and edit.token_rows:
+        patch = RowPatch(edit.token_rows, loader.load, torch.device("cpu"))
+
+    def read_base(row0: int, row1: int) -> torch.Tensor:
+        if edit and edit.replacement:
+            return source[row0:row1] if source.dim() else source
+        if quant is not None:  # a 4-bit base: the values the adapter saw (quant.py)
+            return quant(_read_raw(src, base_info, row0, row1, in_buf, t), row0, row1)
+        return read_rows(src, base_info, row0, row1, in_buf)
+
+    dora_parts = (
+        dora.parts_for(t.name, terms, factors, loader.load) if dora.has_dora(edit) else None
     )
-    kind = (
-        ",".join(sorted({term.kind for term in edit.terms})) if edit and edit.terms else "replaced"
-    )
+    if dora_parts is not None:  # norms down columns need every row first
+        column_sums = dora.reference_column_sums(read_base, t.rows, rows, dora_parts)
     for row0 in range(0, t.rows, rows):
         row1 = min(t.rows, row0 + rows)
         out_rows = read_rows(dst, got, row0, row1, out_buf)
-        if edit and edit.replacement:
-            base_rows = source[row0:row1] if source.dim() else source
-        else:
-            base_rows = read_rows(src, base_info, row0, row1, in_buf)
-        if t.action in ("copy", "convert") or (edit and not edit.terms):
+        base_rows = read_base(row0, row1)
+        if patch is not None:  # trainable tokens: stored rows copied in
+            base_rows = patch(base_rows, row0, row1)
+        if t.action in ("copy", "convert") or (edit and not edit.terms and not scaling):
             expected = cast(base_rows, out_dtype) if base_rows.dtype != out_dtype else base_rows
             if not torch.equal(expected.view(torch.uint8), out_rows.view(torch.uint8)):
                 report.problems.append(f"{t.name}: rows {row0}-{row1} differ from the base.")
                 return
             continue
-        ref64 = base_rows.to(torch.float64)
+        if dora_parts is not None:  # PEFT's sequential DoRA merge, plain float64
+            ref64 = dora.reference_rows(base_rows, dora_parts, column_sums, row0, row1)
+            factors = []
+        else:
+            ref64 = base_rows.to(torch.float64, copy=True)
+        if scaling is not None:  # IA3: W * l, exact in float64
+            v = vector[row0:row1] if scaling.axis == 0 else vector
+            ref64 *= v.view(-1, *[1] * (ref64.dim() - 1)) if scaling.axis == 0 else v
+        for delta in deltas:
+            ref64 += delta(row0, row1)
         for f in factors:
-            if f.right is None:
-                ref64 = ref64 + f.scale * f.left[row0:row1]
-            else:
-                ref64 = ref64 + f.scale * (f.left[row0:row1] @ f.right)
+            # A term may cover only some base rows (one expert of a fused expert tensor).
+            lo, hi = f.rows if f.rows is not None else (0, t.rows)
+            a, b = max(row0, lo), min(row1, hi)
+            if a >= b:
+                continue
+            left = f.left[a - lo : b - lo]
+            ref64[a - row0 : b - row0] += f.scale * (left if f.right is None else left @ f.right)
         err = _ulp_error(out_rows, ref64)
         report.max_ulp[kind] = max(report.max_ulp.get(kind, 0.0), err)
         limit = ULP_LIMIT_F64 if out_dtype == torch.float64 else ULP_LIMIT
+        if dora_parts is not None and out_dtype != torch.float64:
+            limit = ULP_LIMIT_DORA
         if err > limit:
             report.problems.append(
                 f"{t.name}: off by {err:.3g} ulp from the formula (limit {limit})."
             )
             return
+
+
+def _read_raw(src, info: TensorInfo, row0: int, row1: int, buf, t: TensorJob) -> torch.Tensor:
+    """Base rows as stored: 16-bit rows, or packed 4-bit bytes."""
+    if not t.quant.packed:
+        return read_rows(src, info, row0, row1, buf)
+    view = buf[: (row1 - row0) * info.row_bytes]
+    pread_into(src, info.start + row0 * info.row_bytes, view)
+    return view
 
 
 def _ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> float:

@@ -20,10 +20,24 @@ from typing import BinaryIO
 
 import torch
 
+from .adapters.lycoris import build_factors, load_scaling, scale_rows
+from .dora import DoraMerger, has_dora
+from .dora import merger_for as dora_merger_for
+from .errors import UnsupportedAdapterError
 from .journal import crashpoint
 from .kernels import BlockTerm, accumulation_dtype, merge_block, underflow_risk
 from .plan import ShardJob, TensorJob
-from .safetensors_io import DTYPES, StreamWriter, TensorInfo, pread_into, read_rows
+from .quant import QuantRows
+from .rows import RowPatch
+from .safetensors_io import (
+    DTYPES,
+    StreamWriter,
+    TensorInfo,
+    block_shape,
+    matrix_rows,
+    pread_into,
+    read_rows,
+)
 from .sources import RefLoader
 from .terms import Term
 
@@ -58,6 +72,15 @@ def run_shards(
     The jobs are the same base shard planned for different adapters (same
     tensors, same order); each writes its own file.
     """
+    layouts = {tuple((t.name, t.shape, t.base_shape) for t in j.tensors) for j in jobs}
+    if len(layouts) > 1:
+        # An output with a tensor added or resized (embeddings.py) cannot share
+        # the others' reader: each reads the base shard on its own.
+        return [
+            r
+            for k, (job, dest) in enumerate(zip(jobs, dests, strict=True))
+            for r in run_shards([job], [dest], device, progress if k == 0 else None)
+        ]
     first = jobs[0]
     pin = device.type == "cuda"
     layout = _BlockLayout(jobs)
@@ -253,16 +276,19 @@ def _merge_blocks(
                 continue
             state = states.get(k)
             if state is None:
-                state = states[k] = _TensorState(t, loader, device)
+                state = states[k] = _TensorState(t, loader, device, job.in_path)
             original = _view_rows(buf, t, row0, row1) if buf is not None else None
+            if original is not None and state.quant is not None:
+                original = state.quant(original, row0, row1)  # as the adapter saw it (quant.py)
             if original is not None and not (t.edit and t.edit.replacement):
                 base = original
             else:
                 base = state.replacement_rows(row0, row1)
-                if original is None and state.kind and deltas is not None:
+                if original is None and state.kind and deltas is not None and not t.base_shape:
                     original = _read_rows(job.in_path, t, row0, row1)
             merged = state.merge(base, row0, row1)
-            if state.kind and deltas is not None:
+            # A tensor the base does not hold at this shape (resized, new) has no delta.
+            if state.kind and deltas is not None and original is not None:
                 d = state.max_delta(merged, original)
                 if d > deltas[k].get(state.kind, -1.0) or d != d:  # NaN sticks
                     deltas[k][state.kind] = d
@@ -286,14 +312,18 @@ def _read_once(path: str, info: TensorInfo, row0: int, row1: int) -> torch.Tenso
 
 def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
     row_bytes = (t.end - t.start) // max(t.rows, 1)
-    shape = (row1 - row0, *t.shape[1:]) if t.shape else ()
+    if t.quant is not None and t.quant.packed:
+        return buf[: (row1 - row0) * row_bytes]  # packed 4-bit codes, decoded by QuantRows
+    shape = block_shape(t.shape, row1 - row0)
     return buf[: (row1 - row0) * row_bytes].view(DTYPES[t.in_dtype]).view(shape)
 
 
 class _TensorState:
     """The per-tensor part of merging: factors on the device, replacement source, dtypes."""
 
-    def __init__(self, t: TensorJob, loader: RefLoader, device: torch.device):
+    def __init__(
+        self, t: TensorJob, loader: RefLoader, device: torch.device, in_path: str | None = None
+    ):
         self.t = t
         self.device = device
         self.out_dtype = DTYPES[t.out_dtype]
@@ -301,24 +331,89 @@ class _TensorState:
         terms = edit.terms if edit else ()
         self.repl = edit.replacement.source if edit and edit.replacement else None
         in_dtype = self.repl.dtype if self.repl else t.in_dtype
+        self.quant = QuantRows(t.quant, t.shape, loader.load) if t.quant else None
+        if self.quant is not None:
+            in_dtype = t.quant.dtype  # packed codes decode to this
         self.acc = accumulation_dtype(
             self.out_dtype,
             [DTYPES[in_dtype]] + [DTYPES[r.dtype] for term in terms for r in _refs(term)],
         )
+        self.patch = (
+            RowPatch(edit.token_rows, loader.load, device) if edit and edit.token_rows else None
+        )
+        if self.patch is not None:  # replaced rows must reach the rounding exactly
+            self.acc = accumulation_dtype(self.out_dtype, [self.acc, self.patch.dtype])
+        if edit and (edit.scaling or any(term.form in ("loha", "lokr") for term in terms)):
+            # LoHa/LoKr factors hold products of two stored values (up to 48
+            # bits) and IA3 scales the base exactly: float64 keeps them exact.
+            self.acc = torch.float64
+        if has_dora(edit):
+            self.acc = torch.float64  # dora.py works in float64 with its own error bounds
+        if not any(r.part for term in terms for r in _refs(term)):
+            loader.release()  # whole tensors kept for expert parts are not needed here
         self.factors = [load_factors(term, loader, self.acc, device) for term in terms]
+        self.scaling = None
+        if edit and edit.scaling:
+            self.scaling = load_scaling(edit.scaling, loader, device)
         self._repl_reader: Callable[[int, int], torch.Tensor] | None = None
         if self.repl is not None:
             self._repl_reader = _replacement_reader(self.repl, loader)
+        self.dora: DoraMerger | None = None
+        if has_dora(edit):
+            self.dora = self._dora_merger(terms, loader, in_path)
         # The kind reported in max_delta; None for a dtype conversion only.
-        kinds = sorted({term.kind for term in terms})
+        kinds = sorted(
+            {term.kind for term in terms} | ({"ia3"} if self.scaling is not None else set())
+        )
         self.kind = "replaced" if self.repl is not None else ("+".join(kinds) or None)
+        if self.patch is not None and self.kind is None:
+            self.kind = "trainable_tokens"
 
     def replacement_rows(self, row0: int, row1: int) -> torch.Tensor:
         return self._repl_reader(row0, row1)
 
+    def _dora_merger(self, terms, loader: RefLoader, in_path: str | None) -> DoraMerger:
+        """DoRA terms: the base rows again (norms down columns need every row first)."""
+        t = self.t
+        if self.scaling is not None or self.patch is not None:
+            raise UnsupportedAdapterError(
+                f"{t.name}: DoRA with IA3 scaling or trainable tokens on the same tensor is "
+                "not supported.",
+                hint="Merge these adapters in separate runs.",
+            )
+        if t.base_shape is not None and self._repl_reader is None:
+            raise UnsupportedAdapterError(
+                f"{t.name}: DoRA on a tensor the base does not store at this shape "
+                f"({list(t.shape)}) is not supported.",
+                hint="Merge this adapter with PEFT (merge_and_unload) instead.",
+            )
+
+        # Locals, not self: a cycle through self would keep the merger's
+        # scratch buffers alive until the garbage collector runs.
+        repl, quant = self._repl_reader, self.quant
+
+        def read(row0: int, row1: int) -> torch.Tensor:
+            if repl is not None:
+                return repl(row0, row1)
+            rows = _read_rows(in_path, t, row0, row1)
+            return quant(rows, row0, row1) if quant is not None else rows
+
+        return dora_merger_for(
+            t.name, t.shape, terms, self.factors, loader.load, self.out_dtype,
+            read if in_path is not None or repl is not None else None,
+            t.block_rows,
+        )  # fmt: skip
+
     def merge(self, base: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
+        if self.dora is not None:
+            merged = self.dora.merge(base, row0, row1)
+            return merged.cpu() if merged.device.type != "cpu" else merged
         base = base.to(self.device, non_blocking=True)
-        terms = [_slice(f, row0, row1) for f in self.factors]
+        if self.patch is not None:
+            base = self.patch(base, row0, row1)
+        if self.scaling is not None:
+            base = scale_rows(base, self.scaling, self.t.edit.scaling.axis, row0, row1)
+        terms = [b for f in self.factors if (b := _slice(f, row0, row1)) is not None]
         merged = merge_block(base, terms, self.out_dtype, self.acc)
         return merged.cpu() if merged.device.type != "cpu" else merged
 
@@ -348,6 +443,8 @@ def _replacement_reader(ref, loader: RefLoader) -> Callable[[int, int], torch.Te
     """Rows of a tensor an adapter saves whole (read from its file block by block)."""
     if ref.fmt == "torch":
         whole = loader.load(ref)
+        if whole.dim() >= 3:  # rows of the matrix view, as the base's (safetensors_io.matrix_rows)
+            whole = whole.reshape(block_shape(tuple(whole.shape), matrix_rows(tuple(whole.shape))))
         return lambda r0, r1: whole[r0:r1] if whole.dim() else whole
     info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
     return lambda r0, r1: _read_once(ref.path, info, r0, r1)
@@ -410,6 +507,7 @@ class Factors:
         self.scale = term.scale
         self.left = left
         self.right = right
+        self.rows = term.rows  # base rows (of the matrix view) the term covers; None: all
         self.may_underflow = underflow_risk(left, right, term.scale, left.dtype)
         if right is not None:
             self.left_absmax = left.abs().amax(dim=1)
@@ -417,7 +515,15 @@ class Factors:
 
 
 def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.device) -> Factors:
-    """A term's factors, oriented so rows align with the base's, in ``acc`` on ``device``."""
+    """A term's factors, oriented so rows align with the base's, in ``acc`` on ``device``.
+
+    LoHa/LoKr terms get exact float64 factors built from theirs, whatever ``acc``.
+    """
+    if term.form in ("loha", "lokr"):
+        left, right = build_factors(term, loader)
+        if right is not None:
+            right = right.to(device).contiguous()
+        return Factors(term, left.to(device).contiguous(), right)
     left = loader.load(term.left)
     if term.left_t:
         left = left.T
@@ -430,14 +536,31 @@ def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.
     return Factors(term, left.to(device=device, dtype=acc).contiguous(), right)
 
 
-def _slice(f: Factors, row0: int, row1: int) -> BlockTerm:
+def _slice(f: Factors, row0: int, row1: int) -> BlockTerm | None:
+    """The term on base rows [row0, row1); None when it covers none of them.
+
+    A term covering only part of the block (one expert of a fused expert
+    tensor) gets zero rows elsewhere: they add exact zeros.
+    """
+    if f.rows is None:
+        lo, start, stop = 0, row0, row1
+    else:
+        lo, hi = f.rows
+        start, stop = max(row0, lo), min(row1, hi)
+        if start >= stop:
+            return None
+    left = f.left[start - lo : stop - lo]
+    absmax = f.left_absmax[start - lo : stop - lo] if f.right is not None else None
+    if (start, stop) != (row0, row1):
+        left = _pad_rows(left, start - row0, row1 - row0)
+        absmax = _pad_rows(absmax, start - row0, row1 - row0) if absmax is not None else None
     if f.right is None:
-        return BlockTerm(f.left[row0:row1], None, f.scale, may_underflow=f.may_underflow)
-    return BlockTerm(
-        f.left[row0:row1],
-        f.right,
-        f.scale,
-        f.left_absmax[row0:row1],
-        f.right_abssum,
-        f.may_underflow,
-    )
+        return BlockTerm(left, None, f.scale, may_underflow=f.may_underflow)
+    return BlockTerm(left, f.right, f.scale, absmax, f.right_abssum, f.may_underflow)
+
+
+def _pad_rows(t: torch.Tensor, at: int, rows: int) -> torch.Tensor:
+    """``t`` placed at row ``at`` of ``rows`` rows of zeros."""
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[at : at + t.shape[0]] = t
+    return out

@@ -444,13 +444,18 @@ def test_problems_of_different_kinds_reported_together(ws):
 # --- adapter kinds shardmerge refuses by name -------------------------------------------
 
 UNSUPPORTED_CONFIGS = {
-    "dora": ({"use_dora": True}, "DoRA"),
-    "loha": ({"peft_type": "LOHA"}, "LoHa"),
-    "lokr": ({"peft_type": "LOKR"}, "LoKr"),
-    "ia3": ({"peft_type": "IA3"}, "IA3"),
+    "dora_lora_bias": (
+        {"use_dora": True, "lora_bias": True},
+        "DoRA (use_dora) together with lora_bias",
+    ),
+    "oft": ({"peft_type": "OFT"}, "OFT"),
+    "vera": ({"peft_type": "VERA"}, "VeRA"),
+    "adalora": ({"peft_type": "ADALORA"}, "AdaLoRA"),
     "unknown_peft_type": ({"peft_type": "SOMETHING_NEW"}, "SOMETHING_NEW"),
-    "target_parameters": ({"target_parameters": ["mlp.experts.down_proj"]}, "target_parameters"),
-    "trainable_tokens": ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+    "target_parameters_fan_in_fan_out": (
+        {"target_parameters": ["mlp.experts.down_proj"], "fan_in_fan_out": True},
+        "target_parameters together with fan_in_fan_out",
+    ),
     "pissa": ({"init_lora_weights": "pissa"}, "pissa"),
     "pissa_niter": ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4"),
     "olora": ({"init_lora_weights": "olora"}, "olora"),
@@ -462,7 +467,9 @@ UNSUPPORTED_CONFIGS = {
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED_CONFIGS))
 def test_unsupported_adapter_config(ws, case):
     cfg, name = UNSUPPORTED_CONFIGS[case]
-    extra = {f"{PREFIX}{Q}.lora_magnitude_vector": torch.ones(HID)} if case == "dora" else None
+    extra = (
+        {f"{PREFIX}{Q}.lora_magnitude_vector": torch.ones(HID)} if case.startswith("dora") else None
+    )
     a = ws.adapter_dir(case, config=cfg, extra=extra)
     run = ws.merge(adapters=[a])
     todo = "Convert the adapter to plain LoRA" if "init_lora_weights" in cfg else "merge_and_unload"
@@ -481,6 +488,18 @@ BAD_CONFIG_VALUES = {
     "modules_to_save_str": ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),
     "use_rslora_str": ({"use_rslora": "no"}, "use_rslora must be true or false"),
     "fan_in_fan_out_str": ({"fan_in_fan_out": "false"}, "fan_in_fan_out must be true or false"),
+    "trainable_token_indices_str": (
+        {"trainable_token_indices": "1,2"},
+        "trainable_token_indices must be a list of integers",
+    ),
+    "trainable_token_indices_dict_of_str": (
+        {"trainable_token_indices": {"embed_tokens": "1"}},
+        "trainable_token_indices['embed_tokens'] must be a list of integers",
+    ),
+    "target_parameters_str": (
+        {"target_parameters": "mlp.experts.down_proj"},
+        "target_parameters must be a list",
+    ),
 }
 
 

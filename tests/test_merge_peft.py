@@ -40,7 +40,6 @@ from builders import (
 )
 
 import shardmerge
-from shardmerge.errors import ShardmergeError
 
 # ``shardmerge.plan`` is the api function; the planner module is reached this way.
 plan_mod = importlib.import_module("shardmerge.plan")
@@ -293,17 +292,16 @@ def test_qwen2_moe_attention_and_shared_expert_lora(qwen2_moe_fp32, tmp_path):
     assert_byte_identical(out_raw, base_raw, set(base_raw) - ref.touched)
 
 
-def test_moe_expert_target_parameters_refused(qwen2_moe_fp32, tmp_path):
+def test_moe_expert_target_parameters_planned(qwen2_moe_fp32, tmp_path):
+    """LoRA on expert parameters (target_parameters) is merged: one term per expert (tests/test_moe.py)."""
     adapter = make_adapter(
         qwen2_moe_fp32,
         tmp_path / "adapter",
         target_modules=["q_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    out = tmp_path / "out"
-    with pytest.raises(ShardmergeError, match="target_parameters"):
-        shardmerge.merge(qwen2_moe_fp32, [adapter], out)
-    assert not out.exists() or not any(out.iterdir())
+    p = shardmerge.plan(qwen2_moe_fp32, [adapter], tmp_path / "out")
+    assert p.counts == {"linear": 2, "expert": 2 * 4 * 2}
 
 
 # --------------------------------------------------------------------------- LoRA variants

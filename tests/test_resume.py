@@ -454,7 +454,8 @@ def test_real_time_sigkill_then_resume(big, slow, server, tmp_path):
         )
         for out in outs
     ]
-    delays = [rng.uniform(0.05, 0.8) for _ in outs]
+    # The slow merge runs about 1 s after its journal appears: kill well inside that.
+    delays = [rng.uniform(0.02, 0.35) for _ in outs]
     kill_at: list[float | None] = [None, None]
     deadline = time.monotonic() + 60
     try:

@@ -6,7 +6,9 @@ rsLoRA), per-module ``r``/``lora_alpha`` from ``rank_pattern``/``alpha_pattern``
 (first matching pattern wins), ``delta = B @ A`` (transposed for Conv1D
 layers and embeddings), ``lora_B.bias * scaling`` added to the layer bias, and
 tensors the adapter saves whole (modules_to_save, trained biases) replacing
-the base's. Anything else is refused by name.
+the base's. Trainable tokens (LoRA's trainable_token_indices, TRAINABLE_TOKENS
+adapters) and tied embeddings are settled by tokens.py. Anything else is
+refused by name.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, not_a_regular_file, read_json
+from ..dora import magnitude_ref as dora_magnitude
+from ..embeddings import find_embeddings, is_vocab_tensor
 from ..errors import (
     CorruptFileError,
     IncompatibleAdapterError,
@@ -26,9 +30,11 @@ from ..errors import (
     ShardmergeError,
     UnsupportedAdapterError,
 )
-from ..safetensors_io import FLOAT_DTYPES, NAME_OF, read_header
+from ..safetensors_io import FLOAT_DTYPES, NAME_OF, TensorInfo, read_header
 from ..sources import load_torch_state
 from ..terms import Replacement, TensorEdit, TensorRef, Term
+from . import tokens
+from .moe import EXPERT_MODULE, expert_terms
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -80,7 +86,12 @@ _KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("emb_A", r"(.+)\.lora_embedding_A"),
         ("emb_B", r"(.+)\.lora_embedding_B"),
         ("dora", r"(.+)\.lora_magnitude_vector(?:\.weight)?"),
-        ("trainable_tokens", r"(.+)\.token_adapter\.trainable_tokens_delta"),
+        ("trainable_tokens", r"(.+?)(?:\.base_layer)?(?:\.token_adapter)?\.trainable_tokens_delta"),
+        ("base_layer", r"(.+)\.token_adapter\.base_layer\.(weight|bias)"),
+        # With a resized vocabulary PEFT also saves a modules_to_save wrapper's
+        # parts: its copy (the same as module.weight) and the resized original.
+        ("mts_copy", r"(.+)\.modules_to_save\.(weight|bias)"),
+        ("original", r"(.+)\.original_module\.(weight|bias)"),
         ("base_layer", r"(.+)\.base_layer\.(weight|bias)"),
         ("saved", r"(.+)\.(weight|bias)"),
     )
@@ -168,6 +179,12 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
                 hint="Give the folder written by PeftModel.save_pretrained().",
             )
         ]
+    if peft_type in ("LOHA", "LOKR", "IA3"):
+        from . import lycoris
+
+        return lycoris.check_supported(adapter)
+    if peft_type == "TRAINABLE_TOKENS":
+        return tokens.check_config(cfg, where)
     if peft_type != "LORA":
         name = _PEFT_TYPE_NAMES.get(peft_type, peft_type or "unknown")
         return [
@@ -177,7 +194,7 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
                 hint=_USE_PEFT,
             )
         ]
-    bad_values = _config_problems(cfg, where)
+    bad_values = _config_problems(cfg, where) + tokens.check_config(cfg, where)
     if bad_values:
         return bad_values
     refusals = []
@@ -189,12 +206,23 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
             )
         )
 
-    if cfg.get("use_dora"):
-        refuse("DoRA (use_dora: true)")
-    if cfg.get("target_parameters"):
-        refuse("LoRA on MoE expert parameters (target_parameters)")
-    if cfg.get("trainable_token_indices"):
-        refuse("trainable tokens (trainable_token_indices)")
+    targets = cfg.get("target_parameters")
+    if cfg.get("use_dora") and (cfg.get("lora_bias") or targets):
+        # PEFT refuses both (LoraConfig: lora_bias; ParamWrapper: DoRA on parameters).
+        refuse(
+            "DoRA (use_dora) together with "
+            + ("lora_bias" if cfg.get("lora_bias") else "target_parameters")
+        )
+    if targets and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return [
+            InputError(
+                f"{where}: target_parameters must be a list of parameter names, not {targets!r}.",
+                hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
+            )
+        ]
+    if targets and (cfg.get("fan_in_fan_out") or cfg.get("lora_bias")):
+        # PEFT's ParamWrapper refuses these; an adapter claiming them was not made by PEFT.
+        refuse("target_parameters together with fan_in_fan_out or lora_bias")
     if cfg.get("layer_replication"):
         refuse("layer replication (layer_replication)")
     if cfg.get("alora_invocation_tokens"):
@@ -206,8 +234,6 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
         refuse("QA-LoRA (use_qalora)")
     if cfg.get("arrow_config"):
         refuse("Arrow routing (arrow_config)")
-    if cfg.get("ensure_weight_tying") or cfg.get("target_modules_to_tie"):
-        refuse("LoRA on tied embeddings (ensure_weight_tying / target_modules_to_tie)")
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         refuse(
@@ -265,6 +291,11 @@ def _config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
     ]
 
 
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern rule: the first key matching the module name's tail."""
     for key in patterns:
@@ -290,6 +321,29 @@ def resolve_base_name(module: str, suffix: str, ckpt: Checkpoint) -> str | None:
     return None
 
 
+def resolve_lora_target(module: str, suffix: str, ckpt: Checkpoint) -> str | None:
+    """``resolve_base_name``, and a tied base's lm_head, which it stores as the embedding.
+
+    The name returned for that lm_head is not in the checkpoint: read it with
+    ``base_tensor``; embeddings.py decides whether the output writes it apart.
+    """
+    name = resolve_base_name(module, suffix, ckpt)
+    if name is None and suffix == "weight" and is_vocab_tensor(f"{module}.weight"):
+        emb, wanted = find_embeddings(ckpt), f"{module}.weight"
+        if emb.tied and not emb.head_stored and wanted in (emb.head, f"model.{emb.head}"):
+            return emb.head
+    return name
+
+
+def base_tensor(ckpt: Checkpoint, name: str) -> TensorInfo:
+    """A base tensor's header entry; a tied base's unstored lm_head is its embedding's."""
+    if name not in ckpt.weight_map:
+        emb = find_embeddings(ckpt)
+        if emb.tied and name == emb.head and emb.embed:
+            return ckpt.tensor(emb.embed)
+    return ckpt.tensor(name)
+
+
 def _classify_keys(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
     """Group the adapter's keys by module: {module: {role: ref}}; unknown keys returned apart."""
     modules: dict[str, dict[str, TensorRef]] = {}
@@ -300,7 +354,7 @@ def _classify_keys(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], l
             m = pattern.fullmatch(rest)
             if m:
                 module = m.group(1)
-                if role in ("base_layer", "saved"):
+                if role in ("base_layer", "saved", "mts_copy", "original"):
                     role = f"{role}.{m.group(2)}"
                 modules.setdefault(module, {})[role] = ref
                 break
@@ -317,6 +371,10 @@ def adapter_edits(
     Returns the edits by base tensor name, the count of modules applied per
     kind, and every problem found (empty when the adapter fits the base).
     """
+    if str(adapter.config.get("peft_type") or "").upper() in ("LOHA", "LOKR", "IA3"):
+        from . import lycoris
+
+        return lycoris.adapter_edits(adapter, weight, ckpt)
     errors: list[ShardmergeError] = list(check_supported(adapter))
     if errors:
         return {}, Counter(), errors
@@ -358,19 +416,29 @@ def adapter_edits(
             terms=old.terms + ((term,) if term else ()),
         )
 
+    # Keys that match no base tensor, reported together (so a dropped module is never silent).
+    unmatched: list[str] = []
+    if cfg.get("target_parameters"):
+        moe = expert_terms(
+            cfg["target_parameters"], adapter.label, str(wfile), modules, weight, ckpt,
+            rank_of=lambda key: pattern_value(rank_pattern, key, cfg.get("r", 8)),
+            scale_of=lambda key, r: _scaling(pattern_value(alpha_pattern, key, cfg.get("lora_alpha", 8)), r, use_rslora),
+        )  # fmt: skip
+        for base_name, term in moe.terms:
+            add(base_name, term=term)
+        counts.update(moe.counts)
+        errors.extend(moe.errors)
+        unmatched.extend(moe.unmatched)
+        modules = {m: roles for m, roles in modules.items() if m not in moe.claimed}
     for module, roles in sorted(modules.items()):
-        if "dora" in roles or "trainable_tokens" in roles:
-            # check_supported refused these when the config says so; here the
-            # weights hold them although the config does not: refuse too.
-            what = (
-                "DoRA magnitude vectors (lora_magnitude_vector)"
-                if "dora" in roles
-                else "trainable tokens (trainable_tokens_delta)"
-            )
+        if "dora" in roles and not cfg.get("use_dora"):
+            # The weights hold DoRA vectors although the config does not say so: refuse.
             errors.append(
                 UnsupportedAdapterError(
-                    f"{wfile}: module {module} has {what}, which shardmerge does not merge yet.",
-                    hint=_USE_PEFT,
+                    f"{wfile}: module {module} has DoRA magnitude vectors (lora_magnitude_vector) "
+                    "but adapter_config.json has no use_dora; the two disagree.",
+                    hint="Set use_dora: true if this is a DoRA adapter, or re-save it with "
+                    "PeftModel.save_pretrained().",
                 )
             )
             continue
@@ -416,16 +484,19 @@ def adapter_edits(
                 )
                 continue
             scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-            base_name = resolve_base_name(module, "weight", ckpt)
+            base_name = resolve_lora_target(module, "weight", ckpt)
             if base_name is None:
-                incompatible(f"target {module} has no tensor {module}.weight in the base model.")
+                unmatched.append(f"{module}.weight")
                 continue
-            w = ckpt.tensor(base_name)
+            w = base_tensor(ckpt, base_name)
             if w.dtype not in FLOAT_DTYPES:
                 incompatible(
                     f"base tensor {base_name} is {w.dtype}, not floating point; cannot add LoRA to it."
                 )
                 continue
+            saved_base = roles.get("base_layer.weight")
+            if saved_base is not None and is_vocab_tensor(base_name):
+                w = TensorInfo(w.name, w.dtype, saved_base.shape, w.start, w.end)  # resized
             out_f, in_f = b.shape[0], a.shape[1]
             if pair[0] == "emb_A":
                 kind, left_t, right_t, expect = "embedding", True, True, (in_f, out_f)
@@ -441,14 +512,21 @@ def adapter_edits(
                     f"{base_name} has shape {list(w.shape)}."
                 )
                 continue
+            magnitude = None
+            if cfg.get("use_dora"):
+                magnitude = dora_magnitude(roles, module, kind, w.shape, str(wfile), errors)
+                if magnitude is None:
+                    continue
             left, right = (a, b) if left_t else (b, a)
             add(
                 base_name,
                 term=Term(
-                    kind, adapter.label, module, left, right, weight * scaling, left_t, right_t
+                    kind, adapter.label, module, left, right, weight * scaling, left_t, right_t,
+                    magnitude=magnitude, norm_dim=1 if kind == "linear" else 0,
                 ),
-            )
-            counts[kind] += 1
+            )  # fmt: skip
+            # One expert's Linear of an MoE whose experts are separate modules counts as an expert.
+            counts["expert" if kind == "linear" and EXPERT_MODULE.search(module) else kind] += 1
             if "lora_B_bias" in roles:
                 bias_ref = roles["lora_B_bias"]
                 bias_name = resolve_base_name(module, "bias", ckpt)
@@ -471,12 +549,14 @@ def adapter_edits(
                     counts["lora_bias"] += 1
         elif "lora_B_bias" in roles:
             incompatible(f"module {module} has lora_B.bias without LoRA factors.")
+        elif "dora" in roles:
+            incompatible(f"module {module} has a DoRA magnitude vector without LoRA factors.")
 
         for role, ref in roles.items():
             if not role.startswith(("saved.", "base_layer.")):
                 continue
             suffix = role.split(".", 1)[1]
-            base_name = resolve_base_name(module, suffix, ckpt)
+            base_name = resolve_lora_target(module, suffix, ckpt)
             if role.startswith("base_layer."):
                 kind = "base_layer"
             elif module in modules_to_save or module.rsplit(".", 1)[-1] in modules_to_save:
@@ -484,15 +564,18 @@ def adapter_edits(
             else:
                 kind = "bias" if suffix == "bias" else "saved_tensor"
             if base_name is None:
-                incompatible(
-                    f"it saves {module}.{suffix} whole ({kind}) but the base has no such tensor."
-                )
+                unmatched.append(f"{module}.{suffix} (saved whole, {kind})")
                 continue
-            w = ckpt.tensor(base_name)
-            if ref.shape != w.shape:
+            w = base_tensor(ckpt, base_name)
+            resized = (
+                is_vocab_tensor(base_name)
+                and len(ref.shape) == len(w.shape) == 2
+                and ref.shape[1:] == w.shape[1:]
+            )
+            if ref.shape != w.shape and not resized:
                 incompatible(
                     f"saved tensor {module}.{suffix} has shape {list(ref.shape)} but base {base_name} "
-                    f"has {list(w.shape)} (a resized vocabulary is not supported yet)."
+                    f"has {list(w.shape)}."
                 )
                 continue
             if (ref.dtype in FLOAT_DTYPES) != (w.dtype in FLOAT_DTYPES):
@@ -515,17 +598,17 @@ def adapter_edits(
             add(base_name, repl=Replacement(adapter.label, kind, ref))
             counts[kind] += 1
 
-    tie = ckpt.config.get("tie_word_embeddings", False)
-    if tie and edits:
-        tied = [n for n in edits if n.split(".")[-2:-1] in (["lm_head"], ["embed_tokens"], ["wte"])]
-        if tied:
-            errors.append(
-                UnsupportedAdapterError(
-                    f"{adapter.path}: it changes {', '.join(tied)} but the base ties its input and "
-                    "output embeddings (tie_word_embeddings); merging into tied embeddings is not "
-                    "supported yet."
-                )
-            )
+    tokens.embedding_edits(
+        adapter, modules, edits, weight, ckpt,
+        lambda module, suffix: resolve_lora_target(module, suffix, ckpt), counts, errors,
+    )  # fmt: skip
+    if unmatched:
+        shown = ", ".join(unmatched[:12]) + (
+            f" and {len(unmatched) - 12} more" if len(unmatched) > 12 else ""
+        )
+        incompatible(
+            f"{len(unmatched)} of its module(s) match no tensor of the base model: {shown}."
+        )
     if not edits and not errors:
         incompatible("it holds no LoRA weights that apply to the base model.")
     return edits, counts, errors

@@ -1,0 +1,665 @@
+"""PEFT LoHa, LoKr and (IA)^3 adapters -> TensorEdits, and their exact factors.
+
+Semantics follow PEFT's ``merge_and_unload()`` (peft 0.21: tuners/loha/layer.py,
+tuners/lokr/layer.py, tuners/ia3/layer.py, tuners/lycoris_utils.py), for the
+Linear layers they apply to:
+
+- LoHa: ``delta = alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b)`` (Hadamard product).
+- LoKr: ``delta = alpha / r * kron(w1, w2)``, each of ``w1``, ``w2`` stored whole
+  (``lokr_w1``) or as a product (``lokr_w1_a @ lokr_w1_b``).
+- IA3: ``W * l`` with ``l`` one factor per output feature (the layer's bias is
+  scaled too), or per input feature for ``feedforward_modules``; Conv1D
+  layers (fan_in_fan_out) store W transposed.
+
+``r``/``alpha`` come per module from ``rank_pattern``/``alpha_pattern`` (first
+matching key wins, as for LoRA); there is no rsLoRA for these methods.
+Dropouts (``rank_dropout``, ``module_dropout``, ``rank_dropout_scale``) only
+act in training. Convolution variants (``hada_t1``/``hada_t2``, ``lokr_t2``,
+3-D/4-D factors or base weights) are refused by name, as are IA3 adapters
+whose meaning a merge cannot keep (a weight other than 1, sharing a tensor).
+
+Exactness: a product of two floats of at most 32 bits is exact in float64.
+So a LoHa delta is ``scale * L @ R`` with ``L`` the row-wise Kronecker (face-
+splitting) product of ``w1_a`` and ``w2_a`` and ``R`` the column-wise one of
+``w1_b`` and ``w2_b``; a LoKr delta is ``scale * kron(A1, A2) @ kron(B1, B2)``
+for ``w1 = A1 @ B1``, ``w2 = A2 @ B2`` (a whole matrix M is ``I @ M`` or
+``M @ I``), or, when both are whole, the dense ``kron(w1, w2)`` itself. Every
+entry of these float64 factors is one such exact product, and the kernel
+merges ``W + scale * L @ R`` with one rounding. An IA3 product ``W * l`` is
+likewise exact in float64 and rounded once. Factors stored in float64 would
+make inexact products: they are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import (
+    CorruptFileError,
+    IncompatibleAdapterError,
+    InputError,
+    ShardmergeError,
+    UnsupportedAdapterError,
+)
+from ..safetensors_io import FLOAT_DTYPES
+from ..terms import Replacement, Scaling, TensorEdit, TensorRef, Term
+from .peft import (
+    CONFIG_NAME,
+    CONV1D_MODULES,
+    KEY_PREFIX,
+    Adapter,
+    _config_problems,
+    pattern_value,
+    resolve_base_name,
+)
+
+# peft_type -> the name users see.
+PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3"}
+
+_KEYS = {
+    "LOHA": re.compile(r"(.+)\.(hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2))"),
+    "LOKR": re.compile(r"(.+)\.(lokr_(?:w1|w1_a|w1_b|w2|w2_a|w2_b|t2))"),
+    "IA3": re.compile(r"(.+)\.(ia3_l)"),
+}
+_SAVED = re.compile(r"(.+)\.(weight|bias)")
+
+# Bytes of memory per element of the float64 factors built for a LoHa/LoKr
+# term: the factor itself, and the temporaries of building it and of its
+# error-bound vectors (abs copies, masks).
+BUILT_BYTES_PER_ELEMENT = 32
+
+_USE_PEFT = (
+    "Merge this adapter with PEFT instead (PeftModel.from_pretrained(...).merge_and_unload()), "
+    "which needs the whole model in memory."
+)
+
+
+def peft_type_of(adapter: Adapter) -> str:
+    return str(adapter.config.get("peft_type") or "").upper()
+
+
+def check_supported(adapter: Adapter) -> list[ShardmergeError]:
+    """Config-level refusals and bad values for a LoHa, LoKr or IA3 adapter."""
+    cfg, where = adapter.config, adapter.path / CONFIG_NAME
+    peft_type = peft_type_of(adapter)
+    problems = list(_config_problems(cfg, where))
+    if peft_type in ("LOHA", "LOKR"):
+        alpha = cfg.get("alpha")
+        if alpha is not None and not (
+            isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+        ):
+            problems.append(
+                InputError(
+                    f"{where}: alpha must be a finite number, not {alpha!r}.",
+                    hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
+                )
+            )
+        if cfg.get("use_rslora"):
+            problems.append(
+                UnsupportedAdapterError(
+                    f"{where}: rsLoRA scaling (use_rslora: true) for {PEFT_TYPES[peft_type]} is not "
+                    "supported; PEFT 0.21 defines none for it.",
+                    hint=_USE_PEFT,
+                )
+            )
+    else:
+        ff = cfg.get("feedforward_modules")
+        if isinstance(ff, str):
+            try:
+                re.compile(ff)
+            except re.error as e:
+                problems.append(
+                    InputError(f"{where}: feedforward_modules {ff!r} is not a valid regex ({e}).")
+                )
+        elif ff is not None and not (isinstance(ff, list) and all(isinstance(m, str) for m in ff)):
+            problems.append(
+                InputError(
+                    f"{where}: feedforward_modules must be a list of module names or a regex, "
+                    f"not {ff!r}.",
+                    hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
+                )
+            )
+    return problems
+
+
+def _classify(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
+    """{module: {role: ref}} with roles like "hada_w1_a" or "saved.weight"; unknown keys apart."""
+    pattern = _KEYS[peft_type_of(adapter)]
+    modules: dict[str, dict[str, TensorRef]] = {}
+    unknown: list[str] = []
+    for key, ref in adapter.tensors.items():
+        rest = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        m = pattern.fullmatch(rest)
+        if m:
+            modules.setdefault(m.group(1), {})[m.group(2)] = ref
+            continue
+        m = _SAVED.fullmatch(rest)
+        if m and ".hada_" not in rest and ".lokr_" not in rest and ".ia3_" not in rest:
+            modules.setdefault(m.group(1), {})[f"saved.{m.group(2)}"] = ref
+            continue
+        unknown.append(key)
+    return modules, unknown
+
+
+class _Collector:
+    """Edits, counts and errors of one adapter, with the messages' common parts."""
+
+    def __init__(self, adapter: Adapter, ckpt: Checkpoint):
+        self.adapter = adapter
+        self.ckpt = ckpt
+        self.name = PEFT_TYPES[peft_type_of(adapter)]
+        self.edits: dict[str, TensorEdit] = {}
+        self.counts: Counter = Counter()
+        self.errors: list[ShardmergeError] = []
+
+    def incompatible(self, msg: str) -> None:
+        self.errors.append(
+            IncompatibleAdapterError(
+                f"{self.adapter.path}: {msg}", hint="Is this adapter made for this base model?"
+            )
+        )
+
+    def unsupported(self, msg: str, hint: str | None = _USE_PEFT) -> None:
+        self.errors.append(
+            UnsupportedAdapterError(f"{self.adapter.weights_file}: {msg}", hint=hint)
+        )
+
+    def corrupt(self, msg: str) -> None:
+        self.errors.append(
+            CorruptFileError(
+                f"{self.adapter.weights_file}: {msg}",
+                hint="The config and the weights disagree; re-save the adapter.",
+            )
+        )
+
+    def add(self, base: str, edit: TensorEdit, kind: str) -> None:
+        old = self.edits.get(base)
+        if old is not None:
+            self.incompatible(f"it changes {base} twice.")
+            return
+        self.edits[base] = edit
+        self.counts[kind] += 1
+
+    def base_weight(self, module: str, what: str):
+        """The 2-D floating-point base weight of ``module``, or None (problem recorded)."""
+        name = resolve_base_name(module, "weight", self.ckpt)
+        if name is None:
+            self.incompatible(f"target {module} has no tensor {module}.weight in the base model.")
+            return None, None
+        w = self.ckpt.tensor(name)
+        if w.dtype not in FLOAT_DTYPES:
+            self.incompatible(f"base tensor {name} is {w.dtype}, not floating point.")
+            return None, None
+        if len(w.shape) != 2:
+            self.unsupported(
+                f"module {module}: {self.name} on convolution layers ({len(w.shape)}-D weight "
+                f"{name}) is not supported."
+            )
+            return None, None
+        if w.dtype == "F64" and what == "ia3":
+            self.unsupported(
+                f"module {module}: IA3 on the float64 tensor {name} is not supported (the product "
+                "W * l is not exact in float64)."
+            )
+            return None, None
+        return name, w
+
+    def factors_ok(self, module: str, refs: list[TensorRef]) -> bool:
+        """2-D floating-point factors of at most 32 bits."""
+        if any(len(r.shape) != 2 for r in refs):
+            dims = sorted({len(r.shape) for r in refs})
+            self.unsupported(
+                f"module {module} has {'/'.join(map(str, dims))}-D {self.name} factors; "
+                f"{self.name} on convolution layers is not supported."
+            )
+            return False
+        if any(r.dtype not in FLOAT_DTYPES for r in refs):
+            self.corrupt(f"{self.name} factors of {module} are not floating point.")
+            return False
+        if any(r.dtype == "F64" for r in refs):
+            self.unsupported(
+                f"module {module} has {self.name} factors stored in float64; their products are "
+                "not exact in float64, so shardmerge cannot merge them exactly.",
+                hint="Save the adapter in float32 (model.to(torch.float32) before save_pretrained), "
+                "or merge it with PEFT.",
+            )
+            return False
+        return True
+
+
+def adapter_edits(
+    adapter: Adapter, weight: float, ckpt: Checkpoint
+) -> tuple[dict[str, TensorEdit], Counter, list[ShardmergeError]]:
+    """Translate one LoHa, LoKr or IA3 adapter into edits of base tensors (like peft.adapter_edits)."""
+    errors = check_supported(adapter)
+    if errors:
+        return {}, Counter(), errors
+    if peft_type_of(adapter) == "IA3" and weight != 1.0:
+        return (
+            {},
+            Counter(),
+            [
+                UnsupportedAdapterError(
+                    f"{adapter.path}: an IA3 adapter scales weights (W * l); a weight of {weight} "
+                    "has no defined meaning for it.",
+                    hint="Give IA3 adapters weight 1.0, or merge it with PEFT.",
+                )
+            ],
+        )
+    c = _Collector(adapter, ckpt)
+    modules, unknown = _classify(adapter)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (
+            f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        )
+        c.errors.append(
+            UnsupportedAdapterError(
+                f"{adapter.weights_file}: keys shardmerge does not understand in a {c.name} "
+                f"adapter: {shown}.",
+                hint=f"Is this a PEFT {c.name} adapter? Otherwise merge it with the tool that made it.",
+            )
+        )
+    peft_type = peft_type_of(adapter)
+    for module, roles in sorted(modules.items()):
+        own = {r: ref for r, ref in roles.items() if not r.startswith("saved.")}
+        if own and peft_type == "LOHA":
+            _loha(c, module, own, weight)
+        elif own and peft_type == "LOKR":
+            _lokr(c, module, own, weight)
+        elif own:
+            _ia3(c, module, own["ia3_l"])
+        for role, ref in roles.items():
+            if role.startswith("saved."):
+                _saved(c, module, role.split(".", 1)[1], ref, weight)
+
+    if ckpt.config.get("tie_word_embeddings", False):
+        tied = [
+            n for n in c.edits if n.split(".")[-2:-1] in (["lm_head"], ["embed_tokens"], ["wte"])
+        ]
+        if tied:
+            c.errors.append(
+                UnsupportedAdapterError(
+                    f"{adapter.path}: it changes {', '.join(tied)} but the base ties its input and "
+                    "output embeddings (tie_word_embeddings); merging into tied embeddings is not "
+                    "supported yet."
+                )
+            )
+    if not c.edits and not c.errors:
+        c.incompatible(f"it holds no {c.name} weights that apply to the base model.")
+    return c.edits, c.counts, c.errors
+
+
+def _rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
+    r = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
+    alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("alpha", 8))
+    return r, alpha
+
+
+def _loha(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float) -> None:
+    if "hada_t1" in roles or "hada_t2" in roles:
+        c.unsupported(
+            f"module {module} has hada_t1/hada_t2 (LoHa with use_effective_conv2d on a "
+            "convolution); LoHa on convolution layers is not supported."
+        )
+        return
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    missing = [n for n in names if n not in roles]
+    if missing:
+        c.incompatible(f"module {module} lacks {', '.join(missing)} (an incomplete LoHa module).")
+        return
+    w1a, w1b, w2a, w2b = (roles[n] for n in names)
+    if not c.factors_ok(module, [w1a, w1b, w2a, w2b]):
+        return
+    r_cfg, alpha = _rank_alpha(c.adapter.config, module)
+    if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
+        c.incompatible(f"module {module}: the ranks of its LoHa factors do not match.")
+        return
+    if (w1a.shape[0], w1b.shape[1]) != (w2a.shape[0], w2b.shape[1]):
+        c.incompatible(
+            f"module {module}: (w1_a @ w1_b) is {w1a.shape[0]}x{w1b.shape[1]} but (w2_a @ w2_b) "
+            f"is {w2a.shape[0]}x{w2b.shape[1]}."
+        )
+        return
+    if w1a.shape[1] != r_cfg or w2a.shape[1] != r_cfg:
+        c.corrupt(
+            f"module {module} has LoHa rank {w1a.shape[1]}/{w2a.shape[1]} but adapter_config.json "
+            f"gives r={r_cfg}."
+        )
+        return
+    base, w = c.base_weight(module, "loha")
+    if base is None:
+        return
+    expect = (w1a.shape[0], w1b.shape[1])
+    if w.shape != expect:
+        c.incompatible(
+            f"target {module}: the LoHa delta has shape {list(expect)} but base tensor {base} has "
+            f"shape {list(w.shape)}."
+        )
+        return
+    term = Term(
+        "loha", c.adapter.label, module, w1a, w1b, weight * (alpha / r_cfg),
+        form="loha", extra=(w2a, w2b),
+    )  # fmt: skip
+    c.add(base, TensorEdit(terms=(term,)), "loha")
+
+
+def _lokr(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float) -> None:
+    if "lokr_t2" in roles:
+        c.unsupported(
+            f"module {module} has lokr_t2 (LoKr with use_effective_conv2d on a convolution); "
+            "LoKr on convolution layers is not supported."
+        )
+        return
+    sides = []
+    for i in (1, 2):
+        full, a, b = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b"
+        if full in roles and a not in roles and b not in roles:
+            sides.append((roles[full],))
+        elif full not in roles and a in roles and b in roles:
+            sides.append((roles[a], roles[b]))
+        else:
+            have = ", ".join(n for n in (full, a, b) if n in roles) or "nothing"
+            c.incompatible(
+                f"module {module} has {have} for w{i}; LoKr needs either {full} or both {a} and {b}."
+            )
+            return
+    if not c.factors_ok(module, [r for side in sides for r in side]):
+        return
+    r_cfg, alpha = _rank_alpha(c.adapter.config, module)
+    dims = []
+    for i, side in enumerate(sides, start=1):
+        if len(side) == 2:
+            a, b = side
+            if a.shape[1] != b.shape[0]:
+                c.incompatible(f"module {module}: lokr_w{i}_a and lokr_w{i}_b ranks differ.")
+                return
+            if a.shape[1] != r_cfg:
+                c.corrupt(
+                    f"module {module} has LoKr rank {a.shape[1]} (lokr_w{i}_a) but "
+                    f"adapter_config.json gives r={r_cfg}."
+                )
+                return
+            dims.append((a.shape[0], b.shape[1]))
+        else:
+            dims.append(side[0].shape)
+    base, w = c.base_weight(module, "lokr")
+    if base is None:
+        return
+    (a1, c1), (b2, d2) = dims
+    expect = (a1 * b2, c1 * d2)
+    if w.shape != expect:
+        c.incompatible(
+            f"target {module}: the LoKr delta kron(w1, w2) has shape {list(expect)} but base "
+            f"tensor {base} has shape {list(w.shape)}."
+        )
+        return
+    w1, w2 = sides
+    term = Term(
+        "lokr", c.adapter.label, module, w1[0], w1[1] if len(w1) == 2 else None,
+        weight * (alpha / r_cfg), form="lokr", extra=w2,
+    )  # fmt: skip
+    c.add(base, TensorEdit(terms=(term,)), "lokr")
+
+
+def _is_feedforward(spec, module: str) -> bool | None:
+    """PEFT's IA3 rule (IA3Model._check_target_module_feedforward); None when not configured."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return bool(re.fullmatch(spec, module))
+    return any(module.endswith(key) for key in spec)
+
+
+def _ia3(c: _Collector, module: str, vec: TensorRef) -> None:
+    cfg = c.adapter.config
+    if len(vec.shape) != 2:
+        c.unsupported(
+            f"module {module} has a {len(vec.shape)}-D ia3_l; IA3 on convolution layers is not "
+            "supported."
+        )
+        return
+    if vec.dtype not in FLOAT_DTYPES:
+        c.corrupt(f"ia3_l of {module} is not floating point.")
+        return
+    if vec.dtype == "F64":
+        c.unsupported(
+            f"module {module} has its IA3 vector stored in float64; W * l is then not exact in "
+            "float64, so shardmerge cannot merge it exactly.",
+            hint="Save the adapter in float32, or merge it with PEFT.",
+        )
+        return
+    base, w = c.base_weight(module, "ia3")
+    if base is None:
+        return
+    rows, cols = vec.shape
+    by_shape = True if rows == 1 and cols != 1 else False if cols == 1 and rows != 1 else None
+    by_config = _is_feedforward(cfg.get("feedforward_modules"), module)
+    if by_shape is not None and by_config is not None and by_shape != by_config:
+        c.corrupt(
+            f"ia3_l of {module} has shape {list(vec.shape)}, which is "
+            f"{'' if by_shape else 'not '}the feedforward layout, but feedforward_modules says "
+            f"{module} is {'' if by_config else 'not '}a feedforward module."
+        )
+        return
+    ff = by_shape if by_shape is not None else bool(by_config)
+    n = vec.numel
+    # Linear weights are (out, in); Conv1D weights (in, out). A feedforward
+    # vector scales the input features, any other the output features.
+    feature_axis_linear = 1 if ff else 0
+    conv1d = module.rsplit(".", 1)[-1] in CONV1D_MODULES.get(
+        str(c.ckpt.config.get("model_type", "")), ()
+    ) or (
+        cfg.get("fan_in_fan_out")
+        and w.shape[1 - feature_axis_linear] == n
+        and w.shape[feature_axis_linear] != n
+    )
+    axis = 1 - feature_axis_linear if conv1d else feature_axis_linear
+    if w.shape[axis] != n:
+        c.incompatible(
+            f"target {module}: ia3_l has {n} entries ({'input' if ff else 'output'} features) but "
+            f"base tensor {base} {list(w.shape)} has {w.shape[axis]} along that axis."
+        )
+        return
+    scaling = Scaling(c.adapter.label, module, vec, axis)
+    c.add(base, TensorEdit(scaling=scaling), "ia3")
+    if ff:
+        return
+    bias = resolve_base_name(module, "bias", c.ckpt)
+    if bias is None:
+        return
+    b = c.ckpt.tensor(bias)
+    if b.shape != (n,) or b.dtype not in FLOAT_DTYPES or b.dtype == "F64":
+        c.incompatible(
+            f"IA3 scales the bias {bias} of {module} by ia3_l ({n} entries), but it is "
+            f"{b.dtype} {list(b.shape)}."
+        )
+        return
+    c.add(bias, TensorEdit(scaling=Scaling(c.adapter.label, module, vec, 0)), "ia3_bias")
+
+
+def _saved(c: _Collector, module: str, suffix: str, ref: TensorRef, weight: float) -> None:
+    """A tensor saved whole (modules_to_save): it replaces the base's, as in peft.adapter_edits."""
+    base = resolve_base_name(module, suffix, c.ckpt)
+    mts = set(c.adapter.config.get("modules_to_save") or [])
+    kind = (
+        "modules_to_save"
+        if module in mts or module.rsplit(".", 1)[-1] in mts
+        else "bias"
+        if suffix == "bias"
+        else "saved_tensor"
+    )
+    if base is None:
+        c.incompatible(
+            f"it saves {module}.{suffix} whole ({kind}) but the base has no such tensor."
+        )
+        return
+    w = c.ckpt.tensor(base)
+    if ref.shape != w.shape or (ref.dtype in FLOAT_DTYPES) != (w.dtype in FLOAT_DTYPES):
+        c.incompatible(
+            f"saved tensor {module}.{suffix} is {ref.dtype} {list(ref.shape)} but base {base} is "
+            f"{w.dtype} {list(w.shape)}."
+        )
+        return
+    if weight != 1.0:
+        c.errors.append(
+            UnsupportedAdapterError(
+                f"{c.adapter.path}: it replaces {base} whole ({kind}); a weight of {weight} has no "
+                "defined meaning for a replaced tensor.",
+                hint="Give this adapter weight 1.0.",
+            )
+        )
+        return
+    c.add(base, TensorEdit(replacement=Replacement(c.adapter.label, kind, ref)), kind)
+
+
+# --------------------------------------------------------------------------- exact factors
+
+
+def _lokr_sides(term: Term) -> tuple[tuple[TensorRef, ...], tuple[TensorRef, ...]]:
+    w1 = (term.left,) if term.right is None else (term.left, term.right)
+    return w1, term.extra
+
+
+def _side_shape(side: tuple[TensorRef, ...]) -> tuple[int, int, int | None]:
+    """(rows, cols, stored rank or None for a whole matrix) of one Kronecker factor."""
+    if len(side) == 1:
+        return side[0].shape[0], side[0].shape[1], None
+    return side[0].shape[0], side[1].shape[1], side[0].shape[1]
+
+
+def _lokr_layout(term: Term) -> tuple[bool, int, int, int]:
+    """(dense, rank, out, in): how the LoKr factors are built, whichever is smaller.
+
+    A whole matrix takes the rank of its smaller side (``I @ M`` or ``M @ I``);
+    when both are whole, the dense delta (each entry one exact product) is
+    built instead if it has fewer elements than the low-rank factors.
+    """
+    (a, c1, r1), (b, d, r2) = (_side_shape(s) for s in _lokr_sides(term))
+    rank = (r1 or min(a, c1)) * (r2 or min(b, d))
+    out, inp = a * b, c1 * d
+    dense = r1 is None and r2 is None and out * inp <= rank * (out + inp)
+    return dense, rank, out, inp
+
+
+def built_numel(term: Term) -> int:
+    """Elements of the float64 factors ``build_factors`` makes for a LoHa/LoKr term."""
+    if term.form == "loha":
+        w2a, w2b = term.extra
+        rank = term.left.shape[1] * w2a.shape[1]
+        return rank * (term.left.shape[0] + term.right.shape[1])
+    dense, rank, out, inp = _lokr_layout(term)
+    return out * inp if dense else rank * (out + inp)
+
+
+def factor_bytes(term: Term) -> int:
+    """Memory the built factors of a LoHa/LoKr term take while it is merged (planner's estimate)."""
+    return BUILT_BYTES_PER_ELEMENT * built_numel(term)
+
+
+def scaling_bytes(edit: TensorEdit | None) -> int:
+    """Memory of an IA3 vector held in float64 while its tensor is merged."""
+    return 16 * edit.scaling.vector.numel if edit is not None and edit.scaling else 0
+
+
+def _f64(loader, ref: TensorRef) -> torch.Tensor:
+    return loader.load(ref).to(torch.float64)
+
+
+def _face_split_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, p), (n, q) -> (n, p*q): row i is kron(a[i], b[i])."""
+    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+
+
+def _face_split_cols(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(p, m), (q, m) -> (p*q, m): column j is kron(a[:, j], b[:, j])."""
+    return (a[:, None, :] * b[None, :, :]).reshape(-1, a.shape[1])
+
+
+def _as_product(loader, side: tuple[TensorRef, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with A @ B the side's matrix; a whole matrix gets an identity on its smaller side."""
+    if len(side) == 2:
+        return _f64(loader, side[0]), _f64(loader, side[1])
+    m = _f64(loader, side[0])
+    rows, cols = m.shape
+    if rows <= cols:
+        return torch.eye(rows, dtype=torch.float64), m
+    return m, torch.eye(cols, dtype=torch.float64)
+
+
+def build_factors(term: Term, loader) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact float64 factors of a LoHa/LoKr term on the CPU: ``delta = scale * left @ right``.
+
+    ``right`` is None for a dense LoKr delta (``left`` is then the delta / scale).
+    Every entry is a product of two stored floats of at most 32 bits: exact.
+    """
+    if term.form == "loha":
+        w2a, w2b = term.extra
+        left = _face_split_rows(_f64(loader, term.left), _f64(loader, w2a))
+        right = _face_split_cols(_f64(loader, term.right), _f64(loader, w2b))
+        return left, right
+    if term.form != "lokr":
+        raise ValueError(f"unknown term form {term.form!r}")
+    w1, w2 = _lokr_sides(term)
+    if _lokr_layout(term)[0]:
+        return torch.kron(_f64(loader, w1[0]), _f64(loader, w2[0])), None
+    a1, b1 = _as_product(loader, w1)
+    a2, b2 = _as_product(loader, w2)
+    return torch.kron(a1, a2), torch.kron(b1, b2)
+
+
+# --------------------------------------------------------------------------- reference (verify)
+
+
+def reference_delta(term: Term, loader) -> Callable[[int, int], torch.Tensor]:
+    """Rows [row0, row1) of ``scale * delta`` in float64, straight from PEFT's formula.
+
+    For verify: independent of ``build_factors`` and of the kernel (float64,
+    not exact, so within ~1e-16 relative of the true value).
+    """
+    s = term.scale
+    if term.form == "loha":
+        w1a, w1b = _f64(loader, term.left), _f64(loader, term.right)
+        w2a, w2b = (_f64(loader, r) for r in term.extra)
+        return lambda r0, r1: s * ((w1a[r0:r1] @ w1b) * (w2a[r0:r1] @ w2b))
+
+    def whole(side: tuple[TensorRef, ...]) -> torch.Tensor:
+        mats = [_f64(loader, r) for r in side]
+        return mats[0] if len(mats) == 1 else mats[0] @ mats[1]
+
+    w1, w2 = (whole(side) for side in _lokr_sides(term))
+    b = w2.shape[0]
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        i = torch.arange(r0, r1)
+        # kron(w1, w2)[i1 * b + i2, j1 * d + j2] = w1[i1, j1] * w2[i2, j2]
+        block = w1[i // b][:, :, None] * w2[i % b][:, None, :]
+        return s * block.reshape(r1 - r0, -1)
+
+    return rows
+
+
+# --------------------------------------------------------------------------- IA3 in the worker
+
+
+def load_scaling(scaling: Scaling, loader, device: torch.device) -> torch.Tensor:
+    """The IA3 vector, flat, in float64 on ``device``."""
+    return loader.load(scaling.vector).reshape(-1).to(device=device, dtype=torch.float64)
+
+
+def scale_rows(
+    base: torch.Tensor, vector: torch.Tensor, axis: int, row0: int, row1: int
+) -> torch.Tensor:
+    """Base rows [row0, row1) times the IA3 vector, in float64: exact, rounded later once."""
+    out = base.to(torch.float64, copy=True)
+    if axis == 0:
+        v = vector[row0:row1]
+        out.mul_(v.view(-1, *([1] * (out.dim() - 1))) if out.dim() else v)
+    else:
+        out.mul_(vector)
+    return out

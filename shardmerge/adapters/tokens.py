@@ -1,0 +1,212 @@
+"""Trainable tokens, and what one adapter does to a base's tied embeddings.
+
+PEFT semantics (peft/tuners/trainable_tokens/layer.py, utils/other.py):
+
+- ``trainable_tokens_delta`` holds the *new rows* themselves: merging is
+  ``weight.index_copy(0, token_indices, delta)``. The indices live only in
+  adapter_config.json: LoRA's ``trainable_token_indices`` (a list for the
+  input embedding, or a dict module name -> list, a module matching a key
+  when its name ends with it) or the TRAINABLE_TOKENS method's
+  ``token_indices`` (the same list for every target).
+- On a base that ties its embeddings, trainable tokens of the input
+  embedding also apply to lm_head, unless the dict form gives lm_head other
+  indices (then each has its own, and they no longer agree). The
+  TRAINABLE_TOKENS method ties lm_head whenever the embedding is a target.
+  Keys saved for a tied lm_head are copies and are ignored.
+- A tensor saved whole for a module's base (``base_layer.weight``, an
+  embedding saved because the vocabulary was resized, a modules_to_save
+  wrapper's ``original_module.weight``) is loaded into the one shared tensor:
+  it is the new base of both. A modules_to_save copy is the module's own.
+- ``ensure_weight_tying: true`` on a tied base makes lm_head use exactly what
+  the embedding uses (its LoRA, its modules_to_save copy, its tokens): the
+  keys saved for lm_head are copies and are ignored.
+
+Whether the two then still agree is decided for all adapters together
+(shardmerge/embeddings.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..embeddings import find_embeddings, is_vocab_tensor
+from ..errors import CorruptFileError, InputError, ShardmergeError, UnsupportedAdapterError
+from ..terms import Replacement, TensorEdit, TokenRows
+
+# Replacement kinds that overwrite a module's base weight (shared when tied).
+_BASE_KINDS = ("base_layer", "saved_tensor")
+
+
+def _is_index_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+
+def check_config(cfg: dict, where: Path) -> list[ShardmergeError]:
+    """trainable_token_indices / token_indices hold lists of integers."""
+    problems = []
+    field = "token_indices" if _is_standalone(cfg) else "trainable_token_indices"
+    value = cfg.get(field)
+    if value is None:
+        if _is_standalone(cfg):
+            problems.append("token_indices is missing")
+    elif isinstance(value, dict) and not _is_standalone(cfg):
+        for key, indices in value.items():
+            if not _is_index_list(indices):
+                problems.append(f"{field}[{key!r}] must be a list of integers, not {indices!r}")
+    elif not _is_index_list(value):
+        problems.append(f"{field} must be a list of integers (or a dict of them), not {value!r}")
+    if cfg.get("ensure_weight_tying") is not None and not isinstance(
+        cfg["ensure_weight_tying"], bool
+    ):
+        problems.append(
+            f"ensure_weight_tying must be true or false, not {cfg['ensure_weight_tying']!r}"
+        )
+    return [
+        InputError(
+            f"{where}: {p}.",
+            hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
+        )
+        for p in problems
+    ]
+
+
+def _is_standalone(cfg: dict) -> bool:
+    return str(cfg.get("peft_type") or "").upper() == "TRAINABLE_TOKENS"
+
+
+def _indices(cfg: dict, module: str) -> list[int] | None:
+    """The token indices the config gives ``module``; None when it gives none.
+
+    The list forms name the input embedding's indices (a delta saved for a
+    tied lm_head is a copy of the embedding's, with the same indices).
+    """
+    if _is_standalone(cfg):
+        return cfg.get("token_indices")
+    value = cfg.get("trainable_token_indices")
+    if isinstance(value, dict):
+        for key, indices in value.items():
+            if module.endswith(key):  # PEFT's _set_trainable matches name tails
+                return indices
+        return None
+    return value
+
+
+def embedding_edits(
+    adapter,
+    modules: dict[str, dict],
+    edits: dict[str, TensorEdit],
+    weight: float,
+    ckpt: Checkpoint,
+    resolve,
+    counts: Counter,
+    errors: list[ShardmergeError],
+) -> None:
+    """Add the adapter's trainable tokens to ``edits`` and apply its tied-embedding semantics.
+
+    ``resolve(module, suffix)`` is the adapter's module-to-base-tensor rule.
+    """
+    cfg, wfile = adapter.config, adapter.weights_file
+    tokens = {
+        m: roles["trainable_tokens"] for m, roles in modules.items() if "trainable_tokens" in roles
+    }
+    watched = [m for m in modules if (n := resolve(m, "weight")) and is_vocab_tensor(n)]
+    if not tokens and not watched:
+        return
+    emb = find_embeddings(ckpt)
+    embed_modules = [m for m in modules if emb.embed and resolve(m, "weight") == emb.embed]
+    head_modules = [m for m in modules if resolve(m, "weight") == emb.head]
+    tied = emb.tied
+    ensure = tied and bool(cfg.get("ensure_weight_tying")) and not _is_standalone(cfg)
+
+    rows = {m: _token_rows(adapter, m, ref) for m, ref in tokens.items()}
+    embed_row = next((rows[m][0] for m in embed_modules if m in rows), None)
+    follow = False
+    if tied and embed_row is not None:
+        if _is_standalone(cfg) or ensure:
+            follow = True
+        else:
+            # PEFT ties lm_head's tokens to the embedding's unless the dict form gives it others.
+            others = [_indices(cfg, m) for m in head_modules]
+            follow = all(o is None or list(o) == list(embed_row.indices) for o in others)
+    for module, (row, problem) in rows.items():
+        if module in head_modules and (follow or ensure):
+            continue  # a tied copy of the embedding's
+        if problem:
+            errors.append(UnsupportedAdapterError(f"{wfile}: {problem}", hint=_HINT))
+            continue
+        if weight != 1.0:
+            errors.append(
+                UnsupportedAdapterError(
+                    f"{adapter.path}: it replaces rows of {module} (trainable tokens); a weight "
+                    f"of {weight} has no defined meaning for replaced rows.",
+                    hint="Give this adapter weight 1.0.",
+                )
+            )
+            continue
+        base = resolve(module, "weight")
+        if base is None:
+            errors.append(
+                CorruptFileError(
+                    f"{wfile}: trainable tokens of {module}, which matches no tensor of the base "
+                    "model."
+                )
+            )
+            continue
+        old = edits.get(base, TensorEdit())
+        edits[base] = replace(old, token_rows=old.token_rows + (row,))
+        counts["trainable_tokens"] += 1
+    if not tied or emb.embed is None:
+        return
+
+    # A tied base: what the embedding and lm_head each compute with in the PeftModel.
+    e_edit = edits.pop(emb.embed, TensorEdit())
+    h_edit = edits.pop(emb.head, TensorEdit())
+    if ensure:
+        h_edit = TensorEdit()  # lm_head's keys are copies of the embedding's
+    shared = next(
+        (
+            e.replacement
+            for e in (e_edit, h_edit)
+            if e.replacement is not None and e.replacement.kind in _BASE_KINDS
+        ),
+        None,
+    )
+    if shared is None:
+        originals = [
+            modules[m]["original.weight"]
+            for m in embed_modules + ([] if ensure else head_modules)
+            if "original.weight" in modules[m]
+        ]
+        if originals:
+            shared = Replacement(adapter.label, "base_layer", originals[0])
+
+    def own(e: TensorEdit) -> Replacement | None:
+        return e.replacement if e.replacement and e.replacement.kind not in _BASE_KINDS else None
+
+    e_new = replace(e_edit, replacement=own(e_edit) or shared)
+    if ensure:
+        h_new = e_new
+    else:
+        h_new = replace(h_edit, replacement=own(h_edit) or shared)
+        if follow:
+            h_new = replace(h_new, token_rows=e_new.token_rows)
+    for name, e in ((emb.embed, e_new), (emb.head, h_new)):
+        if e != TensorEdit():
+            edits[name] = e
+
+
+_HINT = "Re-save the adapter with PeftModel.save_pretrained(), or merge it with PEFT."
+
+
+def _token_rows(adapter, module: str, ref) -> tuple[TokenRows | None, str]:
+    """The TokenRows of one module's trainable_tokens_delta, or a problem."""
+    indices = _indices(adapter.config, module)
+    if indices is None:
+        return None, (
+            f"module {module} has trainable tokens (trainable_tokens_delta) but "
+            f"{adapter.path / 'adapter_config.json'} gives no token indices for it."
+        )
+    return TokenRows(adapter.label, module, tuple(indices), ref), ""

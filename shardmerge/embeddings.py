@@ -1,0 +1,350 @@
+"""A base's input and output embeddings: whether they are tied, and what a merge makes of them.
+
+A base *ties* its embeddings when the loaded model shares one tensor between
+the input embedding (``embed_tokens``) and the output projection
+(``lm_head``); the checkpoint then stores only the embedding. An adapter may
+change the two differently (LoRA on only one of them, modules_to_save of one,
+trainable tokens of one). The unmerged PeftModel then computes with two
+different matrices, so the merged model must too: ``lm_head.weight`` is
+written as a tensor of its own (the embedding's bytes plus lm_head's own
+changes) and config.json says ``tie_word_embeddings: false``. When both
+change alike the tie is kept. A resized vocabulary (a replacement with more
+or fewer rows) sets ``vocab_size``.
+
+PEFT's ``merge_and_unload()`` instead adds both deltas into the one shared
+tensor and keeps the tie, so its merged logits differ from its unmerged ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field, replace
+
+from .checkpoint import Checkpoint
+from .errors import IncompatibleAdapterError, ShardmergeError, UnsupportedAdapterError
+from .safetensors_io import FLOAT_DTYPES
+from .terms import Replacement, TensorEdit, TensorRef
+
+# Names (tails) of input embeddings and output projections in transformers' models.
+INPUT_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
+OUTPUT_NAMES = ("lm_head.weight", "embed_out.weight")
+# Architectures with an output projection (a bare backbone has none to untie).
+_HEAD_ARCHITECTURE = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration|ForMaskedLM)$")
+# The kind of the Replacement that gives an untied lm_head the tied embedding's values.
+TIED_KIND = "tied_embedding"
+_COMPARE_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Where a base keeps its embeddings and whether the loaded model shares them."""
+
+    embed: str | None  # the input embedding tensor; None when there is none or several
+    head: str  # the output projection's tensor name (stored or to be written)
+    head_stored: bool
+    tied: bool
+    flag: bool | None  # config.json's tie_word_embeddings (top level, else text_config)
+    candidates: tuple[str, ...] = ()  # input embedding look-alikes, for messages
+
+    def names(self) -> set[str]:
+        return {n for n in (self.embed, self.head) if n} | set(self.candidates)
+
+
+def tie_flag(config: dict) -> bool | None:
+    """config.json's tie_word_embeddings: the top level's, else text_config's; None if absent."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        return bool(text["tie_word_embeddings"])
+    return None
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """A tensor whose rows are the vocabulary (an adapter may resize it)."""
+    return name.endswith(INPUT_SUFFIXES) or any(
+        name == n or name.endswith("." + n) for n in OUTPUT_NAMES
+    )
+
+
+def find_embeddings(ckpt: Checkpoint) -> Embeddings:
+    """The base's embeddings and tie state.
+
+    Tied means: config.json says ``tie_word_embeddings: true`` and the
+    checkpoint stores no lm_head (or stores one equal byte for byte, which
+    transformers then ties); with the flag absent, a model with an LM head
+    architecture whose checkpoint stores no lm_head is tied (the class default
+    cannot be read without transformers, the checkpoint is the evidence).
+    """
+    candidates = sorted(
+        (n for n in ckpt.weight_map if n.endswith(INPUT_SUFFIXES)),
+        key=lambda n: (n.count("."), n),
+    )
+    candidates = [n for n in candidates if len(ckpt.tensor(n).shape) == 2]
+    embed = None
+    if len(candidates) == 1 or (
+        len(candidates) > 1 and candidates[0].count(".") < candidates[1].count(".")
+    ):
+        embed = candidates[0]  # the outermost one: the language model's own
+    heads = sorted(
+        (n for n in ckpt.weight_map if any(n == h or n.endswith("." + h) for h in OUTPUT_NAMES)),
+        key=lambda n: (n.count("."), n),
+    )
+    default_head = (
+        "embed_out.weight" if ckpt.config.get("model_type") == "gpt_neox" else "lm_head.weight"
+    )
+    head = heads[0] if heads else default_head
+    flag = tie_flag(ckpt.config)
+    tied = False
+    if embed is not None and flag is not False:
+        if not heads:
+            archs = ckpt.config.get("architectures") or []
+            has_head = not archs or any(_HEAD_ARCHITECTURE.search(str(a)) for a in archs)
+            tied = flag is True or has_head
+        elif flag is True:
+            tied = _same_bytes(ckpt, embed, head)
+    return Embeddings(embed, head, bool(heads), tied, flag, tuple(candidates))
+
+
+def _same_bytes(ckpt: Checkpoint, a: str, b: str) -> bool:
+    """Whether two stored tensors are equal byte for byte (transformers then ties them)."""
+    ta, tb = ckpt.tensor(a), ckpt.tensor(b)
+    if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
+        return False
+    pa, pb = ckpt.headers[ckpt.weight_map[a]].path, ckpt.headers[ckpt.weight_map[b]].path
+    return _compare(str(pa), ta.start, str(pb), tb.start, ta.nbytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _compare(path_a: str, start_a: int, path_b: str, start_b: int, n: int) -> bool:
+    # The only base bytes read at plan time, and only for a tied base that
+    # stores lm_head too: streamed in chunks, memory stays bounded.
+    with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+        done = 0
+        while done < n:
+            k = min(_COMPARE_CHUNK, n - done)
+            fa.seek(start_a + done)
+            fb.seek(start_b + done)
+            if fa.read(k) != fb.read(k):
+                return False
+            done += k
+    return True
+
+
+def output_shape(shape: tuple[int, ...], edit: TensorEdit | None) -> tuple[int, ...]:
+    """A tensor's shape in the output: a replacement may resize a vocabulary tensor."""
+    if edit is not None and edit.replacement is not None:
+        return tuple(edit.replacement.source.shape)
+    return tuple(shape)
+
+
+def base_ref(ckpt: Checkpoint, name: str) -> TensorRef:
+    """A base tensor's bytes as a TensorRef (to read it as another tensor's source)."""
+    t = ckpt.tensor(name)
+    path = str(ckpt.headers[ckpt.weight_map[name]].path)
+    return TensorRef(path, name, t.dtype, t.shape, "safetensors", t.start, t.end)
+
+
+def _effect(edit: TensorEdit | None):
+    """What an edit does, without the labels naming who does it (for comparing two edits)."""
+    if edit is None:
+        return None
+    terms = tuple(replace(t, adapter="", module="") for t in edit.terms)
+    rows = tuple((r.indices, r.source) for r in edit.token_rows)
+    source = edit.replacement.source if edit.replacement else None
+    scaling = replace(edit.scaling, adapter="", module="") if edit.scaling else None
+    if source is None and not terms and not rows and scaling is None:
+        return None
+    return source, terms, rows, scaling
+
+
+@dataclass
+class Resolution:
+    """The edits with the embeddings settled, and what else the output needs."""
+
+    edits: dict[str, TensorEdit]
+    # A tensor the base does not store, written right after another: (after, name, edit).
+    new_tensor: tuple[str, str, TensorEdit] | None = None
+    config: list[tuple[str, object]] = field(default_factory=list)  # dotted keys of config.json
+    errors: list[ShardmergeError] = field(default_factory=list)
+
+    def update_index(self, index: dict | None) -> dict | None:
+        """Name the new tensor in the output index's weight_map (total_size comes from the jobs)."""
+        if index is not None and self.new_tensor is not None:
+            after, name, _ = self.new_tensor
+            index["weight_map"][name] = index["weight_map"][after]
+        return index
+
+
+def resolve(ckpt: Checkpoint, edits: dict[str, TensorEdit]) -> Resolution:
+    """Settle tied embeddings, check row replacements and vocabulary sizes, for all adapters together."""
+    res = Resolution(dict(edits))
+    emb = find_embeddings(ckpt) if any(n in res.edits for n in _names_to_watch(ckpt)) else None
+    if emb is not None and emb.tied:
+        _settle_tie(ckpt, emb, res)
+    elif (
+        emb is not None and emb.embed is None and emb.flag is not False and len(emb.candidates) > 1
+    ):
+        touched = sorted(n for n in res.edits if n in emb.names())
+        if touched:
+            res.errors.append(
+                UnsupportedAdapterError(
+                    f"{ckpt.path}: cannot tell which of {', '.join(emb.candidates)} is the input "
+                    f"embedding that {emb.head} may be tied to, and the adapters change "
+                    f"{', '.join(touched)}.",
+                    hint="Set tie_word_embeddings in the base's config.json explicitly.",
+                )
+            )
+    _check_token_rows(ckpt, res)
+    if emb is not None and emb.embed is not None:
+        _check_vocabulary(ckpt, emb, res)
+    return res
+
+
+def _names_to_watch(ckpt: Checkpoint) -> set[str]:
+    return {n for n in ckpt.weight_map if is_vocab_tensor(n)} | set(OUTPUT_NAMES)
+
+
+def _settle_tie(ckpt: Checkpoint, emb: Embeddings, res: Resolution) -> None:
+    """Keep the tie when embed and lm_head change alike; otherwise write them apart."""
+    e_edit, l_edit = res.edits.get(emb.embed), res.edits.get(emb.head)
+    if _effect(e_edit) == _effect(l_edit):
+        if not emb.head_stored:
+            res.edits.pop(emb.head, None)  # the tie carries embed's values to lm_head
+        return
+    # The PeftModel computes with two different matrices: so does the output.
+    res.config.append(("tie_word_embeddings", False))
+    text = ckpt.config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        res.config.append(("text_config.tie_word_embeddings", False))
+    if emb.head_stored:
+        return  # its stored bytes equal the embedding's: its own edit applies to them
+    edit = l_edit or TensorEdit()
+    if edit.replacement is None:
+        source = base_ref(ckpt, emb.embed)
+        edit = replace(edit, replacement=Replacement("", TIED_KIND, source))
+    res.edits.pop(emb.head, None)
+    res.new_tensor = (emb.embed, emb.head, edit)
+
+
+def _check_vocabulary(ckpt: Checkpoint, emb: Embeddings, res: Resolution) -> None:
+    """embed and lm_head keep one vocabulary size; a new one goes into config.json."""
+    embed_shape = ckpt.tensor(emb.embed).shape
+    sizes = {emb.embed: output_shape(embed_shape, res.edits.get(emb.embed))[0]}
+    if emb.head_stored:
+        sizes[emb.head] = output_shape(ckpt.tensor(emb.head).shape, res.edits.get(emb.head))[0]
+    elif res.new_tensor is not None:
+        sizes[emb.head] = output_shape(embed_shape, res.new_tensor[2])[0]
+    if all(s == embed_shape[0] for s in sizes.values()):
+        return
+    if len(set(sizes.values())) > 1:
+        shown = " and ".join(f"{n} {s} rows" for n, s in sizes.items())
+        res.errors.append(
+            IncompatibleAdapterError(
+                f"the merged model would have {shown}: the adapter resized the vocabulary of "
+                "one of them but does not save the other at the new size.",
+                hint="Merge into the resized base the adapter was trained on: save it after "
+                "model.resize_token_embeddings(...) with save_pretrained() and give that folder.",
+            )
+        )
+        return
+    rows = sizes[emb.embed]
+    for scope in ("", "text_config."):
+        where = ckpt.config if not scope else ckpt.config.get("text_config")
+        if isinstance(where, dict) and "vocab_size" in where:
+            res.config.append((f"{scope}vocab_size", rows))
+
+
+def _check_token_rows(ckpt: Checkpoint, res: Resolution) -> None:
+    """Row replacements: inside the tensor, one per row, alone or after a replacement only."""
+    items = list(res.edits.items()) + ([res.new_tensor[1:]] if res.new_tensor else [])
+    for name, edit in items:
+        if not edit.token_rows:
+            continue
+        who = sorted({r.adapter for r in edit.token_rows} | {t.adapter for t in edit.terms})
+        if edit.terms or edit.scaling is not None:
+            res.errors.append(
+                UnsupportedAdapterError(
+                    f"adapters {', '.join(who)} both change {name}: trainable tokens replace "
+                    "some of its rows and another adapter adds to it; PEFT defines no order "
+                    "for the two.",
+                    hint="Merge these adapters in separate runs, or drop one of them.",
+                )
+            )
+            continue
+        base = ckpt.tensor(name) if name in ckpt.weight_map else None
+        shape = output_shape(base.shape if base else (), edit)
+        dtype = edit.replacement.source.dtype if edit.replacement else (base.dtype if base else "")
+        if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+            res.errors.append(
+                UnsupportedAdapterError(
+                    f"trainable tokens of {name}: the tensor is {dtype} {list(shape)}; rows "
+                    "can only be replaced in a 2-D floating-point tensor."
+                )
+            )
+            continue
+        seen: dict[int, str] = {}
+        for r in edit.token_rows:
+            problem = ""
+            if r.source.dtype not in FLOAT_DTYPES or tuple(r.source.shape) != (
+                len(r.indices),
+                shape[1],
+            ):
+                problem = (
+                    f"trainable_tokens_delta of {r.module} is {r.source.dtype} "
+                    f"{list(r.source.shape)}, expected a floating-point "
+                    f"[{len(r.indices)}, {shape[1]}] for {len(r.indices)} token indices"
+                )
+            elif bad := [i for i in r.indices if not 0 <= i < shape[0]]:
+                problem = (
+                    f"token indices {bad[:5]} of {r.module} are outside {name}'s {shape[0]} rows"
+                )
+            elif len(set(r.indices)) != len(r.indices):
+                problem = f"token indices of {r.module} repeat a row"
+            elif clash := sorted(i for i in r.indices if i in seen):
+                problem = (
+                    f"adapters {seen[clash[0]]} and {r.adapter} both replace row(s) "
+                    f"{clash[:5]} of {name}; PEFT refuses overlapping trainable tokens"
+                )
+            if problem:
+                res.errors.append(
+                    IncompatibleAdapterError(
+                        f"{problem}.", hint="Is this adapter made for this base model?"
+                    )
+                )
+                break
+            seen.update(dict.fromkeys(r.indices, r.adapter))
+
+
+def apply_config_update(config: dict, items) -> None:
+    """Set config.json keys; a dotted key reaches into a nested object (text_config.vocab_size)."""
+    for key, value in items:
+        *path, last = key.split(".")
+        where = config
+        for part in path:
+            nested = where.get(part)
+            if not isinstance(nested, dict):
+                break
+            where = nested
+        else:
+            where[last] = value
+
+
+def config_value(config: dict, key: str):
+    """The value at a dotted key of config.json, or a sentinel object when absent."""
+    where = config
+    for part in key.split("."):
+        if not isinstance(where, dict) or part not in where:
+            return _MISSING
+        where = where[part]
+    return where
+
+
+_MISSING = object()
