@@ -216,6 +216,9 @@ import shardmerge.execute
 import shardmerge.journal
 
 proto = os.fdopen(os.dup(1), "w")
+# Ctrl-C as from a terminal, even when the tests run where SIGINT is ignored
+# (a background job of a non-interactive shell inherits SIG_IGN).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stop_at(n):
