@@ -7,6 +7,15 @@ lora_alpha=32) on all seven projections of every layer. Weights are random
 and generated locally (no downloads); a slice whose spec matches the one in
 --workdir is reused.
 
+--kind picks another adapter kind for the same slice: dora, loha, lokr, ia3
+(written by hand in PEFT's key format and config, with the key names, shapes
+and dtypes PEFT's own save_pretrained gives), nf4 (the LoRA adapter merged
+with --qlora-base nf4), or moe: a Mixtral-8x7B-shaped slice instead (hidden
+4096, 8 experts of intermediate 14336, vocab 32000; N layers, ~3.4 GB per
+layer with the embeddings), experts stored per expert as the Hub's Mixtral
+checkpoints or fused (--moe-layout), with a LoRA on the attention
+projections and, through target_parameters, on every expert.
+
 What is measured (see docs/benchmarks.md for the method):
 
 1. `cp -r BASE DEST` vs `python -m shardmerge merge BASE ADAPTER -o OUT -q`,
@@ -35,6 +44,10 @@ steps work):
 
     # the same without the PEFT comparison, 1 layer (~5.9 GB)
     .venv/bin/python scripts/bench.py --layers 1 --repeats 3
+
+    # other adapter kinds on the same slice (the base is shared), and MoE
+    .venv/bin/python scripts/bench.py --layers 2 --repeats 2 --no-verify --kind dora
+    .venv/bin/python scripts/bench.py --layers 1 --repeats 2 --kind moe --moe-layout fused
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -80,6 +94,16 @@ LLAMA3_70B = Shape(hidden=8192, intermediate=28672, vocab=128256, heads=64, kv_h
 SMALL = Shape(hidden=1024, intermediate=3584, vocab=16032, heads=8, kv_heads=1)
 
 
+@dataclass(frozen=True)
+class MoeShape(Shape):
+    experts: int = 8
+
+
+MIXTRAL_8X7B = MoeShape(hidden=4096, intermediate=14336, vocab=32000, heads=32, kv_heads=8)
+SMALL_MOE = MoeShape(hidden=512, intermediate=1792, vocab=16032, heads=4, kv_heads=1, experts=4)
+MOE_LAYOUTS = ("per-expert", "fused")
+
+
 def layer_tensors(shape: Shape, i: int) -> list[tuple[str, list[int]]]:
     """One decoder layer's tensors in state-dict (module) order, as HF saves them."""
     h, m, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
@@ -97,10 +121,45 @@ def layer_tensors(shape: Shape, i: int) -> list[tuple[str, list[int]]]:
     ]
 
 
-def model_tensors(shape: Shape, layers: int) -> list[tuple[str, list[int]]]:
+def moe_layer_tensors(shape: MoeShape, i: int, layout: str) -> list[tuple[str, list[int]]]:
+    """One Mixtral decoder layer: per expert as the Hub's Mixtral checkpoints store it
+    (``block_sparse_moe.experts.N.w1/w2/w3``), or fused as transformers v5 holds it in
+    memory and saves it with ``save_original_format=False`` (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I])."""
+    h, m, kv, e = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim, shape.experts
+    p = f"model.layers.{i}."
+    out = [
+        (p + "self_attn.q_proj.weight", [h, h]),
+        (p + "self_attn.k_proj.weight", [kv, h]),
+        (p + "self_attn.v_proj.weight", [kv, h]),
+        (p + "self_attn.o_proj.weight", [h, h]),
+    ]
+    if layout == "fused":
+        out += [
+            (p + "mlp.gate.weight", [e, h]),
+            (p + "mlp.experts.gate_up_proj", [e, 2 * m, h]),
+            (p + "mlp.experts.down_proj", [e, h, m]),
+        ]
+    else:
+        out.append((p + "block_sparse_moe.gate.weight", [e, h]))
+        for j in range(e):
+            q = f"{p}block_sparse_moe.experts.{j}."
+            out += [(q + "w1.weight", [m, h]), (q + "w2.weight", [h, m]), (q + "w3.weight", [m, h])]
+    return out + [
+        (p + "input_layernorm.weight", [h]),
+        (p + "post_attention_layernorm.weight", [h]),
+    ]
+
+
+def model_tensors(
+    shape: Shape, layers: int, layout: str | None = None
+) -> list[tuple[str, list[int]]]:
     out = [("model.embed_tokens.weight", [shape.vocab, shape.hidden])]
     for i in range(layers):
-        out += layer_tensors(shape, i)
+        if isinstance(shape, MoeShape):
+            out += moe_layer_tensors(shape, i, layout or "per-expert")
+        else:
+            out += layer_tensors(shape, i)
     out += [("model.norm.weight", [shape.hidden]), ("lm_head.weight", [shape.vocab, shape.hidden])]
     return out
 
@@ -150,6 +209,36 @@ def llama_config(shape: Shape, layers: int) -> dict:
         "rms_norm_eps": 1e-05,
         "rope_scaling": None,
         "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": shape.vocab,
+    }
+
+
+def mixtral_config(shape: MoeShape, layers: int) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "head_dim": shape.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": shape.heads,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": shape.kv_heads,
+        "num_local_experts": shape.experts,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "use_cache": True,
@@ -256,7 +345,174 @@ def write_adapter(folder: Path, shape: Shape, layers: int, rank: int, alpha: int
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+# --------------------------------------------------------------------------- other adapter kinds
+
+KINDS = ("lora", "dora", "loha", "lokr", "ia3", "nf4", "moe")
+KIND_HELP = (
+    "adapter kind: lora (default), dora (LoRA r=16 + lora_magnitude_vector), loha (r=8, "
+    "alpha=8), lokr (r=8, alpha=8, PEFT's default factorization), ia3 (feedforward_modules: "
+    "down_proj), all on the seven projections; nf4 (the LoRA adapter merged with --qlora-base "
+    "nf4); moe (a Mixtral-8x7B-shaped slice, LoRA r=16 on the attention projections and, "
+    "through target_parameters, on every expert's gate_up_proj/down_proj)"
+)
+LOKR_RANK = LOHA_RANK = 8
+MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lokr_factors(n: int) -> tuple[int, int]:
+    """(m, n // m), m <= n // m: the split PEFT's LoKr ``factorization(n, -1)`` picks, i.e.
+    the largest divisor m of n with m * m <= n."""
+    m = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return m, n // m
+
+
+def targeted(shape: Shape, layers: int) -> list[tuple[str, list[int]]]:
+    """(module, [out, in]) of the seven projections of every layer of a dense slice."""
+    return [
+        (name.removesuffix(".weight"), shp)
+        for i in range(layers)
+        for name, shp in layer_tensors(shape, i)
+        if name.removesuffix(".weight").rsplit(".", 1)[1] in TARGETS
+    ]
+
+
+def kind_adapter(kind: str, shape: Shape, layers: int) -> tuple[dict, dict, int]:
+    """The tensors (float32, PEFT's key format), adapter_config.json and merged element count
+    of a --kind adapter. Values are random but sized like trained adapters: deltas of order
+    1e-4..1e-3 on weights of order 0.02, so merged values differ from the base in the low
+    bits and every element's rounding matters."""
+    import torch
+
+    g = torch.Generator().manual_seed(4321)
+
+    def randn(*size: int, std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*size, generator=g) * std + mean
+
+    t: dict = {}
+    pre = "base_model.model."
+    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True}
+    if kind == "moe":
+        assert isinstance(shape, MoeShape)
+        r, e, h, m = 16, shape.experts, shape.hidden, shape.intermediate
+        kv = shape.kv_heads * shape.head_dim
+        attn = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h)}
+        for i in range(layers):
+            for mod, (out_f, in_f) in attn.items():
+                k = f"{pre}model.layers.{i}.self_attn.{mod}"
+                t[f"{k}.lora_A.weight"] = randn(r, in_f, std=0.01)
+                t[f"{k}.lora_B.weight"] = randn(out_f, r, std=0.001)
+            # gate_up_proj registers first, so it is the innermost ParamWrapper (base_layer).
+            k = f"{pre}model.layers.{i}.mlp.experts"
+            t[f"{k}.base_layer.lora_A.weight"] = randn(r * e, h, std=0.01)
+            t[f"{k}.base_layer.lora_B.weight"] = randn(2 * m, r * e, std=0.001)
+            t[f"{k}.lora_A.weight"] = randn(r * e, m, std=0.01)
+            t[f"{k}.lora_B.weight"] = randn(h, r * e, std=0.001)
+        config = {
+            **common,
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": 32,
+            "lora_dropout": 0.0,
+            "target_modules": ATTENTION,
+            "target_parameters": MOE_TARGET_PARAMETERS,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+        merged = layers * (sum(a * b for a, b in attn.values()) + 3 * e * h * m)
+        return t, config, merged
+
+    modules = targeted(shape, layers)
+    merged = sum(o * i for _, (o, i) in modules)
+    for module, (out_f, in_f) in modules:
+        k = pre + module
+        if kind == "dora":
+            t[f"{k}.lora_A.weight"] = randn(16, in_f, std=0.01)
+            t[f"{k}.lora_B.weight"] = randn(out_f, 16, std=0.001)
+            # ||W + delta|| per output row, as DoRA initialises it (W ~ N(0, 0.02)), perturbed.
+            t[f"{k}.lora_magnitude_vector"] = randn(out_f, std=0.002, mean=0.02 * in_f**0.5)
+        elif kind == "loha":
+            for w in ("w1", "w2"):
+                t[f"{k}.hada_{w}_a"] = randn(out_f, LOHA_RANK, std=0.1)
+                t[f"{k}.hada_{w}_b"] = randn(LOHA_RANK, in_f, std=0.1)
+        elif kind == "lokr":
+            (out_l, out_k), (in_m, in_n) = lokr_factors(out_f), lokr_factors(in_f)
+            t[f"{k}.lokr_w1"] = randn(out_l, in_m, std=0.03)
+            if max(out_k, in_n) <= 2 * LOKR_RANK:  # PEFT stores w2 whole then
+                t[f"{k}.lokr_w2"] = randn(out_k, in_n, std=0.03)
+            else:
+                t[f"{k}.lokr_w2_a"] = randn(out_k, LOKR_RANK, std=0.1)
+                t[f"{k}.lokr_w2_b"] = randn(LOKR_RANK, in_n, std=0.1)
+        elif kind == "ia3":
+            ff = module.endswith("down_proj")
+            t[f"{k}.ia3_l"] = randn(*((1, in_f) if ff else (out_f, 1)), std=0.05, mean=1.0)
+        else:
+            raise ValueError(kind)
+    if kind == "dora":
+        config = {
+            **common,
+            "peft_type": "LORA",
+            "r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.0,
+            "target_modules": TARGETS,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": True,
+        }
+    elif kind in ("loha", "lokr"):
+        config = {
+            **common,
+            "peft_type": kind.upper(),
+            "r": LOHA_RANK if kind == "loha" else LOKR_RANK,
+            "alpha": 8,
+            "rank_dropout": 0.0,
+            "module_dropout": 0.0,
+            "target_modules": TARGETS,
+            "init_weights": True,
+        }
+        if kind == "lokr":
+            config |= {"decompose_both": False, "decompose_factor": -1}
+    else:
+        config = {
+            **common,
+            "peft_type": "IA3",
+            "target_modules": TARGETS,
+            "feedforward_modules": ["down_proj"],
+            "fan_in_fan_out": False,
+            "init_ia3_weights": True,
+        }
+    return t, config, merged
+
+
+def write_kind_adapter(folder: Path, kind: str, shape: Shape, layers: int) -> int:
+    """Write the --kind adapter to folder (replacing it); returns the merged element count."""
+    from safetensors.torch import save_file
+
+    tensors, config, merged = kind_adapter(kind, shape, layers)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return merged
+
+
 def slice_spec(args) -> dict:
+    if args.kind == "moe":
+        # The adapter is written per run (write_kind_adapter), so the spec is the base's.
+        return {
+            "version": SPEC_VERSION,
+            "shape": asdict(SMALL_MOE if args.small else MIXTRAL_8X7B),
+            "layout": args.moe_layout,
+            "layers": args.layers,
+            "max_shard_bytes": args.shard_size,
+            "seed": args.seed,
+        }
     shape = SMALL if args.small else LLAMA3_70B
     return {
         "version": SPEC_VERSION,
@@ -269,10 +525,21 @@ def slice_spec(args) -> dict:
     }
 
 
+def slice_names(spec: dict) -> tuple[str, str]:
+    """(base folder, spec file) in the work dir: the MoE slices live beside the dense one."""
+    if "layout" in spec:
+        return f"base-moe-{spec['layout']}", f"spec-moe-{spec['layout']}.json"
+    return "base", SPEC_NAME
+
+
+def spec_shape(spec: dict) -> Shape:
+    return MoeShape(**spec["shape"]) if "experts" in spec["shape"] else Shape(**spec["shape"])
+
+
 def slice_intact(workdir: Path, spec: dict) -> bool:
     """True when workdir holds a complete slice generated from exactly this spec."""
     try:
-        old = json.loads((workdir / SPEC_NAME).read_text())
+        old = json.loads((workdir / slice_names(spec)[1]).read_text())
     except (OSError, ValueError):
         return False
     if old.get("spec") != spec:
@@ -285,16 +552,19 @@ def slice_intact(workdir: Path, spec: dict) -> bool:
 
 
 def generate(workdir: Path, spec: dict) -> None:
-    shape = Shape(**spec["shape"])
+    shape = spec_shape(spec)
+    moe = isinstance(shape, MoeShape)
     layers = spec["layers"]
-    base, adapter = workdir / "base", workdir / "adapter"
-    (workdir / SPEC_NAME).unlink(missing_ok=True)
-    for p in (base, adapter):
+    base_name, spec_name = slice_names(spec)
+    base, adapter = workdir / base_name, workdir / "adapter"
+    folders = (base,) if moe else (base, adapter)
+    (workdir / spec_name).unlink(missing_ok=True)
+    for p in folders:
         shutil.rmtree(p, ignore_errors=True)
     base.mkdir(parents=True)
     t0 = time.perf_counter()
     rand = RandomBF16(64 << 20, seed=spec["seed"])
-    tensors = model_tensors(shape, layers)
+    tensors = model_tensors(shape, layers, spec.get("layout"))
     shards = shard_plan(tensors, spec["max_shard_bytes"])
     weight_map = {}
     total = 0
@@ -305,17 +575,21 @@ def generate(workdir: Path, spec: dict) -> None:
         weight_map.update({t: name for t, _ in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (base / "config.json").write_text(json.dumps(llama_config(shape, layers), indent=2) + "\n")
-    gen = {"do_sample": True, "bos_token_id": 128000, "eos_token_id": 128001}
+    if moe:
+        config = mixtral_config(shape, layers)
+        gen = {"bos_token_id": 1, "eos_token_id": 2}
+    else:
+        config = llama_config(shape, layers)
+        gen = {"do_sample": True, "bos_token_id": 128000, "eos_token_id": 128001}
+    (base / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (base / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    write_adapter(adapter, shape, layers, spec["rank"], spec["lora_alpha"])
+    if not moe:
+        write_adapter(adapter, shape, layers, spec["rank"], spec["lora_alpha"])
     run(["sync"])
     files = {
-        str(p.relative_to(workdir)): p.stat().st_size
-        for d in (base, adapter)
-        for p in sorted(d.iterdir())
+        str(p.relative_to(workdir)): p.stat().st_size for d in folders for p in sorted(d.iterdir())
     }
-    (workdir / SPEC_NAME).write_text(json.dumps({"spec": spec, "files": files}, indent=2) + "\n")
+    (workdir / spec_name).write_text(json.dumps({"spec": spec, "files": files}, indent=2) + "\n")
     log(f"  generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
 
 
@@ -732,6 +1006,11 @@ def table(r: dict) -> str:
             f"{r['slice']['name']}: {r['slice']['layers']} layers, {r['slice']['shards']} shards, "
             f"{gb(r['slice']['bytes'])} GB",
         ),
+        (
+            "adapter kind",
+            f"{r.get('kind', 'lora')} ({gb(r.get('adapter_bytes'), 1e6)} MB); "
+            f"{r.get('merged_elements', 0) / 1e9:.2f} G elements merged",
+        ),
         ("page cache dropped before each run", "yes" if r["drop_caches"] else "no (not permitted)"),
         ("repeats", str(r["repeats"])),
         ("cp -r + sync, median", f"{r['cp']['median_s']:.1f} s ({_list(r['cp']['runs_s'])})"),
@@ -743,7 +1022,9 @@ def table(r: dict) -> str:
         (
             "merge throughput",
             f"{r['slice']['bytes'] / r['merge']['median_s'] / 1e6:.0f} MB/s "
-            f"(cp: {r['slice']['bytes'] / r['cp']['median_s'] / 1e6:.0f} MB/s)",
+            f"(cp: {r['slice']['bytes'] / r['cp']['median_s'] / 1e6:.0f} MB/s); "
+            f"{r.get('merged_elements', 0) / r['merge']['median_s'] / 1e6:.0f} M merged "
+            "elements/s over the whole run",
         ),
         ("merge peak RSS (max over runs)", mem(r["merge"])),
         ("merge flags", " ".join(r["merge"]["flags"]) or "(defaults)"),
@@ -903,6 +1184,13 @@ def main(argv: list[str] | None = None) -> int:
         help="max bytes per shard (default 5GB, or 50MB with --small)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=KINDS, default="lora", help=KIND_HELP)
+    ap.add_argument(
+        "--moe-layout",
+        choices=MOE_LAYOUTS,
+        default="per-expert",
+        help="with --kind moe: the experts as separate tensors (as Mixtral ships) or fused",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="cp/merge pairs (default 3)")
     ap.add_argument(
         "--limit", type=parse_size, default=parse_size("1GiB"), help="cgroup limit (1GiB)"
@@ -939,29 +1227,45 @@ def main(argv: list[str] | None = None) -> int:
 
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter = work / "base", work / "adapter"
+    spec = slice_spec(args)
+    shape = spec_shape(spec)
+    base, adapter = work / slice_names(spec)[0], work / "adapter"
     cp_out, merge_out, peft_out = work / "out-cp", work / "out-merge", work / "out-peft"
     for p in (cp_out, merge_out, peft_out):
         rm(p)
 
-    spec = slice_spec(args)
     if slice_intact(work, spec):
         log(f"reusing the slice in {work}")
     else:
-        shape = Shape(**spec["shape"])
-        need = sum(numel(s) * 2 for _, s in model_tensors(shape, args.layers))
+        need = sum(numel(s) * 2 for _, s in model_tensors(shape, args.layers, spec.get("layout")))
         free = shutil.disk_usage(work).free
         if free < 2 * need + (1 << 30):  # the slice plus one output at a time
             log(f"warning: {free / 1e9:.1f} GB free; the run needs about {2 * need / 1e9:.1f} GB")
         log(f"generating a {args.layers}-layer slice in {work}")
         generate(work, spec)
 
+    if args.kind in ("lora", "nf4"):
+        merged_elements = sum(o * i for _, (o, i) in targeted(shape, args.layers))
+    else:
+        adapter = work / f"adapter-{args.kind}"
+        merged_elements = write_kind_adapter(adapter, args.kind, shape, args.layers)
+        log(f"wrote the {args.kind} adapter to {adapter}")
+
     shards = sorted(base.glob("model-*.safetensors"))
     slice_bytes = sum(p.stat().st_size for p in base.iterdir())
+    if args.kind == "moe":
+        name = f"Mixtral-8x7B-shaped, {args.moe_layout} experts"
+        if args.small:
+            name = f"small MoE (hidden 512, 4 experts), {args.moe_layout} experts"
+    else:
+        name = "small (hidden 1024)" if args.small else "Llama-3-70B-shaped"
     results: dict = {
         "machine": machine_info(),
+        "kind": args.kind,
+        "merged_elements": merged_elements,
+        "adapter_bytes": sum(p.stat().st_size for p in adapter.iterdir()),
         "slice": {
-            "name": "small (hidden 1024)" if args.small else "Llama-3-70B-shaped",
+            "name": name,
             "layers": args.layers,
             "shards": len(shards),
             "bytes": slice_bytes,
@@ -971,6 +1275,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     flags = ["-q"]
+    if args.kind == "nf4":
+        flags += ["--qlora-base", "nf4"]
     if args.max_memory:
         flags += ["--max-memory", args.max_memory]
     if args.workers is not None:
@@ -1078,7 +1384,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  stderr: {res['stderr_tail']}")
         rm(merge_out)
 
-    if args.peft:
+    if args.peft and args.kind == "nf4":
+        log("note: no PEFT comparison for nf4 (PEFT merges into a bitsandbytes model on a GPU)")
+    elif args.peft:
         log("running transformers + PEFT merge_and_unload")
         if not args.no_drop_caches:
             drop_caches()

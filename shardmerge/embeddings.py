@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .errors import IncompatibleAdapterError, ShardmergeError, UnsupportedAdapterError
+from .errors import IncompatibleAdapterError, InputError, ShardmergeError, UnsupportedAdapterError
 from .safetensors_io import FLOAT_DTYPES
-from .terms import Replacement, TensorEdit, TensorRef
+from .terms import Replacement, TensorEdit, TensorRef, TokenRows
 
 # Names (tails) of input embeddings and output projections in transformers' models.
 INPUT_SUFFIXES = (
@@ -101,6 +103,7 @@ def find_embeddings(ckpt: Checkpoint) -> Embeddings:
         "embed_out.weight" if ckpt.config.get("model_type") == "gpt_neox" else "lm_head.weight"
     )
     head = heads[0] if heads else default_head
+    _check_config(ckpt)
     flag = tie_flag(ckpt.config)
     tied = False
     if embed is not None and flag is not False:
@@ -111,6 +114,30 @@ def find_embeddings(ckpt: Checkpoint) -> Embeddings:
         elif flag is True:
             tied = _same_bytes(ckpt, embed, head)
     return Embeddings(embed, head, bool(heads), tied, flag, tuple(candidates))
+
+
+def _check_config(ckpt: Checkpoint) -> None:
+    """The config.json values read here, typed as transformers writes them.
+
+    A string tie_word_embeddings ("false") would be read as true, and the
+    unmerged model's tie with it: refused rather than guessed.
+    """
+    where = ckpt.path / "config.json"
+    hint = "Fix config.json, or re-save the model with save_pretrained()."
+    for scope, cfg in (("", ckpt.config), ("text_config.", ckpt.config.get("text_config"))):
+        value = cfg.get("tie_word_embeddings") if isinstance(cfg, dict) else None
+        if value is not None and not isinstance(value, bool):
+            raise InputError(
+                f"{where}: {scope}tie_word_embeddings must be true or false, not {value!r}.",
+                hint=hint,
+            )
+    archs = ckpt.config.get("architectures")
+    if archs is not None and not (
+        isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+    ):
+        raise InputError(
+            f"{where}: architectures must be a list of class names, not {archs!r}.", hint=hint
+        )
 
 
 def _same_bytes(ckpt: Checkpoint, a: str, b: str) -> bool:
@@ -246,10 +273,15 @@ def _check_vocabulary(ckpt: Checkpoint, emb: Embeddings, res: Resolution) -> Non
         return
     if len(set(sizes.values())) > 1:
         shown = " and ".join(f"{n} {s} rows" for n, s in sizes.items())
+        edits = [res.edits.get(emb.embed), res.edits.get(emb.head)]
+        if res.new_tensor is not None:
+            edits.append(res.new_tensor[2])
+        who = sorted({e.replacement.adapter for e in edits if e and e.replacement} - {""})
         res.errors.append(
             IncompatibleAdapterError(
-                f"the merged model would have {shown}: the adapter resized the vocabulary of "
-                "one of them but does not save the other at the new size.",
+                f"the merged model would have {shown}: "
+                f"{'adapter ' + ', '.join(who) if who else 'the adapter'} resized the vocabulary "
+                "of one of them but does not save the other at the new size.",
                 hint="Merge into the resized base the adapter was trained on: save it after "
                 "model.resize_token_embeddings(...) with save_pretrained() and give that folder.",
             )
@@ -272,9 +304,9 @@ def _check_token_rows(ckpt: Checkpoint, res: Resolution) -> None:
         if edit.terms or edit.scaling is not None:
             res.errors.append(
                 UnsupportedAdapterError(
-                    f"adapters {', '.join(who)} both change {name}: trainable tokens replace "
-                    "some of its rows and another adapter adds to it; PEFT defines no order "
-                    "for the two.",
+                    f"{'adapters' if len(who) > 1 else 'adapter'} {', '.join(who)}: trainable "
+                    f"tokens replace some rows of {name} and a delta (LoRA, LoHa, LoKr, IA3) "
+                    "also changes it; shardmerge does not combine the two on one tensor.",
                     hint="Merge these adapters in separate runs, or drop one of them.",
                 )
             )
@@ -298,16 +330,18 @@ def _check_token_rows(ckpt: Checkpoint, res: Resolution) -> None:
                 shape[1],
             ):
                 problem = (
-                    f"trainable_tokens_delta of {r.module} is {r.source.dtype} "
+                    f"{r.source.path}: trainable_tokens_delta of {r.module} is {r.source.dtype} "
                     f"{list(r.source.shape)}, expected a floating-point "
                     f"[{len(r.indices)}, {shape[1]}] for {len(r.indices)} token indices"
                 )
             elif bad := [i for i in r.indices if not 0 <= i < shape[0]]:
                 problem = (
-                    f"token indices {bad[:5]} of {r.module} are outside {name}'s {shape[0]} rows"
+                    f"{_config_of(r)}: token indices {bad[:5]} of {r.module} are outside "
+                    f"{name}'s {shape[0]} rows"
                 )
             elif len(set(r.indices)) != len(r.indices):
-                problem = f"token indices of {r.module} repeat a row"
+                twice = sorted(i for i, n in Counter(r.indices).items() if n > 1)
+                problem = f"{_config_of(r)}: token indices of {r.module} repeat row(s) {twice[:5]}"
             elif clash := sorted(i for i in r.indices if i in seen):
                 problem = (
                     f"adapters {seen[clash[0]]} and {r.adapter} both replace row(s) "
@@ -321,6 +355,11 @@ def _check_token_rows(ckpt: Checkpoint, res: Resolution) -> None:
                 )
                 break
             seen.update(dict.fromkeys(r.indices, r.adapter))
+
+
+def _config_of(rows: TokenRows) -> Path:
+    """The adapter_config.json that gave these token indices (beside the weights file)."""
+    return Path(rows.source.path).parent / "adapter_config.json"
 
 
 def apply_config_update(config: dict, items) -> None:

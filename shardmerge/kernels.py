@@ -304,7 +304,17 @@ def _exact(
     rows_i: torch.Tensor,
     cols_j: torch.Tensor,
 ) -> None:
-    """Exact rational evaluation and correct rounding; only for a handful of elements."""
+    """Exact evaluation and correct rounding; only for a handful of elements.
+
+    First every product is split exactly into two float64s and the sum of all
+    of them taken with ``math.fsum`` (correctly rounded to float64): unless
+    that float64 lies exactly on a rounding midpoint of the output format, it
+    rounds as the exact value does. The rest are evaluated in rationals.
+    """
+    pending = _exact_by_fsum(flat_base, terms, out, idx, rows_i, cols_j)
+    if pending is None:
+        return
+    idx, rows_i, cols_j = idx[pending], rows_i[pending], cols_j[pending]
     base_vals = flat_base[idx].double().cpu().tolist()
     parts = []
     for t in terms:
@@ -330,6 +340,109 @@ def _exact(
                 )
         results.append(round_exact(exact, out.dtype))
     out.reshape(-1)[idx] = torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
+
+
+# Veltkamp's constant: splits a float64 into two halves of at most 26 bits.
+_SPLITTER = 2.0**27 + 1
+# Within these magnitudes the splits and the products' error terms are exact
+# (no overflow in the split, no error term below float64's subnormal range).
+_SPLIT_MAX = 2.0**995
+_PRODUCT_MIN = 2.0**-960
+
+
+def _two_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a * b == p + e`` exactly (Dekker), for float64 in the safe range."""
+    p = a * b
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = x * _SPLITTER
+        hi = c - (c - x)
+        return hi, x - hi
+
+    ah, al = split(a)
+    bh, bl = split(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, e
+
+
+def _exact_by_fsum(
+    flat_base: torch.Tensor,
+    terms: list[BlockTerm],
+    out: torch.Tensor,
+    idx: torch.Tensor,
+    rows_i: torch.Tensor,
+    cols_j: torch.Tensor,
+) -> torch.Tensor | None:
+    """Settle elements from exact float64 pieces; positions (into idx) left for rationals."""
+    n = idx.numel()
+    base = flat_base[idx].double().reshape(n, 1)
+    summands = [base]
+    safe = torch.isfinite(base).all(1) & (base.abs() < _SPLIT_MAX).all(1)
+
+    def exact_where(p: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        # A product is exact-split when it is far from both ends of float64's
+        # range, or a true zero (a zero factor); an underflowed one is not.
+        zero = torch.zeros_like(p, dtype=torch.bool)
+        for f in factors:
+            zero |= f == 0
+        big_ok = torch.stack([f.abs() < _SPLIT_MAX for f in factors]).all(0)
+        return (((p.abs() >= _PRODUCT_MIN) & torch.isfinite(p)) | zero) & big_ok
+
+    for t in terms:
+        if t.right is None:
+            p = t.left.reshape(-1)[idx].double().reshape(n, 1)
+            e = torch.zeros_like(p)
+            safe &= (torch.isfinite(p) & (p.abs() < _SPLIT_MAX)).all(1)
+        else:
+            lft = t.left[rows_i].double()
+            rgt = t.right[:, cols_j].double().T
+            p, e = _two_product(lft, rgt)
+            safe &= exact_where(p, lft, rgt).all(1)
+        scale = torch.full_like(p, t.scale)
+        p1, e1 = _two_product(p, scale)
+        p2, e2 = _two_product(e, scale)
+        safe &= (exact_where(p1, p, scale) & exact_where(p2, e, scale)).all(1)
+        summands += [p1, e1, p2, e2]
+    summands = torch.cat(summands, dim=1).cpu()
+    ok_list = safe.cpu().tolist()
+    precision, emin = FORMAT[out.dtype]
+    results, settled, pending = [], [], []
+    for k, row in enumerate(summands.tolist()):
+        if not ok_list[k]:
+            pending.append(k)
+            continue
+        try:
+            y = math.fsum(row)
+        except OverflowError:
+            pending.append(k)
+            continue
+        if _on_midpoint(y, precision, emin):
+            pending.append(k)
+            continue
+        settled.append(k)
+        results.append(round_exact(Fraction(y), out.dtype))
+    if settled:
+        where = idx[torch.tensor(settled, dtype=torch.long, device=idx.device)]
+        out.reshape(-1)[where] = (
+            torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
+        )
+    if not pending:
+        return None
+    return torch.tensor(pending, dtype=torch.long, device=idx.device)
+
+
+def _on_midpoint(y: float, precision: int, emin: int) -> bool:
+    """Is ``y`` exactly halfway between two neighbours of the output format?
+
+    A float64 rounded from the exact value lies on the same side of every such
+    midpoint as the exact value does, unless it lands on one.
+    """
+    if y == 0.0 or not math.isfinite(y):
+        return not math.isfinite(y)
+    _, e = math.frexp(abs(y))
+    ulp = math.ldexp(1.0, max(e, emin) - precision)
+    q = abs(y) / ulp  # exact: a power-of-two division of a float64 this size
+    return q - math.floor(q) == 0.5
 
 
 def round_exact(x: Fraction, dtype: torch.dtype) -> float:

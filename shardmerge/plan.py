@@ -364,7 +364,16 @@ def build_plan(
         _, free_vram, _ = resources.gpus[int(device.split(":")[1]) if ":" in device else 0]
         working = min(working, int(free_vram * VRAM_SHARE) // max(workers, 1))
     shards: list[ShardJob] = []
-    nf4 = set(nf4_targets(ckpt)) if qlora_base == "nf4" else set()
+    nf4 = set(nf4_targets(ckpt, edits)) if qlora_base == "nf4" else set()
+    if qlora_base == "nf4" and not nf4:
+        errors.append(
+            InputError(
+                f"--qlora-base nf4: {ckpt.path} has none of the weights a QLoRA setup quantizes "
+                "(2-D Linear weights inside a numbered layer stack such as model.layers.N), so "
+                "shardmerge cannot tell which weights the adapter saw quantized.",
+                hint="Merge without --qlora-base (into the 16-bit weights).",
+            )
+        )
     if nf4 and str(ckpt.config.get("model_type", "")) in CONV1D_MODULES:
         errors.append(
             InputError(
@@ -386,7 +395,11 @@ def build_plan(
                 room = working - (quant.state_bytes(t.shape) if quant else 0)
                 block_rows = _block_rows(t.name, shape, edit, room, errors)
                 if quant:
+                    fit = block_rows
                     block_rows = _quant_block_rows(block_rows, quant.row_align(t.shape))
+                    errors.extend(
+                        _quant_rows_fit(t.name, shape, edit, quant, block_rows, fit, room)
+                    )
             in_dtype = t.dtype
             if quant and quant.packed:  # the bytes are packed codes; t has the real shape
                 in_dtype = bnb4.storage[t.name]
@@ -586,7 +599,12 @@ def _block_rows(
             )
         )
         return 1
-    return max(1, min(rows, room // per_row, MAX_BLOCK_BYTES // per_row or 1))
+    # A block meeting many terms' rows (the experts of a fused expert tensor) would
+    # hold a zero-padded copy of each one's factors (worker._slice): meet two at most.
+    span = (
+        min((t.rows[1] - t.rows[0] for t in edit.terms if t.rows), default=rows) if edit else rows
+    )
+    return max(1, min(rows, span, room // per_row, MAX_BLOCK_BYTES // per_row or 1))
 
 
 def _factor_bytes(edit: TensorEdit | None) -> int:
@@ -670,6 +688,35 @@ def _quant_spec(
         # A replaced tensor is the adapter's own full-precision copy: no round trip.
         return QuantSpec("nf4", dtype)
     return None
+
+
+def _quant_rows_fit(
+    name: str,
+    shape: tuple[int, ...],
+    edit: TensorEdit | None,
+    quant: QuantSpec,
+    block_rows: int,
+    fit: int,
+    room: int,
+) -> list[ShardmergeError]:
+    """Refuse a tensor whose whole quantization blocks span more rows than the budget holds
+    (a large stored blocksize over an awkward row width)."""
+    held = min(block_rows, matrix_rows(shape))
+    per_row = _row_elements(shape) * (
+        MERGE_BYTES_PER_ELEMENT + dora.bytes_per_element(edit) + QUANT_BYTES_PER_ELEMENT
+    )
+    need = held * per_row + _factor_bytes(edit)
+    if held <= fit or need <= room:
+        return []
+    return [
+        ResourceError(
+            f"the memory budget is too small for 4-bit tensor {name} {list(shape)}: its "
+            f"quantization blocks of {quant.blocksize} values span {held} rows, which need "
+            f"{fmt_bytes(need + BASELINE_BYTES)} at once; the budget is "
+            f"{fmt_bytes(room + BASELINE_BYTES)}.",
+            hint="Raise --max-memory.",
+        )
+    ]
 
 
 def _quant_block_rows(rows: int, align: int) -> int:

@@ -50,6 +50,11 @@ from .terms import TensorRef
 
 # transformers' BitsAndBytesConfig has no block size: Linear4bit's default (64 on CUDA).
 BLOCKSIZE = 64
+# bitsandbytes' largest block size (quantize_blockwise / quantize_4bit): a stored one above it is
+# damage, and would make each block that many float32 values wide.
+MAX_BLOCKSIZE = 4096
+# A quant_state blob is a few hundred bytes of JSON; far larger is not one.
+MAX_STATE_BYTES = 1 << 16
 QLORA_BASE_CHOICES = ("none", "nf4")
 # Asked for often; refused with the reason (see the README).
 REFUSED_CHOICES = {
@@ -112,6 +117,7 @@ _NUMBERED_BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
 _NOT_LINEAR = re.compile(r"(norm|^ln_|^ln\d|embed|^wte$|^wpe$|relative_attention_bias|^gate$)")
 _QUANT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _AUX_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_AUX_NAMES = tuple(f".weight.{s}" for s in _AUX_SUFFIXES)
 _STATE_KEY = re.compile(r"^(.+)\.quant_state\.bitsandbytes__(\w+)$")
 _METHOD_NAMES = {
     "gptq": "GPTQ",
@@ -286,7 +292,7 @@ def check_choice(choice: str) -> None:
     )
 
 
-def nf4_targets(ckpt) -> list[str]:
+def nf4_targets(ckpt, edits: dict | None = None) -> list[str]:
     """The base tensors a transformers QLoRA setup quantizes (by name, without transformers).
 
     transformers replaces every nn.Linear but the output embedding (and
@@ -294,8 +300,28 @@ def nf4_targets(ckpt) -> list[str]:
     checkpoint we take: 2-D floating-point ``*.weight`` tensors inside a
     numbered layer stack (``layers.N``, ``h.N``, ``blocks.N``...), minus norms,
     embeddings and MoE routers (``gate``), which are not nn.Linear there.
-    Embeddings, lm_head, biases and norms are never quantized.
+    Embeddings, lm_head, biases and norms are never quantized. Nor are the
+    per-expert tensors of models whose experts transformers 5 fuses into 3-D
+    parameters at load (``experts.N.w1`` of Mixtral, ``experts.N.gate_proj`` of
+    Qwen2-MoE...: adapters/moe.py FAMILIES): no nn.Linear holds them. Unless
+    ``edits`` (base tensor -> TensorEdit) has LoRA on one of them as a Linear
+    module rather than a parameter: such an adapter was trained with
+    transformers 4, whose experts were nn.Linear modules, quantized like the rest.
     """
+    from .adapters.moe import EXPERT_MODULE, FAMILIES
+
+    family = FAMILIES.get(str(ckpt.config.get("model_type", "")))
+    fused = {p for parts in family.parts.values() for p in parts} if family else set()
+    if fused and edits:
+        expert_modules = [
+            n
+            for n, e in edits.items()
+            if n.removesuffix(".weight").rsplit(".", 1)[-1] in fused and EXPERT_MODULE.search(n)
+            for t in e.terms
+            if t.kind != "expert"
+        ]
+        if expert_modules:
+            fused = set()
     out = []
     for name, shard in ckpt.weight_map.items():
         info = ckpt.headers[shard].tensors[name]
@@ -305,6 +331,8 @@ def nf4_targets(ckpt) -> list[str]:
         if info.dtype not in ("BF16", "F16", "F32") or not _NUMBERED_BLOCK.search(module + "."):
             continue
         if _NOT_LINEAR.search(module.rsplit(".", 1)[-1]):
+            continue
+        if module.rsplit(".", 1)[-1] in fused and EXPERT_MODULE.search(module + "."):
             continue
         out.append(name)
     return sorted(out)
@@ -328,6 +356,15 @@ def base_quantization(ckpt) -> str | None:
     if not qc and not packed:
         if any(n.endswith((".SCB", ".weight_format")) for n in names):
             raise _refuse(ckpt, "bitsandbytes 8-bit (LLM.int8)")
+        if any(n.endswith((".qweight", ".qzeros")) for n in names):
+            raise _refuse(ckpt, "GPTQ/AWQ-style packed weights (qweight, qzeros)")
+        orphans = sorted(n for n in names if n.endswith(_AUX_NAMES))
+        if orphans:
+            raise CorruptFileError(
+                f"{ckpt.path}: holds bitsandbytes 4-bit quantization tensors ({', '.join(orphans[:3])}) "
+                "but no *.quant_state.bitsandbytes__nf4 saying how to read them.",
+                hint="Is a shard missing from the index? Re-save the 4-bit model with save_pretrained().",
+            )
         return None
     qc = qc if isinstance(qc, dict) else {}
     method = str(qc.get("quant_method", "bitsandbytes" if packed else "")).lower()
@@ -380,8 +417,13 @@ def open_bnb4(ckpt) -> Bnb4Base:
                 f"{where}: {what}", hint="Re-save the 4-bit model with save_pretrained()."
             )
 
+        blob = ckpt.tensor(key)
+        if blob.dtype not in ("U8", "I8") or blob.nbytes > MAX_STATE_BYTES:
+            raise bad(
+                f"its quant_state is {blob.dtype} {list(blob.shape)}, not a short uint8 JSON blob."
+            )
         try:
-            state = json.loads(bytes(_load(ckpt, key).reshape(-1).tolist()).decode("utf-8"))
+            state = json.loads(_load(ckpt, key).numpy().tobytes().decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise bad("its quant_state is not a JSON object.") from None
         if not isinstance(state, dict):
@@ -402,20 +444,20 @@ def open_bnb4(ckpt) -> Bnb4Base:
         if unknown:
             raise bad(f"unexpected quantization tensors {unknown[:3]}.")
         has_nested = "nested_absmax" in present
+        if "nested_quant_map" in present and not has_nested:
+            raise bad(f"has {weight}.nested_quant_map but no {weight}.nested_absmax.")
         need = {"absmax", "quant_map"} | ({"nested_quant_map"} if has_nested else set())
         if need - present:
             raise bad(f"missing {', '.join(sorted(f'{weight}.{s}' for s in need - present))}.")
         shape = state.get("shape")
         blocksize = state.get("blocksize")
         dtype = _QUANT_DTYPES.get(str(state.get("dtype")))
-        if (
-            not isinstance(shape, list)
-            or not shape
-            or not all(isinstance(d, int) and d > 0 for d in shape)
-        ):
+        if not isinstance(shape, list) or not shape or not all(_is_int(d) and d > 0 for d in shape):
             raise bad(f"quant_state shape {shape!r} is not a list of positive sizes.")
-        if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
-            raise bad(f"quant_state blocksize {blocksize!r} is not a power of two.")
+        if not _valid_blocksize(blocksize):
+            raise bad(
+                f"quant_state blocksize {blocksize!r} is not a power of two from 2 to {MAX_BLOCKSIZE}."
+            )
         if dtype is None:
             raise bad(
                 f"quant_state dtype {state.get('dtype')!r} is not bfloat16, float16 or float32."
@@ -443,8 +485,11 @@ def open_bnb4(ckpt) -> Bnb4Base:
         if has_nested:
             nbs = state.get("nested_blocksize")
             offset = state.get("nested_offset")
-            if not isinstance(nbs, int) or nbs < 1 or not isinstance(offset, (int, float)):
-                raise bad("quant_state lacks nested_blocksize or nested_offset.")
+            if not _valid_blocksize(nbs) or not _is_number(offset):
+                raise bad(
+                    f"quant_state nested_blocksize {nbs!r} or nested_offset {offset!r} is missing "
+                    f"or invalid (a power of two up to {MAX_BLOCKSIZE}; a finite number)."
+                )
             if absmax.dtype != "U8" or absmax.numel != blocks:
                 raise bad(
                     f"nested absmax must be {blocks} uint8 values, not {absmax.dtype} {list(absmax.shape)}."
@@ -469,7 +514,34 @@ def open_bnb4(ckpt) -> Bnb4Base:
         shapes[weight] = shape
         storage[weight] = info.dtype
         aux |= {key} | {f"{weight}.{s}" for s in present}
+    # Quantization tensors without a quant_state, or a packed-looking weight without any,
+    # would be copied into the 16-bit output as they are.
+    strays = [n for n in names if n.endswith(_AUX_NAMES) and n not in aux]
+    strays += [
+        n
+        for n in names
+        if n.endswith(".weight") and n not in specs and ckpt.tensor(n).dtype == "U8"
+    ]
+    if strays:
+        more = f" and {len(strays) - 3} more" if len(strays) > 3 else ""
+        raise CorruptFileError(
+            f"{ckpt.path}: bitsandbytes 4-bit data without a *.quant_state.bitsandbytes__nf4 "
+            f"to read it by: {', '.join(sorted(strays)[:3])}{more}.",
+            hint="Is a shard missing from the index? Re-save the 4-bit model with save_pretrained().",
+        )
     return Bnb4Base(specs, shapes, storage, frozenset(aux))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _valid_blocksize(v: object) -> bool:
+    return _is_int(v) and 2 <= v <= MAX_BLOCKSIZE and not v & (v - 1)
 
 
 def _ref(ckpt, name: str) -> TensorRef:

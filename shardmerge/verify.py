@@ -9,6 +9,7 @@ Untouched tensors must match the base byte for byte.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .quant import QuantRows
 from .rows import RowPatch
 from .safetensors_io import DTYPES, TensorInfo, pread_into, read_rows
 from .sources import RefLoader
+from .spans import RowSpans
 from .worker import load_factors
 
 # Correct rounding puts every element within 0.5 ulp of the exact value; the
@@ -238,6 +240,7 @@ def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, re
     )
     if dora_parts is not None:  # norms down columns need every row first
         column_sums = dora.reference_column_sums(read_base, t.rows, rows, dora_parts)
+    spans = RowSpans(factors)  # expert terms: each block takes the few it meets
     for row0 in range(0, t.rows, rows):
         row1 = min(t.rows, row0 + rows)
         out_rows = read_rows(dst, got, row0, row1, out_buf)
@@ -260,7 +263,7 @@ def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, re
             ref64 *= v.view(-1, *[1] * (ref64.dim() - 1)) if scaling.axis == 0 else v
         for delta in deltas:
             ref64 += delta(row0, row1)
-        for f in factors:
+        for f in spans.meeting(row0, row1) if factors else ():
             # A term may cover only some base rows (one expert of a fused expert tensor).
             lo, hi = f.rows if f.rows is not None else (0, t.rows)
             a, b = max(row0, lo), min(row1, hi)
@@ -294,6 +297,13 @@ def _ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
     if out.numel() == 0:
         return 0.0
     y = out.to(torch.float64)
+    precision, emin = FORMAT[out.dtype]
+    if out.dtype != torch.float64:
+        # A finite value at or past the overflow threshold (max + half an ulp)
+        # correctly rounds to infinity (a huge lora_alpha, say).
+        fmax = torch.finfo(out.dtype).max
+        threshold = fmax + 2.0 ** (math.frexp(fmax)[1] - precision - 1)
+        ref64 = torch.where(ref64.abs() >= threshold, ref64.sign() * math.inf, ref64)
     finite = torch.isfinite(y) & torch.isfinite(ref64)
     if not torch.equal(torch.isfinite(y), torch.isfinite(ref64)) or not torch.equal(
         y[~finite].nan_to_num(0.0), ref64[~finite].nan_to_num(0.0)
@@ -302,7 +312,6 @@ def _ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
     y, r = y[finite], ref64[finite]
     # The spacing between y and its neighbour on r's side: correctly rounded
     # means |y - r| is at most half of it.
-    precision, emin = FORMAT[out.dtype]
     mant, exp = torch.frexp(y)
     normal = exp > emin
     gap = torch.ldexp(torch.ones_like(y), exp.clamp(min=emin) - precision)

@@ -39,6 +39,7 @@ from .safetensors_io import (
     read_rows,
 )
 from .sources import RefLoader
+from .spans import RowSpans
 from .terms import Term
 
 # Called with bytes of base processed, or with the name of the shard now started.
@@ -352,6 +353,7 @@ class _TensorState:
         if not any(r.part for term in terms for r in _refs(term)):
             loader.release()  # whole tensors kept for expert parts are not needed here
         self.factors = [load_factors(term, loader, self.acc, device) for term in terms]
+        self.spans = RowSpans(self.factors)  # expert terms: each block takes the few it meets
         self.scaling = None
         if edit and edit.scaling:
             self.scaling = load_scaling(edit.scaling, loader, device)
@@ -413,7 +415,8 @@ class _TensorState:
             base = self.patch(base, row0, row1)
         if self.scaling is not None:
             base = scale_rows(base, self.scaling, self.t.edit.scaling.axis, row0, row1)
-        terms = [b for f in self.factors if (b := _slice(f, row0, row1)) is not None]
+        meeting = self.spans.meeting(row0, row1)
+        terms = [b for f in meeting if (b := _slice(f, row0, row1)) is not None]
         merged = merge_block(base, terms, self.out_dtype, self.acc)
         return merged.cpu() if merged.device.type != "cpu" else merged
 

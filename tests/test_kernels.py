@@ -686,3 +686,45 @@ def test_generic_blocks_rarely_need_later_tiers():
     TIERS["generic_elements"] += 2 * rows * cols
     assert tier2 < 0.01 * rows * cols
     assert late < 0.001 * rows * cols
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fsum_tier_agrees_with_rationals(out_dtype, monkeypatch):
+    """The exact-products + fsum tier gives the rational tier's results, also where it must defer
+    (products near float64's underflow or overflow, values exactly on a midpoint)."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols, r = 24, 16, 6
+    left = torch.randn(rows, r, generator=g, dtype=torch.float64)
+    right = torch.randn(r, cols, generator=g, dtype=torch.float64)
+    base = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    left[0] *= 2.0**-560  # products around 2^-1120: underflow
+    right[:, 1] *= 2.0**-400  # with row 0: far below the safe range
+    left[2] *= 2.0**600
+    right[:, 3] *= 2.0**500  # products past float64's range
+    # Exact midpoints of the output format: base on a midpoint, factors zero.
+    precision, _ = kernels.FORMAT[out_dtype]
+    left[4] = 0.0
+    base[4] = (1.0 + 2.0**-precision) * torch.arange(1, cols + 1, dtype=torch.float64)
+    left[5] = 2.0**-30  # tiny terms nudging a midpoint
+    base[5] = 1.0 + 2.0**-precision
+    term = kernels.BlockTerm(
+        left, right, 0.37, left.abs().amax(1), right.abs().sum(0), may_underflow=True
+    )
+    bias = kernels.BlockTerm(torch.randn(rows, cols, generator=g, dtype=torch.float64), None, -1.5)
+    idx = torch.arange(rows * cols)
+    rows_i, cols_j = idx // cols, idx % cols
+    flat = base.reshape(-1)
+
+    def run() -> torch.Tensor:
+        out = torch.zeros(rows, cols, dtype=out_dtype)
+        kernels._exact(flat, [term, bias], out, idx, rows_i, cols_j)
+        return out
+
+    fast = run()
+    deferred = kernels._exact_by_fsum(
+        flat, [term, bias], torch.zeros(rows, cols, dtype=out_dtype), idx, rows_i, cols_j
+    )
+    assert deferred is not None and 0 < deferred.numel() < rows * cols / 2
+    monkeypatch.setattr(kernels, "_exact_by_fsum", lambda *a: torch.arange(a[3].numel()))
+    slow = run()
+    assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))

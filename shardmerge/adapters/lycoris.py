@@ -91,7 +91,7 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
     problems = list(_config_problems(cfg, where))
     if peft_type in ("LOHA", "LOKR"):
         alpha = cfg.get("alpha")
-        if alpha is not None and not (
+        if "alpha" in cfg and not (
             isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
         ):
             problems.append(
@@ -128,8 +128,14 @@ def check_supported(adapter: Adapter) -> list[ShardmergeError]:
     return problems
 
 
-def _classify(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
-    """{module: {role: ref}} with roles like "hada_w1_a" or "saved.weight"; unknown keys apart."""
+def _classify(
+    adapter: Adapter, duplicates: list[tuple[str, str]] | None = None
+) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
+    """{module: {role: ref}} with roles like "hada_w1_a" or "saved.weight"; unknown keys apart.
+
+    Two keys for one module and role (with and without the ``base_model.model.``
+    prefix) are appended to ``duplicates`` as (kept, other).
+    """
     pattern = _KEYS[peft_type_of(adapter)]
     modules: dict[str, dict[str, TensorRef]] = {}
     unknown: list[str] = []
@@ -137,13 +143,22 @@ def _classify(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], list[s
         rest = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
         m = pattern.fullmatch(rest)
         if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = ref
+            module, role = m.group(1), m.group(2)
+        else:
+            m = _SAVED.fullmatch(rest)
+            # Another method's keys (lora_A.weight, ...) are not tensors saved whole.
+            if not m or re.search(
+                r"\.(hada_|lokr_|ia3_|lora_(A|B|embedding_[AB]|magnitude_vector)\b)", rest
+            ):
+                unknown.append(key)
+                continue
+            module, role = m.group(1), f"saved.{m.group(2)}"
+        roles = modules.setdefault(module, {})
+        if role in roles:
+            if duplicates is not None:
+                duplicates.append((roles[role].key, key))
             continue
-        m = _SAVED.fullmatch(rest)
-        if m and ".hada_" not in rest and ".lokr_" not in rest and ".ia3_" not in rest:
-            modules.setdefault(m.group(1), {})[f"saved.{m.group(2)}"] = ref
-            continue
-        unknown.append(key)
+        roles[role] = ref
     return modules, unknown
 
 
@@ -212,6 +227,11 @@ class _Collector:
 
     def factors_ok(self, module: str, refs: list[TensorRef]) -> bool:
         """2-D floating-point factors of at most 32 bits."""
+        if any(len(r.shape) < 2 for r in refs):
+            # Not a convolution's factors either: a malformed file.
+            shown = ", ".join(f"{r.key.rsplit('.', 1)[-1]} {list(r.shape)}" for r in refs)
+            self.corrupt(f"{self.name} factors of {module} are {shown}; each must be a 2-D matrix.")
+            return False
         if any(len(r.shape) != 2 for r in refs):
             dims = sorted({len(r.shape) for r in refs})
             self.unsupported(
@@ -253,7 +273,17 @@ def adapter_edits(
             ],
         )
     c = _Collector(adapter, ckpt)
-    modules, unknown = _classify(adapter)
+    duplicates: list[tuple[str, str]] = []
+    modules, unknown = _classify(adapter, duplicates)
+    if duplicates:
+        shown = "; ".join(f"{a} and {b}" for a, b in duplicates[:4])
+        c.errors.append(
+            CorruptFileError(
+                f"{adapter.weights_file}: two keys hold the same tensor of one module: {shown}.",
+                hint="Keep one of each pair, or re-save the adapter with PeftModel.save_pretrained().",
+            )
+        )
+        return {}, Counter(), c.errors
     if unknown:
         shown = ", ".join(unknown[:8]) + (
             f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
@@ -418,6 +448,12 @@ def _is_feedforward(spec, module: str) -> bool | None:
 
 def _ia3(c: _Collector, module: str, vec: TensorRef) -> None:
     cfg = c.adapter.config
+    if len(vec.shape) < 2:
+        c.corrupt(
+            f"ia3_l of {module} has shape {list(vec.shape)}; IA3 on a Linear layer stores a "
+            "2-D [out, 1] or [1, in] vector."
+        )
+        return
     if len(vec.shape) != 2:
         c.unsupported(
             f"module {module} has a {len(vec.shape)}-D ia3_l; IA3 on convolution layers is not "

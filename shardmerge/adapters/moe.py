@@ -108,6 +108,10 @@ FAMILIES: dict[str, ExpertFamily] = {
 # A module of one expert where experts are separate modules (Mixtral as saved,
 # Switch Transformers, NLLB-MoE: ``experts.3.w1``, ``experts.expert_3.wi``).
 EXPERT_MODULE = re.compile(r"\.experts\.(?:expert_)?\d+\.")
+# A per-expert tensor of a fused parameter on disk: (module path).(expert).(part).weight.
+_NUMBERED_WEIGHT = re.compile(r"^(.+)\.(\d+)\.([^.]+)\.weight$")
+# config.json keys for the experts of one MoE layer (transformers' MoE configs).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 # Model types whose experts store parameters [E, in, out] (use_experts_implementation(is_transposed=True)).
 TRANSPOSED = frozenset({"gpt_oss", "openai_privacy_filter", "aria", "aria_text"})
@@ -141,6 +145,7 @@ class _Place:
     # Per expert: (base tensor, first row, stop row) within the expert's [out, in] matrix.
     experts: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     problem: str = ""  # why the per-expert tensors cannot make the parameter
+    base_fault: bool = False  # the problem is a damaged base (expert tensors missing)
 
     @property
     def names(self) -> list[str]:
@@ -193,8 +198,53 @@ def _module_candidates(owner: str, family: ExpertFamily | None) -> list[str]:
     return names
 
 
-def _locate(owner: str, param: str, ckpt: Checkpoint, family: ExpertFamily | None) -> _Place | None:
-    """The base tensor(s) of parameter ``owner.param``, or None when the base has none."""
+def expert_numbers(ckpt: Checkpoint) -> dict[tuple[str, str], set[int]]:
+    """(module path, part) -> the numbers N of the base's ``path.N.part.weight`` tensors."""
+    found: dict[tuple[str, str], set[int]] = {}
+    for name in ckpt.weight_map:
+        m = _NUMBERED_WEIGHT.match(name)
+        if m:
+            found.setdefault((m[1], m[3]), set()).add(int(m[2]))
+    return found
+
+
+def config_experts(config: dict) -> tuple[str, int] | None:
+    """The experts per MoE layer config.json gives, as (key, value): top level, else text_config."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict):
+            for key in _EXPERT_COUNT_KEYS:
+                value = cfg.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return key, value
+    return None
+
+
+def _missing_experts(
+    c: str, parts: tuple[str, ...], numbers: dict[tuple[str, str], set[int]], n: int
+) -> tuple[list[str], int]:
+    """The first few of the tensors ``c.E.part.weight``, E < n, the base lacks, and how many."""
+    have = [numbers.get((c, p), set()) for p in parts]
+    total = n * len(parts) - sum(len({e for e in h if e < n}) for h in have)
+    shown: list[str] = []
+    e = 0
+    # Each expert passed over without a gap is a stored one: bounded by the weight map.
+    while len(shown) < 6 and len(shown) < total and e < n:
+        shown += [f"{c}.{e}.{p}.weight" for p, h in zip(parts, have, strict=True) if e not in h]
+        e += 1
+    return shown[:6], total
+
+
+def _locate(
+    owner: str,
+    param: str,
+    ckpt: Checkpoint,
+    family: ExpertFamily | None,
+    numbers: dict[tuple[str, str], set[int]] | None = None,
+) -> _Place | None:
+    """The base tensor(s) of parameter ``owner.param``, or None when the base has none.
+
+    ``numbers``: ``expert_numbers(ckpt)``, for per-expert layouts.
+    """
     candidates = _module_candidates(owner, family)
     for c in candidates:
         name = f"{c}.{param}"
@@ -204,12 +254,37 @@ def _locate(owner: str, param: str, ckpt: Checkpoint, family: ExpertFamily | Non
     parts = family.parts.get(param) if family else None
     if not parts:
         return None
+    numbers = expert_numbers(ckpt) if numbers is None else numbers
     for c in candidates:
+        stored = set().union(*(numbers.get((c, p), set()) for p in parts))
+        if not stored:
+            continue
+        # Every expert up to the highest stored one, and up to config.json's count,
+        # must have all its parts: a gap would leave an expert without its LoRA.
+        count = max(stored) + 1
+        declared = config_experts(ckpt.config)
+        missing, total = _missing_experts(
+            c, parts, numbers, max(count, declared[1] if declared else 0)
+        )
+        if total:
+            said = (
+                f"config.json says {declared[0]} = {declared[1]}"
+                if declared and declared[1] > count
+                else f"experts 0 to {count - 1} are stored"
+            )
+            more = f" and {total - len(missing)} more" if total > len(missing) else ""
+            return _Place(
+                (),
+                frozenset(),
+                problem=f"{ckpt.path}: the base lacks {total} expert tensor(s) of {c} "
+                f"({said}): {', '.join(missing)}{more}.",
+                base_fault=True,
+            )
         experts: list[tuple[tuple[str, int, int], ...]] = []
         dtypes: set[str] = set()
         widths: set[int] = set()
         heights: set[int] = set()
-        while all(f"{c}.{len(experts)}.{p}.weight" in ckpt.weight_map for p in parts):
+        while len(experts) < count:
             rows, first = [], 0
             for p in parts:
                 name = f"{c}.{len(experts)}.{p}.weight"
@@ -266,13 +341,20 @@ def expert_terms(
         if _targeted(owner, targets):
             by_owner.setdefault(owner, {})[depth] = module
 
+    numbers = expert_numbers(ckpt) if family and by_owner else {}
     for owner, wrappers in sorted(by_owner.items()):
         params = _targeted(owner, targets)
-        places = {p: _locate(owner, p, ckpt, family) for p in params}
+        places = {p: _locate(owner, p, ckpt, family, numbers) for p in params}
         present = [p for p in params if places[p] is not None]
         if not present and list(wrappers) == [0] and _plain_linear(owner, ckpt):
             continue  # an ordinary Linear target (owner.weight): the plain LoRA path takes it
         out.claimed.update(wrappers.values())
+        if len(wrappers) > len(present):
+            # PEFT nests one wrapper per parameter the model has: with fewer here, which
+            # LoRA belongs to which parameter cannot be told. None is applied.
+            missing = " or ".join(p for p in params if places[p] is None)
+            out.unmatched += [f"{m} (LoRA on parameter {missing})" for m in wrappers.values()]
+            continue
         if len(present) > 1 and any(p not in PARAM_ORDER for p in present):
             out.errors.append(
                 IncompatibleAdapterError(
@@ -286,11 +368,10 @@ def expert_terms(
         # PEFT wraps the parameters that exist in registration order; the last is outermost.
         order = sorted(present, key=PARAM_ORDER.index) if len(present) > 1 else present
         for depth, module in sorted(wrappers.items()):
-            if depth >= len(order):
-                missing = [p for p in params if places[p] is None]
-                out.unmatched.append(f"{module} (LoRA on parameter {' or '.join(missing)})")
+            param = order[len(order) - 1 - depth] if depth < len(order) else None
+            if param is None:  # nesting depths with a gap (depth 0 and 2 only, say)
+                out.unmatched.append(f"{module} (LoRA on a parameter nested {depth} deep)")
                 continue
-            param = order[len(order) - 1 - depth]
             key = f"{owner}.{param}"
             out.terms.extend(
                 _param_terms(
@@ -331,6 +412,14 @@ def _param_terms(
         )
         return []
 
+    if place.base_fault:
+        out.errors.append(
+            CorruptFileError(
+                f"LoRA on {key} ({wfile}): {place.problem}",
+                hint="Re-download the base model; merging would leave these experts unmerged.",
+            )
+        )
+        return []
     if place.problem:
         return incompatible(f"the base's expert tensors cannot form it: {place.problem}.")
     if "lora_A" not in roles or "lora_B" not in roles:
@@ -364,6 +453,8 @@ def _param_terms(
         out_f, in_f = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
     else:
         return incompatible(f"base tensor {names} has shape {list(shape)}, not 2-D or 3-D.")
+    if experts == 0:
+        return incompatible(f"base tensor {names} has shape {list(shape)}: no experts.")
     total = a.shape[0]
     if total != r * experts:
         have = f"{total // r}" if total % r == 0 else f"{total / r:g}"

@@ -282,6 +282,19 @@ def _config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
     mts = cfg.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
         problems.append(f"modules_to_save must be a list of module names, not {mts!r}")
+    # Not used to merge (the saved keys are), but a value PEFT cannot load means a broken file.
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            problems.append(f"target_modules {targets!r} is not a valid regular expression ({e})")
+    elif targets is not None and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        problems.append(
+            f"target_modules must be a list of module names or a regular expression, not {targets!r}"
+        )
     return [
         InputError(
             f"{where}: {p}.",
@@ -344,8 +357,15 @@ def base_tensor(ckpt: Checkpoint, name: str) -> TensorInfo:
     return ckpt.tensor(name)
 
 
-def _classify_keys(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
-    """Group the adapter's keys by module: {module: {role: ref}}; unknown keys returned apart."""
+def _classify_keys(
+    adapter: Adapter, duplicates: list[tuple[str, str]] | None = None
+) -> tuple[dict[str, dict[str, TensorRef]], list[str]]:
+    """Group the adapter's keys by module: {module: {role: ref}}; unknown keys returned apart.
+
+    Two keys for one module and role (``x.lora_A.weight`` with and without the
+    ``base_model.model.`` prefix, ``lora_magnitude_vector`` with and without
+    ``.weight``) are appended to ``duplicates`` as (kept, other).
+    """
     modules: dict[str, dict[str, TensorRef]] = {}
     unknown: list[str] = []
     for key, ref in adapter.tensors.items():
@@ -356,7 +376,12 @@ def _classify_keys(adapter: Adapter) -> tuple[dict[str, dict[str, TensorRef]], l
                 module = m.group(1)
                 if role in ("base_layer", "saved", "mts_copy", "original"):
                     role = f"{role}.{m.group(2)}"
-                modules.setdefault(module, {})[role] = ref
+                roles = modules.setdefault(module, {})
+                if role in roles:
+                    if duplicates is not None:
+                        duplicates.append((roles[role].key, key))
+                    break
+                roles[role] = ref
                 break
         else:
             unknown.append(key)
@@ -380,7 +405,8 @@ def adapter_edits(
         return {}, Counter(), errors
     cfg = adapter.config
     wfile = adapter.weights_file
-    modules, unknown = _classify_keys(adapter)
+    duplicates: list[tuple[str, str]] = []
+    modules, unknown = _classify_keys(adapter, duplicates)
     if unknown:
         shown = ", ".join(unknown[:8]) + (
             f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
@@ -391,6 +417,33 @@ def adapter_edits(
                 hint="Is this a PEFT LoRA adapter? Otherwise merge it with the tool that made it.",
             )
         )
+    if duplicates:
+        # Which of the two PEFT would load is not defined: refuse rather than pick one.
+        shown = "; ".join(f"{a} and {b}" for a, b in duplicates[:4])
+        errors.append(
+            CorruptFileError(
+                f"{wfile}: two keys hold the same tensor of one module: {shown}.",
+                hint="Keep one of each pair, or re-save the adapter with PeftModel.save_pretrained().",
+            )
+        )
+    standalone = str(cfg.get("peft_type") or "").upper() == "TRAINABLE_TOKENS"
+    if standalone:
+        # A TRAINABLE_TOKENS adapter holds token rows (and maybe a resized embedding), no LoRA.
+        lora_keys = sorted(
+            ref.key for roles in modules.values() for role, ref in roles.items()
+            if role in ("lora_A", "lora_B", "lora_B_bias", "emb_A", "emb_B", "dora")
+        )  # fmt: skip
+        if lora_keys:
+            errors.append(
+                CorruptFileError(
+                    f"{wfile}: a TRAINABLE_TOKENS adapter (peft_type in adapter_config.json) "
+                    f"holds LoRA keys: {', '.join(lora_keys[:6])}.",
+                    hint="Fix peft_type in adapter_config.json, or re-save the adapter with "
+                    "PeftModel.save_pretrained().",
+                )
+            )
+    if duplicates or (errors and standalone):
+        return {}, Counter(), errors
 
     model_type = str(ckpt.config.get("model_type", ""))
     conv1d_names = CONV1D_MODULES.get(model_type, ())
@@ -455,6 +508,16 @@ def adapter_edits(
                 )
                 continue
             a, b = roles[pair[0]], roles[pair[1]]
+            if len(a.shape) < 2 or len(b.shape) < 2:
+                # Not a convolution's factors either: a malformed file.
+                errors.append(
+                    CorruptFileError(
+                        f"{wfile}: LoRA factors of {module} have shapes {list(a.shape)} and "
+                        f"{list(b.shape)}; a LoRA factor is a 2-D matrix.",
+                        hint="Re-save the adapter with PeftModel.save_pretrained().",
+                    )
+                )
+                continue
             if len(a.shape) != 2 or len(b.shape) != 2:
                 errors.append(
                     UnsupportedAdapterError(
@@ -553,35 +616,46 @@ def adapter_edits(
             incompatible(f"module {module} has a DoRA magnitude vector without LoRA factors.")
 
         for role, ref in roles.items():
-            if not role.startswith(("saved.", "base_layer.")):
+            # A modules_to_save wrapper's parts (its copy, the original) are checked
+            # like saved tensors: tokens.py may take the original as a tied base's value.
+            wrapper_part = role.startswith(("original.", "mts_copy."))
+            if not role.startswith(("saved.", "base_layer.")) and not wrapper_part:
                 continue
             suffix = role.split(".", 1)[1]
             base_name = resolve_lora_target(module, suffix, ckpt)
             if role.startswith("base_layer."):
                 kind = "base_layer"
-            elif module in modules_to_save or module.rsplit(".", 1)[-1] in modules_to_save:
+            elif (
+                wrapper_part
+                or module in modules_to_save
+                or module.rsplit(".", 1)[-1] in modules_to_save
+            ):
                 kind = "modules_to_save"
             else:
                 kind = "bias" if suffix == "bias" else "saved_tensor"
+            shown = ref.key if wrapper_part else f"{module}.{suffix}"
             if base_name is None:
-                unmatched.append(f"{module}.{suffix} (saved whole, {kind})")
+                unmatched.append(f"{shown} (saved whole, {kind})")
                 continue
             w = base_tensor(ckpt, base_name)
             resized = (
                 is_vocab_tensor(base_name)
                 and len(ref.shape) == len(w.shape) == 2
                 and ref.shape[1:] == w.shape[1:]
+                and ref.shape[0] > 0
             )
             if ref.shape != w.shape and not resized:
                 incompatible(
-                    f"saved tensor {module}.{suffix} has shape {list(ref.shape)} but base {base_name} "
+                    f"saved tensor {shown} has shape {list(ref.shape)} but base {base_name} "
                     f"has {list(w.shape)}."
                 )
                 continue
             if (ref.dtype in FLOAT_DTYPES) != (w.dtype in FLOAT_DTYPES):
                 incompatible(
-                    f"saved tensor {module}.{suffix} is {ref.dtype} but base {base_name} is {w.dtype}."
+                    f"saved tensor {shown} is {ref.dtype} but base {base_name} is {w.dtype}."
                 )
+                continue
+            if wrapper_part:
                 continue
             if weight != 1.0:
                 errors.append(

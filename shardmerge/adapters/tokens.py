@@ -112,6 +112,7 @@ def embedding_edits(
     tokens = {
         m: roles["trainable_tokens"] for m, roles in modules.items() if "trainable_tokens" in roles
     }
+    errors.extend(_missing_deltas(adapter, list(tokens), ckpt))
     watched = [m for m in modules if (n := resolve(m, "weight")) and is_vocab_tensor(n)]
     if not tokens and not watched:
         return
@@ -199,6 +200,52 @@ def embedding_edits(
 
 
 _HINT = "Re-save the adapter with PeftModel.save_pretrained(), or merge it with PEFT."
+
+
+def _missing_deltas(adapter, token_modules: list[str], ckpt: Checkpoint) -> list[ShardmergeError]:
+    """Token indices in the config that no saved trainable_tokens_delta carries.
+
+    PEFT saves a delta for every module it gives trainable tokens, except a
+    tied lm_head sharing the embedding's (transformers' tie restores it), and
+    refuses to load a config naming a module that is not there; merging
+    without the rows would drop them silently.
+    """
+    cfg = adapter.config
+    if _is_standalone(cfg):
+        value = cfg.get("token_indices")
+        missing = ["its target modules"] if value and not token_modules else []
+    else:
+        value = cfg.get("trainable_token_indices")
+        if isinstance(value, dict):
+            missing = [
+                k for k, v in value.items() if v and not any(m.endswith(k) for m in token_modules)
+            ]
+            if missing:
+                # A tied lm_head given the embedding's own indices shares its delta.
+                emb = find_embeddings(ckpt)
+                head = emb.head.rsplit(".", 1)[0]
+                embed = (emb.embed or "").rsplit(".", 1)[0]
+                embed_indices = [v for k, v in value.items() if embed and embed.endswith(k)]
+                missing = [
+                    k
+                    for k in missing
+                    if not (emb.tied and head.endswith(k) and value[k] in embed_indices)
+                ]
+        else:
+            missing = ["the input embedding"] if value and not token_modules else []
+    if not missing:
+        return []
+    field = "token_indices" if _is_standalone(cfg) else "trainable_token_indices"
+    shown = ", ".join(map(repr, missing)) if isinstance(value, dict) else missing[0]
+    return [
+        CorruptFileError(
+            f"{adapter.path / 'adapter_config.json'}: {field} gives token indices for {shown}, "
+            f"but {adapter.weights_file} holds no trainable_tokens_delta for it: the trained "
+            "token rows are missing.",
+            hint="Re-save the adapter with PeftModel.save_pretrained(), or fix "
+            f"{field} in adapter_config.json.",
+        )
+    ]
 
 
 def _token_rows(adapter, module: str, ref) -> tuple[TokenRows | None, str]:
