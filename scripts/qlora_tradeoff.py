@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shardmerge  # noqa: E402
-from shardmerge import quant  # noqa: E402
-from shardmerge.checkpoint import open_checkpoint  # noqa: E402
+from shardmerge.codecs import quant  # noqa: E402
+from shardmerge.io.checkpoint import open_checkpoint  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

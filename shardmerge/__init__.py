@@ -1,10 +1,9 @@
 """shardmerge: fold LoRA adapters into a model's safetensors shards, streaming, exactly."""
 
-__version__ = "0.1.0"
-
-from .api import MergeResult, merge, plan, run_job  # noqa: E402
-from .jobs import MergeJob, load_job  # noqa: E402
-from .verify import VerifyReport, verify  # noqa: E402
+from .api import MergeResult, merge, plan, run_job
+from .jobs import MergeJob, load_job
+from .verifier.check import VerifyReport, verify
+from .version import __version__
 
 __all__ = [
     "merge",

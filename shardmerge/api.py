@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .execute import execute_many
-from .hub import resolve
+from .execute.driver import execute_many
+from .io.hub import resolve
+from .io.journal import WORK_DIR
 from .jobs import AdapterSpec, MergeJob
-from .journal import WORK_DIR
-from .plan import MergePlan, build_plan
+from .planner.build import MergePlan, build_plan
 from .report import REPORT_NAME, peak_memory_bytes, write_report
 
 PathLike = str | os.PathLike
@@ -312,7 +312,7 @@ def run_job(
         events=events,
     )
     if job.verify:
-        from .verify import verify
+        from .verifier.check import verify
 
         for i, (out, adapters) in enumerate(outputs):
             report = verify(

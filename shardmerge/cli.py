@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from . import __version__
 from .errors import InputError, ShardmergeError
+from .version import __version__
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
@@ -257,7 +257,7 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
 
 
 def _run_verify(out, base, adapters, weights, dtype, max_memory, offline=None) -> None:
-    from .verify import verify as api_verify
+    from .verifier.check import verify as api_verify
 
     report = api_verify(
         out,
@@ -340,8 +340,8 @@ def plan(
     """Check a merge and print its schedule; reads only headers and configs, writes nothing."""
     import json
 
-    from .hub import resolve
-    from .plan import build_plan, describe
+    from .io.hub import resolve
+    from .planner.build import build_plan, describe
 
     offline = True if offline else None
     p = build_plan(
@@ -382,7 +382,7 @@ def inspect(path, as_json) -> None:
 
 def format_inspect(d: dict) -> str:
     """An inspect summary for people."""
-    from .output import fmt_bytes
+    from .io.output import fmt_bytes
 
     if d["kind"] == "model":
         dtypes = ", ".join(
@@ -420,7 +420,7 @@ def format_inspect(d: dict) -> str:
 
 def format_plan(d: dict, *, has_out: bool) -> str:
     """The plan for people: what happens, with what resources, how long."""
-    from .output import fmt_bytes
+    from .io.output import fmt_bytes
 
     r = d["resources"]
     n = len(d["adapters"])

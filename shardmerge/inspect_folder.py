@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .adapters.peft import CONFIG_NAME as ADAPTER_CONFIG
 from .adapters.peft import _classify_keys, open_adapter, pattern_value
-from .checkpoint import open_checkpoint
 from .errors import InputError
+from .io.checkpoint import open_checkpoint
 
 # Roles of adapter keys (from _classify_keys) -> the module kind counted.
 _ROLE_KINDS = (

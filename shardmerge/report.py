@@ -13,7 +13,7 @@ import resource
 import shlex
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 CARD_NAME = "README.md"
 REPORT_NAME = "report.json"

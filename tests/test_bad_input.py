@@ -764,8 +764,8 @@ def test_bad_max_memory(ws, text):
 
 
 def test_max_memory_below_baseline(ws):
-    from shardmerge.output import fmt_bytes
-    from shardmerge.plan import BASELINE_BYTES
+    from shardmerge.io.output import fmt_bytes
+    from shardmerge.planner.build import BASELINE_BYTES
 
     run = ws.merge("--max-memory", "1MiB")
     ws.refused(
@@ -775,7 +775,7 @@ def test_max_memory_below_baseline(ws):
 
 def test_max_memory_too_small_for_a_row(ws):
     """Just above the fixed overhead: q_proj's factors and one row do not fit; named with numbers."""
-    from shardmerge.plan import BASELINE_BYTES, MERGE_BYTES_PER_ELEMENT
+    from shardmerge.planner.build import BASELINE_BYTES, MERGE_BYTES_PER_ELEMENT
 
     run = ws.merge("--max-memory", str(BASELINE_BYTES + 100))
     ws.refused(run, "memory budget is too small", f"{Q}.weight [8, 8]", "--max-memory", code=6)
@@ -889,7 +889,7 @@ def test_bin_adapter_not_a_state_dict(ws):
     ],
 )
 def test_failure_mid_merge_leaves_out_incomplete(ws, monkeypatch, exc, code, phrase):
-    import shardmerge.worker as worker
+    import shardmerge.execute.pipeline as worker
 
     calls = []
     real = worker.merge_block
@@ -916,7 +916,7 @@ def test_failure_mid_merge_leaves_out_incomplete(ws, monkeypatch, exc, code, phr
 
 def test_failure_in_last_shard_leaves_no_index(ws, monkeypatch):
     """Shard 1 is committed, shard 2 fails: OUT holds no index, so it is not a model."""
-    import shardmerge.execute as execute
+    import shardmerge.execute.driver as execute
 
     a = ws.adapter_dir("head", modules={Q: (HID, HID), "lm_head": (16, HID)})
     real = execute.run_shards

@@ -6,7 +6,7 @@ problem and the file, without a traceback, leaves nothing in OUT that looks
 finished, and changes no input; an input that is legitimately fine merges
 to the correctly rounded result. The fixtures are tiny and written by hand
 (a Mixtral-style MoE in both disk layouts, bitsandbytes-style 4-bit folders
-packed with shardmerge.quant's NF4 code), then damaged by editing their files.
+packed with shardmerge.codecs.quant's NF4 code), then damaged by editing their files.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from test_bad_input import (
 )
 
 import shardmerge
-from shardmerge.quant import NF4_CODE, nf4_dequantize, nf4_quantize, nf4_roundtrip
-from shardmerge.spans import RowSpans
+from shardmerge.codecs.quant import NF4_CODE, nf4_dequantize, nf4_quantize, nf4_roundtrip
+from shardmerge.kernel.spans import RowSpans
 
 E, INTER, R, ALPHA = 4, 6, 2, 4  # experts, expert intermediate size, rank, lora_alpha
 S = ALPHA / R
@@ -236,7 +236,7 @@ def bnb4_base(folder: Path) -> Path:
 
 
 def dequantized(tensors: dict[str, torch.Tensor], weight: str) -> torch.Tensor:
-    """shardmerge.quant's reading of a packed weight (checked against bitsandbytes in test_qlora)."""
+    """shardmerge.codecs.quant's reading of a packed weight (checked against bitsandbytes in test_qlora)."""
     state = json.loads(
         bytes(tensors[f"{weight}.quant_state.bitsandbytes__nf4"].reshape(-1).tolist())
     )
@@ -772,7 +772,7 @@ def test_quant_tensors_in_a_shard_the_index_does_not_list(ws):
 
 def test_quantization_blocks_wider_than_the_budget(ws):
     """Whole 4096-value blocks over rows of 6 values: 2048 rows at once, over a tiny budget."""
-    from shardmerge.plan import BASELINE_BYTES
+    from shardmerge.planner.build import BASELINE_BYTES
 
     odd = f"{L0}.mlp.odd_proj.weight"
 
@@ -947,7 +947,7 @@ def test_qlora_base_leaves_fused_experts_alone(ws, layout):
 def test_qlora_base_round_trips_experts_of_a_transformers4_adapter(ws):
     """LoRA on Mixtral's w1 as a Linear module (not a parameter) was trained with
     transformers 4, whose experts were nn.Linear modules and quantized: all are round-tripped."""
-    from shardmerge.kernels import cast
+    from shardmerge.kernel.merge import cast
 
     base = moe_base(ws.inputs / "moe", "per_expert", dtype=torch.bfloat16)
     adapter = ws.adapter_dir("v4", modules={f"{DISK}.0.w1": (INTER, HID)})

@@ -39,10 +39,10 @@ from builders import (
 from safetensors.torch import load_file, save_file
 
 import shardmerge
-from shardmerge import dora
 from shardmerge.errors import ShardmergeError
+from shardmerge.kernel import dora
 
-plan_mod = importlib.import_module("shardmerge.plan")
+plan_mod = importlib.import_module("shardmerge.planner.build")
 
 INT_TYPE = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 PRECISION = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}

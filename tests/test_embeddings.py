@@ -29,7 +29,7 @@ from builders import (
 import shardmerge
 from shardmerge.errors import ShardmergeError
 from shardmerge.jobs import AdapterSpec, MergeJob
-from shardmerge.verify import verify
+from shardmerge.verifier.check import verify
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 VOCAB = 256

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import shardmerge
-from shardmerge import hub
 from shardmerge.cli import main
 from shardmerge.errors import InputError
+from shardmerge.io import hub
 
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 BASE_HASH = "a" * 40

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import shardmerge
-import shardmerge.safetensors_io as sio
+import shardmerge.io.safetensors as sio
 from shardmerge.cli import main
 from shardmerge.errors import InputError
 from shardmerge.jobs import job_from_dict, load_job
@@ -160,7 +160,7 @@ def test_separate_reads_each_base_byte_once(models, tmp_path, monkeypatch):
             read["bytes"] += buf.numel()
         return real(f, offset, buf)
 
-    monkeypatch.setattr("shardmerge.worker.pread_into", counting)
+    monkeypatch.setattr("shardmerge.execute.pipeline.pread_into", counting)
     adapters = [models["support"], models["tone"], models["legal"]]
     job = job_from_dict(
         {"base": str(models["base"]), "adapters": [str(a) for a in adapters],

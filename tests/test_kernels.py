@@ -25,8 +25,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from shardmerge import kernels
-from shardmerge.kernels import BlockTerm, accumulation_dtype, merge_block
+from shardmerge.kernel import merge as kernels
+from shardmerge.kernel.merge import BlockTerm, accumulation_dtype, merge_block
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 OUT_DTYPES = [BF16, F16, F32]

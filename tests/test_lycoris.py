@@ -44,10 +44,10 @@ from shardmerge.errors import (
     ShardmergeError,
     UnsupportedAdapterError,
 )
-from shardmerge.sources import RefLoader
+from shardmerge.io.sources import RefLoader
 from shardmerge.terms import TensorRef, Term
 
-plan_mod = importlib.import_module("shardmerge.plan")
+plan_mod = importlib.import_module("shardmerge.planner.build")
 
 P = "base_model.model."
 
@@ -582,7 +582,7 @@ def test_verify_catches_one_ulp(kind, small, llama_fp32, tmp_path):
 def test_float64_accumulator_rounds_16bit_subnormals_correctly():
     """W + L @ R where float64 loses a tiny term and W sits on a float16/bfloat16
     subnormal midpoint: only the exact tier gets the rounding right."""
-    from shardmerge.kernels import BlockTerm, merge_block
+    from shardmerge.kernel.merge import BlockTerm, merge_block
 
     for out, unit, tiny in (
         (torch.float16, 2.0**-24, 2.0**-100),
@@ -600,7 +600,7 @@ def test_float64_accumulator_rounds_16bit_subnormals_correctly():
 @pytest.mark.parametrize(("out", "unit"), [(torch.float16, 2.0**-24), (torch.bfloat16, 2.0**-133)])
 def test_float64_accumulator_subnormal_block_matches_fractions(out, unit):
     """Random blocks around the 16-bit subnormal range, every element checked exactly."""
-    from shardmerge.kernels import BlockTerm, merge_block
+    from shardmerge.kernel.merge import BlockTerm, merge_block
 
     g = torch.Generator().manual_seed(1)
     base = (torch.randn(24, 24, generator=g) * 40 * unit).to(torch.float32)

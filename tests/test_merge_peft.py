@@ -42,7 +42,7 @@ from builders import (
 import shardmerge
 
 # ``shardmerge.plan`` is the api function; the planner module is reached this way.
-plan_mod = importlib.import_module("shardmerge.plan")
+plan_mod = importlib.import_module("shardmerge.planner.build")
 
 LOGITS_TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 import shardmerge
 from shardmerge.errors import PlanErrors, ShardmergeError
 
-plan_mod = importlib.import_module("shardmerge.plan")
+plan_mod = importlib.import_module("shardmerge.planner.build")
 
 MOE_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LAYERS, EXPERTS, RANK = 2, 4, 4

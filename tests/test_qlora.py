@@ -30,14 +30,14 @@ from builders import (
 from click.testing import CliRunner
 
 import shardmerge
-from shardmerge import quant
 from shardmerge.cli import main
+from shardmerge.codecs import quant
 from shardmerge.errors import ShardmergeError
-from shardmerge.verify import verify
+from shardmerge.verifier.check import verify
 
 # bitsandbytes calls torch._check_is_size, which torch 2.13 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-plan_mod = importlib.import_module("shardmerge.plan")
+plan_mod = importlib.import_module("shardmerge.planner.build")
 
 # hidden 40 (not a multiple of 64): row blocks must be 8 rows to hold whole
 # quantization blocks, and k_proj (20 x 40 = 12.5 blocks) ends in a partial one.

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 import shardmerge
 import shardmerge.errors
-import shardmerge.plan
+import shardmerge.planner.build
 from shardmerge.cli import main as cli_main
 from shardmerge.errors import ResourceError
 
@@ -185,7 +185,7 @@ def big(tmp_path_factory) -> Model:
 @pytest.fixture(scope="module")
 def slow(big, tmp_path_factory) -> str:
     """The smallest --max-memory that ``big`` plans with: tiny row blocks, a merge of seconds."""
-    planner = sys.modules["shardmerge.plan"]
+    planner = sys.modules["shardmerge.planner.build"]
     out = tmp_path_factory.mktemp("slow") / "out"
     for kib in range(4, 4096, 4):
         budget = planner.BASELINE_BYTES + (kib << 10)
@@ -212,8 +212,8 @@ SERVER = r"""
 import json, os, signal, sys, traceback
 import shardmerge.api
 import shardmerge.cli
-import shardmerge.execute
-import shardmerge.journal
+import shardmerge.execute.driver
+import shardmerge.io.journal
 
 proto = os.fdopen(os.dup(1), "w")
 # Ctrl-C as from a terminal, even when the tests run where SIGINT is ignored
@@ -223,7 +223,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def stop_at(n):
     # The n-th crash point SIGSTOPs this process (in every module that calls one).
-    orig = shardmerge.journal.crashpoint
+    orig = shardmerge.io.journal.crashpoint
     count = [0]
 
     def hooked():
@@ -795,7 +795,7 @@ def test_disk_full_before_the_first_shard(tiny, reference, tmpfs, pages):
     out = disk / "out"
     plan = shardmerge.plan(tiny.base, [tiny.adapter], out)
     filler = fill(disk, pages * 4096)
-    from shardmerge.execute import execute
+    from shardmerge.execute.driver import execute
 
     with pytest.raises(ResourceError) as e:
         execute(plan)
@@ -813,7 +813,7 @@ def test_disk_full_before_the_first_shard(tiny, reference, tmpfs, pages):
 
 def test_disk_full_injected_mid_shard(tiny, reference, tmp_path, monkeypatch):
     """ENOSPC raised by the writer in the middle of the third shard (in-process)."""
-    from shardmerge import safetensors_io
+    from shardmerge.io import safetensors as safetensors_io
 
     out = tmp_path / "out"
     names = [n for n, _ in tiny.shard_tensors]
@@ -871,7 +871,7 @@ def test_sigterm_with_a_worker_process(big, slow, server, tmp_path):
     ref = tmp_path / "ref"
     assert server.run(merge_args(big, ref)).rc == 0
     out = tmp_path / "out"
-    budget = str(int(slow) + sys.modules["shardmerge.plan"].PROCESS_BYTES)
+    budget = str(int(slow) + sys.modules["shardmerge.planner.build"].PROCESS_BYTES)
     pid = server.start(merge_args(big, out, "--max-memory", budget, "--workers", "1"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Unit tests of the strict safetensors header parser (shardmerge.safetensors_io).
+"""Unit tests of the strict safetensors header parser (shardmerge.io.safetensors).
 
 Good files come from ``safetensors.torch.save_file``, the reference writer;
 corrupt ones are written byte by byte. ``CORRUPT`` is shared with
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shardmerge.errors import CorruptFileError
-from shardmerge.safetensors_io import (
+from shardmerge.io.safetensors import (
     DTYPES,
     ITEMSIZE,
     OutEntry,

@@ -235,7 +235,7 @@ def test_missing_shard(model, out):
 
 def test_verify_refuses_an_unfinished_merge(model, tmp_path, monkeypatch):
     """Ctrl-C (as raised at a crash point) after two shards: verify says to finish it first."""
-    import shardmerge.execute as ex
+    import shardmerge.execute.driver as ex
 
     calls = {"n": 0}
 

@@ -39,7 +39,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..checkpoint import Checkpoint
 from ..errors import (
     CorruptFileError,
     IncompatibleAdapterError,
@@ -47,7 +46,8 @@ from ..errors import (
     ShardmergeError,
     UnsupportedAdapterError,
 )
-from ..safetensors_io import FLOAT_DTYPES
+from ..io.checkpoint import Checkpoint
+from ..io.safetensors import FLOAT_DTYPES
 from ..terms import Replacement, Scaling, TensorEdit, TensorRef, Term
 from .peft import (
     CONFIG_NAME,

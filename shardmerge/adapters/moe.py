@@ -34,9 +34,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ..checkpoint import Checkpoint
 from ..errors import CorruptFileError, IncompatibleAdapterError, ShardmergeError
-from ..safetensors_io import FLOAT_DTYPES
+from ..io.checkpoint import Checkpoint
+from ..io.safetensors import FLOAT_DTYPES
 from ..terms import TensorRef, Term
 
 

@@ -20,9 +20,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, not_a_regular_file, read_json
-from ..dora import magnitude_ref as dora_magnitude
-from ..embeddings import find_embeddings, is_vocab_tensor
 from ..errors import (
     CorruptFileError,
     IncompatibleAdapterError,
@@ -30,8 +27,11 @@ from ..errors import (
     ShardmergeError,
     UnsupportedAdapterError,
 )
-from ..safetensors_io import FLOAT_DTYPES, NAME_OF, TensorInfo, read_header
-from ..sources import load_torch_state
+from ..io.checkpoint import Checkpoint, not_a_regular_file, read_json
+from ..io.safetensors import FLOAT_DTYPES, NAME_OF, TensorInfo, read_header
+from ..io.sources import load_torch_state
+from ..kernel.dora import magnitude_ref as dora_magnitude
+from ..planner.embeddings import find_embeddings, is_vocab_tensor
 from ..terms import Replacement, TensorEdit, TensorRef, Term
 from . import tokens
 from .moe import EXPERT_MODULE, expert_terms

@@ -31,9 +31,9 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
-from ..embeddings import find_embeddings, is_vocab_tensor
 from ..errors import CorruptFileError, InputError, ShardmergeError, UnsupportedAdapterError
+from ..io.checkpoint import Checkpoint
+from ..planner.embeddings import find_embeddings, is_vocab_tensor
 from ..terms import Replacement, TensorEdit, TokenRows
 
 # Replacement kinds that overwrite a module's base weight (shared when tied).

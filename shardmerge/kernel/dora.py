@@ -42,15 +42,15 @@ from operator import mul
 
 import torch
 
-from .errors import (
+from ..errors import (
     CorruptFileError,
     IncompatibleAdapterError,
     ShardmergeError,
     UnsupportedAdapterError,
 )
-from .kernels import FORMAT, _in_doubt, cast, round_exact
-from .safetensors_io import FLOAT_DTYPES
-from .terms import TensorEdit, TensorRef
+from ..io.safetensors import FLOAT_DTYPES
+from ..terms import TensorEdit, TensorRef
+from .merge import FORMAT, _in_doubt, cast, round_exact
 
 _U = 2.0**-53  # float64 unit roundoff
 _TINY = 2.0**-1074  # float64's smallest subnormal: the absolute error of an underflow

@@ -17,13 +17,9 @@ from pathlib import Path
 
 import psutil
 
-from . import __version__, dora, embeddings
-from .adapters import lycoris
-from .adapters.peft import CONV1D_MODULES, Adapter, adapter_edits, open_adapter
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
-from .output import check_free_space, check_output_dir, fmt_bytes
-from .quant import (
+from ..adapters import lycoris
+from ..adapters.peft import CONV1D_MODULES, Adapter, adapter_edits, open_adapter
+from ..codecs.quant import (
     Bnb4Base,
     QuantSpec,
     base_quantization,
@@ -31,10 +27,11 @@ from .quant import (
     nf4_targets,
     open_bnb4,
 )
-from .quant import check_choice as check_qlora_choice
-from .resources import Resources, cgroup_memory_limit
-from .resources import probe as probe_resources
-from .safetensors_io import (
+from ..codecs.quant import check_choice as check_qlora_choice
+from ..errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.output import check_free_space, check_output_dir, fmt_bytes
+from ..io.safetensors import (
     FLOAT_DTYPES,
     ITEMSIZE,
     NAME_OF,
@@ -43,8 +40,13 @@ from .safetensors_io import (
     encode_header,
     matrix_rows,
 )
-from .sources import PART_CACHE_BYTES
-from .terms import TensorEdit
+from ..io.sources import PART_CACHE_BYTES
+from ..kernel import dora
+from ..terms import TensorEdit
+from ..version import __version__
+from . import embeddings
+from .resources import Resources, cgroup_memory_limit
+from .resources import probe as probe_resources
 
 DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

@@ -8,9 +8,9 @@ from collections import OrderedDict
 
 import torch
 
-from .errors import CorruptFileError
-from .safetensors_io import DTYPES, NAME_OF, TensorInfo, read_rows, read_tensor
-from .terms import TensorRef
+from ..errors import CorruptFileError
+from ..terms import TensorRef
+from .safetensors import DTYPES, NAME_OF, TensorInfo, read_rows, read_tensor
 
 
 def load_torch_state(path: str) -> dict[str, torch.Tensor]:

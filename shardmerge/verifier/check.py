@@ -16,20 +16,20 @@ from pathlib import Path
 
 import torch
 
-from . import dora
-from .adapters import lycoris
-from .checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
-from .embeddings import config_value
-from .errors import InputError
-from .journal import Journal
-from .kernels import FORMAT, cast
-from .plan import MergePlan, TensorJob, build_plan
-from .quant import QuantRows
-from .rows import RowPatch
-from .safetensors_io import DTYPES, TensorInfo, pread_into, read_rows
-from .sources import RefLoader
-from .spans import RowSpans
-from .worker import load_factors
+from ..adapters import lycoris
+from ..codecs.quant import QuantRows
+from ..errors import InputError
+from ..execute.pipeline import load_factors
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
+from ..io.journal import Journal
+from ..io.safetensors import DTYPES, TensorInfo, pread_into, read_rows
+from ..io.sources import RefLoader
+from ..kernel import dora
+from ..kernel.merge import FORMAT, cast
+from ..kernel.rows import RowPatch
+from ..kernel.spans import RowSpans
+from ..planner.build import MergePlan, TensorJob, build_plan
+from ..planner.embeddings import config_value
 
 # Correct rounding puts every element within 0.5 ulp of the exact value; the
 # float64 reference is itself off by ~1e-13 ulp of a 16/32-bit output.
@@ -101,7 +101,7 @@ def verify(
     >>> report.ok                                                        # doctest: +SKIP
     True
     """
-    from .hub import resolve
+    from ..io.hub import resolve
 
     base = resolve(base, offline=offline)
     adapters = [resolve(a, offline=offline) for a in adapters]

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CorruptFileError, InputError
-from .safetensors_io import DTYPES, read_tensor
-from .terms import TensorRef
+from ..errors import CorruptFileError, InputError
+from ..io.safetensors import DTYPES, read_tensor
+from ..terms import TensorRef
 
 # transformers' BitsAndBytesConfig has no block size: Linear4bit's default (64 on CUDA).
 BLOCKSIZE = 64
@@ -308,7 +308,7 @@ def nf4_targets(ckpt, edits: dict | None = None) -> list[str]:
     module rather than a parameter: such an adapter was trained with
     transformers 4, whose experts were nn.Linear modules, quantized like the rest.
     """
-    from .adapters.moe import EXPERT_MODULE, FAMILIES
+    from ..adapters.moe import EXPERT_MODULE, FAMILIES
 
     family = FAMILIES.get(str(ckpt.config.get("model_type", "")))
     fused = {p for parts in family.parts.values() for p in parts} if family else set()
@@ -559,7 +559,7 @@ def dequantized_view(ckpt, bnb4: Bnb4Base):
     dtype (still at its packed bytes), the quantization tensors gone."""
     from dataclasses import replace
 
-    from .safetensors_io import TensorInfo
+    from ..io.safetensors import TensorInfo
 
     headers = {}
     for shard, header in ckpt.headers.items():

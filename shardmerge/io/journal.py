@@ -16,7 +16,7 @@ import signal
 import zlib
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 WORK_DIR = ".shardmerge"
 JOURNAL_NAME = "journal.json"

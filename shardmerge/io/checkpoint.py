@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import InputError
-from .safetensors_io import Header, TensorInfo, read_header
+from ..errors import InputError
+from .safetensors import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -20,16 +20,11 @@ from typing import BinaryIO
 
 import torch
 
-from .adapters.lycoris import build_factors, load_scaling, scale_rows
-from .dora import DoraMerger, has_dora
-from .dora import merger_for as dora_merger_for
-from .errors import UnsupportedAdapterError
-from .journal import crashpoint
-from .kernels import BlockTerm, accumulation_dtype, merge_block, underflow_risk
-from .plan import ShardJob, TensorJob
-from .quant import QuantRows
-from .rows import RowPatch
-from .safetensors_io import (
+from ..adapters.lycoris import build_factors, load_scaling, scale_rows
+from ..codecs.quant import QuantRows
+from ..errors import UnsupportedAdapterError
+from ..io.journal import crashpoint
+from ..io.safetensors import (
     DTYPES,
     StreamWriter,
     TensorInfo,
@@ -38,9 +33,14 @@ from .safetensors_io import (
     pread_into,
     read_rows,
 )
-from .sources import RefLoader
-from .spans import RowSpans
-from .terms import Term
+from ..io.sources import RefLoader
+from ..kernel.dora import DoraMerger, has_dora
+from ..kernel.dora import merger_for as dora_merger_for
+from ..kernel.merge import BlockTerm, accumulation_dtype, merge_block, underflow_risk
+from ..kernel.rows import RowPatch
+from ..kernel.spans import RowSpans
+from ..planner.build import ShardJob, TensorJob
+from ..terms import Term
 
 # Called with bytes of base processed, or with the name of the shard now started.
 Progress = Callable[[int | str], None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .terms import TokenRows
+from ..terms import TokenRows
 
 
 class RowPatch:

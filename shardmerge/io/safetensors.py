@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import CorruptFileError, InputError
+from ..errors import CorruptFileError, InputError
 
 # Largest header we accept: the reference implementation's limit.
 MAX_HEADER_BYTES = 100_000_000

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import InputError
+from ..errors import InputError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 

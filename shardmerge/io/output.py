@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import OutputError, ResourceError
 from .checkpoint import CONFIG_NAME, INDEX_NAME
-from .errors import OutputError, ResourceError
 from .journal import WORK_DIR, Journal, check_resumable
 
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_NAME, INDEX_NAME
-from .embeddings import apply_config_update
-from .errors import Interrupted, ResourceError
-from .journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
-from .output import OutputDir, fmt_bytes
-from .plan import MergePlan, ShardJob
-from .report import CARD_NAME, model_card
-from .worker import Progress, ShardResult, run_shards
+from ..errors import Interrupted, ResourceError
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
+from ..io.journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
+from ..io.output import OutputDir, fmt_bytes
+from ..planner.build import MergePlan, ShardJob
+from ..planner.embeddings import apply_config_update
+from ..report import CARD_NAME, model_card
+from .pipeline import Progress, ShardResult, run_shards
 
 
 def execute(

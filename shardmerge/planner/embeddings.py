@@ -23,10 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .errors import IncompatibleAdapterError, InputError, ShardmergeError, UnsupportedAdapterError
-from .safetensors_io import FLOAT_DTYPES
-from .terms import Replacement, TensorEdit, TensorRef, TokenRows
+from ..errors import IncompatibleAdapterError, InputError, ShardmergeError, UnsupportedAdapterError
+from ..io.checkpoint import Checkpoint
+from ..io.safetensors import FLOAT_DTYPES
+from ..terms import Replacement, TensorEdit, TensorRef, TokenRows
 
 # Names (tails) of input embeddings and output projections in transformers' models.
 INPUT_SUFFIXES = (
