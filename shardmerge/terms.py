@@ -62,9 +62,12 @@ class Term:
     scale: float
     left_t: bool = False
     right_t: bool = False
-    # How the factors make the delta: "lowrank" is scale * left @ right (a bias
-    # term when right is None); other forms (LoHa, LoKr) name a builder that
-    # turns left, right and ``extra`` into exact low-rank factors at load time.
+    # How the factors make the delta, named by its algebra (never by an adapter
+    # kind): "lowrank" is scale * left @ right (a bias term when right is
+    # None); "hadamard" is scale * (left @ right) * (extra[0] @ extra[1]),
+    # elementwise; "kronecker" is scale * kron(left-side, extra-side), each
+    # side one matrix or a product of two. kernel code turns the last two into
+    # exact low-rank factors at load time.
     form: str = "lowrank"
     extra: tuple[TensorRef, ...] = ()
     # The rows of the base tensor (viewed as 2-D: leading dims flattened) the

@@ -383,7 +383,7 @@ def test_lokr_factors_are_kron(w1, w2, dense):
             sides.append(((_ref(tensors, f"m{k}", m),), m))
     (s1, m1), (s2, m2) = sides
     term = Term(
-        "lokr", "x", "m", s1[0], s1[1] if len(s1) == 2 else None, 1.0, form="lokr", extra=s2
+        "lokr", "x", "m", s1[0], s1[1] if len(s1) == 2 else None, 1.0, form="kronecker", extra=s2
     )
     left, right = lycoris.build_factors(term, _MemLoader(tensors))
     want = torch.kron(m1.double(), m2.double())
@@ -402,7 +402,7 @@ def test_loha_factors_are_hadamard():
         _ints(2, 5, seed=4),
     )
     refs = [_ref(tensors, k, t) for k, t in zip("abcd", (w1a, w1b, w2a, w2b), strict=True)]
-    term = Term("loha", "x", "m", refs[0], refs[1], 1.0, form="loha", extra=(refs[2], refs[3]))
+    term = Term("loha", "x", "m", refs[0], refs[1], 1.0, form="hadamard", extra=(refs[2], refs[3]))
     left, right = lycoris.build_factors(term, _MemLoader(tensors))
     assert left.shape == (7, 6) and right.shape == (6, 5)
     assert torch.equal(left @ right, ((w1a @ w1b) * (w2a @ w2b)).double())

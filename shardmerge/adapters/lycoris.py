@@ -374,7 +374,7 @@ def _loha(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float
         return
     term = Term(
         "loha", c.adapter.label, module, w1a, w1b, weight * (alpha / r_cfg),
-        form="loha", extra=(w2a, w2b),
+        form="hadamard", extra=(w2a, w2b),
     )  # fmt: skip
     c.add(base, TensorEdit(terms=(term,)), "loha")
 
@@ -432,7 +432,7 @@ def _lokr(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float
     w1, w2 = sides
     term = Term(
         "lokr", c.adapter.label, module, w1[0], w1[1] if len(w1) == 2 else None,
-        weight * (alpha / r_cfg), form="lokr", extra=w2,
+        weight * (alpha / r_cfg), form="kronecker", extra=w2,
     )  # fmt: skip
     c.add(base, TensorEdit(terms=(term,)), "lokr")
 
@@ -585,7 +585,7 @@ def _lokr_layout(term: Term) -> tuple[bool, int, int, int]:
 
 def built_numel(term: Term) -> int:
     """Elements of the float64 factors ``build_factors`` makes for a LoHa/LoKr term."""
-    if term.form == "loha":
+    if term.form == "hadamard":
         w2a, w2b = term.extra
         rank = term.left.shape[1] * w2a.shape[1]
         return rank * (term.left.shape[0] + term.right.shape[1])
@@ -634,12 +634,12 @@ def build_factors(term: Term, loader) -> tuple[torch.Tensor, torch.Tensor | None
     ``right`` is None for a dense LoKr delta (``left`` is then the delta / scale).
     Every entry is a product of two stored floats of at most 32 bits: exact.
     """
-    if term.form == "loha":
+    if term.form == "hadamard":
         w2a, w2b = term.extra
         left = _face_split_rows(_f64(loader, term.left), _f64(loader, w2a))
         right = _face_split_cols(_f64(loader, term.right), _f64(loader, w2b))
         return left, right
-    if term.form != "lokr":
+    if term.form != "kronecker":
         raise ValueError(f"unknown term form {term.form!r}")
     w1, w2 = _lokr_sides(term)
     if _lokr_layout(term)[0]:
@@ -659,7 +659,7 @@ def reference_delta(term: Term, loader) -> Callable[[int, int], torch.Tensor]:
     not exact, so within ~1e-16 relative of the true value).
     """
     s = term.scale
-    if term.form == "loha":
+    if term.form == "hadamard":
         w1a, w1b = _f64(loader, term.left), _f64(loader, term.right)
         w2a, w2b = (_f64(loader, r) for r in term.extra)
         return lambda r0, r1: s * ((w1a[r0:r1] @ w1b) * (w2a[r0:r1] @ w2b))

@@ -344,7 +344,7 @@ class _TensorState:
         )
         if self.patch is not None:  # replaced rows must reach the rounding exactly
             self.acc = accumulation_dtype(self.out_dtype, [self.acc, self.patch.dtype])
-        if edit and (edit.scaling or any(term.form in ("loha", "lokr") for term in terms)):
+        if edit and (edit.scaling or any(term.form in ("hadamard", "kronecker") for term in terms)):
             # LoHa/LoKr factors hold products of two stored values (up to 48
             # bits) and IA3 scales the base exactly: float64 keeps them exact.
             self.acc = torch.float64
@@ -522,7 +522,7 @@ def load_factors(term: Term, loader: RefLoader, acc: torch.dtype, device: torch.
 
     LoHa/LoKr terms get exact float64 factors built from theirs, whatever ``acc``.
     """
-    if term.form in ("loha", "lokr"):
+    if term.form in ("hadamard", "kronecker"):
         left, right = build_factors(term, loader)
         if right is not None:
             right = right.to(device).contiguous()

@@ -212,11 +212,13 @@ def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, re
     factors = [
         load_factors(term, loader, torch.float64, torch.device("cpu"))
         for term in terms
-        if term.form not in ("loha", "lokr")
+        if term.form not in ("hadamard", "kronecker")
     ]
     # LoHa/LoKr: PEFT's formula evaluated directly (not the merge's exact factors).
     deltas = [
-        lycoris.reference_delta(term, loader) for term in terms if term.form in ("loha", "lokr")
+        lycoris.reference_delta(term, loader)
+        for term in terms
+        if term.form in ("hadamard", "kronecker")
     ]
     scaling = edit.scaling if edit else None
     if scaling is not None:
