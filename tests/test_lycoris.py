@@ -37,7 +37,6 @@ from builders import (
 from safetensors.torch import load_file, save_file
 
 import shardmerge
-from shardmerge.adapters import lycoris
 from shardmerge.errors import (
     CorruptFileError,
     IncompatibleAdapterError,
@@ -45,6 +44,7 @@ from shardmerge.errors import (
     UnsupportedAdapterError,
 )
 from shardmerge.io.sources import RefLoader
+from shardmerge.kernel import factors
 from shardmerge.terms import TensorRef, Term
 
 plan_mod = importlib.import_module("shardmerge.planner.build")
@@ -385,12 +385,12 @@ def test_lokr_factors_are_kron(w1, w2, dense):
     term = Term(
         "lokr", "x", "m", s1[0], s1[1] if len(s1) == 2 else None, 1.0, form="kronecker", extra=s2
     )
-    left, right = lycoris.build_factors(term, _MemLoader(tensors))
+    left, right = factors.build_factors(term, _MemLoader(tensors))
     want = torch.kron(m1.double(), m2.double())
     got = left if right is None else left @ right
     assert (right is None) == dense
     assert torch.equal(got, want)
-    assert lycoris.built_numel(term) == left.numel() + (right.numel() if right is not None else 0)
+    assert factors.built_numel(term) == left.numel() + (right.numel() if right is not None else 0)
 
 
 def test_loha_factors_are_hadamard():
@@ -403,13 +403,13 @@ def test_loha_factors_are_hadamard():
     )
     refs = [_ref(tensors, k, t) for k, t in zip("abcd", (w1a, w1b, w2a, w2b), strict=True)]
     term = Term("loha", "x", "m", refs[0], refs[1], 1.0, form="hadamard", extra=(refs[2], refs[3]))
-    left, right = lycoris.build_factors(term, _MemLoader(tensors))
+    left, right = factors.build_factors(term, _MemLoader(tensors))
     assert left.shape == (7, 6) and right.shape == (6, 5)
     assert torch.equal(left @ right, ((w1a @ w1b) * (w2a @ w2b)).double())
     # The planner counts the built factors, which outgrow the stored ones.
     edit = plan_mod.TensorEdit(terms=(term,))
     assert plan_mod._factor_bytes(edit) >= 8 * (left.numel() + right.numel())
-    assert lycoris.built_numel(term) == 7 * 6 + 6 * 5 > sum(r.numel for r in refs)
+    assert factors.built_numel(term) == 7 * 6 + 6 * 5 > sum(r.numel for r in refs)
 
 
 def test_products_of_float32_factors_are_exact_in_float64():
@@ -560,7 +560,7 @@ def test_plan_counts_and_factor_memory(small, llama_fp32, tmp_path):
         t for s in p.shards for t in s.tensors if t.name.endswith("0.self_attn.q_proj.weight")
     )
     # r=4: the built factors have rank 16: (64 + 64) * 16 elements.
-    assert plan_mod._factor_bytes(job.edit) == lycoris.BUILT_BYTES_PER_ELEMENT * 128 * 16
+    assert plan_mod._factor_bytes(job.edit) == factors.BUILT_BYTES_PER_ELEMENT * 128 * 16
     assert math.prod(job.shape) == 64 * 64
 
 
@@ -621,13 +621,13 @@ def test_ia3_scaling_does_not_depend_on_blocks(axis):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(10, 6, generator=g).to(torch.bfloat16)
     v = torch.randn(10 if axis == 0 else 6, generator=g).double()
-    whole = lycoris.scale_rows(w, v, axis, 0, 10)
+    whole = factors.scale_rows(w, v, axis, 0, 10)
     blocks = torch.cat(
-        [lycoris.scale_rows(w[r : r + 3], v, axis, r, min(r + 3, 10)) for r in range(0, 10, 3)]
+        [factors.scale_rows(w[r : r + 3], v, axis, r, min(r + 3, 10)) for r in range(0, 10, 3)]
     )
     assert torch.equal(whole, blocks)
     assert torch.equal(whole, w.double() * (v[:, None] if axis == 0 else v[None, :]))
-    bias = lycoris.scale_rows(w[:, 0], v[: w.shape[0]], 0, 0, 10) if axis == 0 else None
+    bias = factors.scale_rows(w[:, 0], v[: w.shape[0]], 0, 0, 10) if axis == 0 else None
     if bias is not None:
         assert torch.equal(bias, w[:, 0].double() * v)
 

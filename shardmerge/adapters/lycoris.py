@@ -35,9 +35,6 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
-
-import torch
 
 from ..errors import (
     CorruptFileError,
@@ -68,11 +65,6 @@ _KEYS = {
     "IA3": re.compile(r"(.+)\.(ia3_l)"),
 }
 _SAVED = re.compile(r"(.+)\.(weight|bias)")
-
-# Bytes of memory per element of the float64 factors built for a LoHa/LoKr
-# term: the factor itself, and the temporaries of building it and of its
-# error-bound vectors (abs copies, masks).
-BUILT_BYTES_PER_ELEMENT = 32
 
 _USE_PEFT = (
     "Merge this adapter with PEFT instead (PeftModel.from_pretrained(...).merge_and_unload()), "
@@ -552,150 +544,3 @@ def _saved(c: _Collector, module: str, suffix: str, ref: TensorRef, weight: floa
         )
         return
     c.add(base, TensorEdit(replacement=Replacement(c.adapter.label, kind, ref)), kind)
-
-
-# --------------------------------------------------------------------------- exact factors
-
-
-def _lokr_sides(term: Term) -> tuple[tuple[TensorRef, ...], tuple[TensorRef, ...]]:
-    w1 = (term.left,) if term.right is None else (term.left, term.right)
-    return w1, term.extra
-
-
-def _side_shape(side: tuple[TensorRef, ...]) -> tuple[int, int, int | None]:
-    """(rows, cols, stored rank or None for a whole matrix) of one Kronecker factor."""
-    if len(side) == 1:
-        return side[0].shape[0], side[0].shape[1], None
-    return side[0].shape[0], side[1].shape[1], side[0].shape[1]
-
-
-def _lokr_layout(term: Term) -> tuple[bool, int, int, int]:
-    """(dense, rank, out, in): how the LoKr factors are built, whichever is smaller.
-
-    A whole matrix takes the rank of its smaller side (``I @ M`` or ``M @ I``);
-    when both are whole, the dense delta (each entry one exact product) is
-    built instead if it has fewer elements than the low-rank factors.
-    """
-    (a, c1, r1), (b, d, r2) = (_side_shape(s) for s in _lokr_sides(term))
-    rank = (r1 or min(a, c1)) * (r2 or min(b, d))
-    out, inp = a * b, c1 * d
-    dense = r1 is None and r2 is None and out * inp <= rank * (out + inp)
-    return dense, rank, out, inp
-
-
-def built_numel(term: Term) -> int:
-    """Elements of the float64 factors ``build_factors`` makes for a LoHa/LoKr term."""
-    if term.form == "hadamard":
-        w2a, w2b = term.extra
-        rank = term.left.shape[1] * w2a.shape[1]
-        return rank * (term.left.shape[0] + term.right.shape[1])
-    dense, rank, out, inp = _lokr_layout(term)
-    return out * inp if dense else rank * (out + inp)
-
-
-def factor_bytes(term: Term) -> int:
-    """Memory the built factors of a LoHa/LoKr term take while it is merged (planner's estimate)."""
-    return BUILT_BYTES_PER_ELEMENT * built_numel(term)
-
-
-def scaling_bytes(edit: TensorEdit | None) -> int:
-    """Memory of an IA3 vector held in float64 while its tensor is merged."""
-    return 16 * edit.scaling.vector.numel if edit is not None and edit.scaling else 0
-
-
-def _f64(loader, ref: TensorRef) -> torch.Tensor:
-    return loader.load(ref).to(torch.float64)
-
-
-def _face_split_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, p), (n, q) -> (n, p*q): row i is kron(a[i], b[i])."""
-    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
-
-
-def _face_split_cols(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(p, m), (q, m) -> (p*q, m): column j is kron(a[:, j], b[:, j])."""
-    return (a[:, None, :] * b[None, :, :]).reshape(-1, a.shape[1])
-
-
-def _as_product(loader, side: tuple[TensorRef, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with A @ B the side's matrix; a whole matrix gets an identity on its smaller side."""
-    if len(side) == 2:
-        return _f64(loader, side[0]), _f64(loader, side[1])
-    m = _f64(loader, side[0])
-    rows, cols = m.shape
-    if rows <= cols:
-        return torch.eye(rows, dtype=torch.float64), m
-    return m, torch.eye(cols, dtype=torch.float64)
-
-
-def build_factors(term: Term, loader) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact float64 factors of a LoHa/LoKr term on the CPU: ``delta = scale * left @ right``.
-
-    ``right`` is None for a dense LoKr delta (``left`` is then the delta / scale).
-    Every entry is a product of two stored floats of at most 32 bits: exact.
-    """
-    if term.form == "hadamard":
-        w2a, w2b = term.extra
-        left = _face_split_rows(_f64(loader, term.left), _f64(loader, w2a))
-        right = _face_split_cols(_f64(loader, term.right), _f64(loader, w2b))
-        return left, right
-    if term.form != "kronecker":
-        raise ValueError(f"unknown term form {term.form!r}")
-    w1, w2 = _lokr_sides(term)
-    if _lokr_layout(term)[0]:
-        return torch.kron(_f64(loader, w1[0]), _f64(loader, w2[0])), None
-    a1, b1 = _as_product(loader, w1)
-    a2, b2 = _as_product(loader, w2)
-    return torch.kron(a1, a2), torch.kron(b1, b2)
-
-
-# --------------------------------------------------------------------------- reference (verify)
-
-
-def reference_delta(term: Term, loader) -> Callable[[int, int], torch.Tensor]:
-    """Rows [row0, row1) of ``scale * delta`` in float64, straight from PEFT's formula.
-
-    For verify: independent of ``build_factors`` and of the kernel (float64,
-    not exact, so within ~1e-16 relative of the true value).
-    """
-    s = term.scale
-    if term.form == "hadamard":
-        w1a, w1b = _f64(loader, term.left), _f64(loader, term.right)
-        w2a, w2b = (_f64(loader, r) for r in term.extra)
-        return lambda r0, r1: s * ((w1a[r0:r1] @ w1b) * (w2a[r0:r1] @ w2b))
-
-    def whole(side: tuple[TensorRef, ...]) -> torch.Tensor:
-        mats = [_f64(loader, r) for r in side]
-        return mats[0] if len(mats) == 1 else mats[0] @ mats[1]
-
-    w1, w2 = (whole(side) for side in _lokr_sides(term))
-    b = w2.shape[0]
-
-    def rows(r0: int, r1: int) -> torch.Tensor:
-        i = torch.arange(r0, r1)
-        # kron(w1, w2)[i1 * b + i2, j1 * d + j2] = w1[i1, j1] * w2[i2, j2]
-        block = w1[i // b][:, :, None] * w2[i % b][:, None, :]
-        return s * block.reshape(r1 - r0, -1)
-
-    return rows
-
-
-# --------------------------------------------------------------------------- IA3 in the worker
-
-
-def load_scaling(scaling: Scaling, loader, device: torch.device) -> torch.Tensor:
-    """The IA3 vector, flat, in float64 on ``device``."""
-    return loader.load(scaling.vector).reshape(-1).to(device=device, dtype=torch.float64)
-
-
-def scale_rows(
-    base: torch.Tensor, vector: torch.Tensor, axis: int, row0: int, row1: int
-) -> torch.Tensor:
-    """Base rows [row0, row1) times the IA3 vector, in float64: exact, rounded later once."""
-    out = base.to(torch.float64, copy=True)
-    if axis == 0:
-        v = vector[row0:row1]
-        out.mul_(v.view(-1, *([1] * (out.dim() - 1))) if out.dim() else v)
-    else:
-        out.mul_(vector)
-    return out

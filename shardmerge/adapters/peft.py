@@ -30,7 +30,6 @@ from ..errors import (
 from ..io.checkpoint import Checkpoint, not_a_regular_file, read_json
 from ..io.safetensors import FLOAT_DTYPES, NAME_OF, TensorInfo, read_header
 from ..io.sources import load_torch_state
-from ..kernel.dora import magnitude_ref as dora_magnitude
 from ..planner.embeddings import find_embeddings, is_vocab_tensor
 from ..terms import Replacement, TensorEdit, TensorRef, Term
 from . import tokens
@@ -302,6 +301,49 @@ def _config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
         )
         for p in problems
     ]
+
+
+def dora_magnitude(
+    roles: dict[str, TensorRef],
+    module: str,
+    kind: str,
+    base_shape: tuple[int, ...],
+    wfile: str,
+    errors: list[ShardmergeError],
+) -> TensorRef | None:
+    """The DoRA magnitude vector of a PEFT module, checked; None (and an error) if unusable.
+
+    One value per output channel: per row of a Linear weight [out, in], per
+    stored column of a Conv1D weight [in, out] or an embedding [vocab, dim].
+    """
+    ref = roles.get("dora")
+    if ref is None:
+        errors.append(
+            CorruptFileError(
+                f"{wfile}: module {module} has no lora_magnitude_vector although "
+                "adapter_config.json sets use_dora.",
+                hint="Re-save the adapter with PeftModel.save_pretrained().",
+            )
+        )
+        return None
+    channels = base_shape[0] if kind == "linear" else base_shape[-1]
+    if ref.dtype not in FLOAT_DTYPES:
+        errors.append(
+            CorruptFileError(
+                f"{wfile}: the DoRA magnitude of {module} is {ref.dtype}, not floating point."
+            )
+        )
+        return None
+    if ref.numel != channels or sum(d != 1 for d in ref.shape) > 1:
+        errors.append(
+            IncompatibleAdapterError(
+                f"{wfile}: the DoRA magnitude of {module} has shape {list(ref.shape)}, but its base "
+                f"tensor {list(base_shape)} has {channels} output channels.",
+                hint="Is this adapter made for this base model?",
+            )
+        )
+        return None
+    return ref
 
 
 def _scaling(alpha: float, r: int, use_rslora: bool) -> float:

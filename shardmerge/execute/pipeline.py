@@ -20,7 +20,6 @@ from typing import BinaryIO
 
 import torch
 
-from ..adapters.lycoris import build_factors, load_scaling, scale_rows
 from ..codecs.quant import QuantRows
 from ..errors import UnsupportedAdapterError
 from ..io.journal import crashpoint
@@ -36,6 +35,7 @@ from ..io.safetensors import (
 from ..io.sources import RefLoader
 from ..kernel.dora import DoraMerger, has_dora
 from ..kernel.dora import merger_for as dora_merger_for
+from ..kernel.factors import build_factors, load_scaling, scale_rows
 from ..kernel.merge import BlockTerm, accumulation_dtype, merge_block, underflow_risk
 from ..kernel.rows import RowPatch
 from ..kernel.spans import RowSpans

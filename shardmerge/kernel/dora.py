@@ -43,13 +43,10 @@ from operator import mul
 import torch
 
 from ..errors import (
-    CorruptFileError,
-    IncompatibleAdapterError,
     ShardmergeError,
     UnsupportedAdapterError,
 )
-from ..io.safetensors import FLOAT_DTYPES
-from ..terms import TensorEdit, TensorRef
+from ..terms import TensorEdit
 from .merge import FORMAT, _in_doubt, cast, round_exact
 
 _U = 2.0**-53  # float64 unit roundoff
@@ -107,49 +104,6 @@ def plan_problems(name: str, edit: TensorEdit) -> list[ShardmergeError]:
             hint="Merge these adapters in separate runs.",
         )
     ]
-
-
-def magnitude_ref(
-    roles: dict[str, TensorRef],
-    module: str,
-    kind: str,
-    base_shape: tuple[int, ...],
-    wfile: str,
-    errors: list[ShardmergeError],
-) -> TensorRef | None:
-    """The DoRA magnitude vector of a PEFT module, checked; None (and an error) if unusable.
-
-    One value per output channel: per row of a Linear weight [out, in], per
-    stored column of a Conv1D weight [in, out] or an embedding [vocab, dim].
-    """
-    ref = roles.get("dora")
-    if ref is None:
-        errors.append(
-            CorruptFileError(
-                f"{wfile}: module {module} has no lora_magnitude_vector although "
-                "adapter_config.json sets use_dora.",
-                hint="Re-save the adapter with PeftModel.save_pretrained().",
-            )
-        )
-        return None
-    channels = base_shape[0] if kind == "linear" else base_shape[-1]
-    if ref.dtype not in FLOAT_DTYPES:
-        errors.append(
-            CorruptFileError(
-                f"{wfile}: the DoRA magnitude of {module} is {ref.dtype}, not floating point."
-            )
-        )
-        return None
-    if ref.numel != channels or sum(d != 1 for d in ref.shape) > 1:
-        errors.append(
-            IncompatibleAdapterError(
-                f"{wfile}: the DoRA magnitude of {module} has shape {list(ref.shape)}, but its base "
-                f"tensor {list(base_shape)} has {channels} output channels.",
-                hint="Is this adapter made for this base model?",
-            )
-        )
-        return None
-    return ref
 
 
 def _gamma(n: int) -> float:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 
-from ..adapters import lycoris
 from ..adapters.peft import CONV1D_MODULES, Adapter, adapter_edits, open_adapter
 from ..codecs.quant import (
     Bnb4Base,
@@ -41,7 +40,7 @@ from ..io.safetensors import (
     matrix_rows,
 )
 from ..io.sources import PART_CACHE_BYTES
-from ..kernel import dora
+from ..kernel import dora, factors
 from ..terms import TensorEdit
 from ..version import __version__
 from . import embeddings
@@ -617,11 +616,11 @@ def _factor_bytes(edit: TensorEdit | None) -> int:
         sum(
             16 * (t.left.loaded_numel + (t.right.loaded_numel if t.right else 0))
             if t.form == "lowrank"
-            else lycoris.factor_bytes(t)  # LoHa/LoKr: the built factors, often larger
+            else factors.factor_bytes(t)  # LoHa/LoKr: the built factors, often larger
             for t in edit.terms
         )
         + _part_bytes(edit)
-        + lycoris.scaling_bytes(edit)
+        + factors.scaling_bytes(edit)
         + dora.fixed_bytes(edit)
         + sum(16 * r.source.numel for r in edit.token_rows)  # replaced rows, held whole
     )

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import lycoris
 from ..codecs.quant import QuantRows
 from ..errors import InputError
 from ..execute.pipeline import load_factors
@@ -30,6 +29,7 @@ from ..kernel.rows import RowPatch
 from ..kernel.spans import RowSpans
 from ..planner.build import MergePlan, TensorJob, build_plan
 from ..planner.embeddings import config_value
+from .reference import reference_delta
 
 # Correct rounding puts every element within 0.5 ulp of the exact value; the
 # float64 reference is itself off by ~1e-13 ulp of a 16/32-bit output.
@@ -216,9 +216,7 @@ def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, re
     ]
     # LoHa/LoKr: PEFT's formula evaluated directly (not the merge's exact factors).
     deltas = [
-        lycoris.reference_delta(term, loader)
-        for term in terms
-        if term.form in ("hadamard", "kronecker")
+        reference_delta(term, loader) for term in terms if term.form in ("hadamard", "kronecker")
     ]
     scaling = edit.scaling if edit else None
     if scaling is not None:
