@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from memtools import Cgroup, drop_page_cache, make_model, measure, merge_command, mib  # noqa: E402
 
-from shardmerge.planner.build import parse_size  # noqa: E402
+from shardmerge.planner.memory import parse_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,7 +341,8 @@ def plan(
     import json
 
     from .io.hub import resolve
-    from .planner.build import build_plan, describe
+    from .planner.build import build_plan
+    from .planner.describe import describe
 
     offline = True if offline else None
     p = build_plan(

@@ -765,7 +765,7 @@ def test_bad_max_memory(ws, text):
 
 def test_max_memory_below_baseline(ws):
     from shardmerge.io.output import fmt_bytes
-    from shardmerge.planner.build import BASELINE_BYTES
+    from shardmerge.planner.memory import BASELINE_BYTES
 
     run = ws.merge("--max-memory", "1MiB")
     ws.refused(
@@ -775,7 +775,7 @@ def test_max_memory_below_baseline(ws):
 
 def test_max_memory_too_small_for_a_row(ws):
     """Just above the fixed overhead: q_proj's factors and one row do not fit; named with numbers."""
-    from shardmerge.planner.build import BASELINE_BYTES, MERGE_BYTES_PER_ELEMENT
+    from shardmerge.planner.memory import BASELINE_BYTES, MERGE_BYTES_PER_ELEMENT
 
     run = ws.merge("--max-memory", str(BASELINE_BYTES + 100))
     ws.refused(run, "memory budget is too small", f"{Q}.weight [8, 8]", "--max-memory", code=6)
@@ -889,7 +889,7 @@ def test_bin_adapter_not_a_state_dict(ws):
     ],
 )
 def test_failure_mid_merge_leaves_out_incomplete(ws, monkeypatch, exc, code, phrase):
-    import shardmerge.execute.pipeline as worker
+    import shardmerge.execute.tensor as worker
 
     calls = []
     real = worker.merge_block

@@ -772,7 +772,7 @@ def test_quant_tensors_in_a_shard_the_index_does_not_list(ws):
 
 def test_quantization_blocks_wider_than_the_budget(ws):
     """Whole 4096-value blocks over rows of 6 values: 2048 rows at once, over a tiny budget."""
-    from shardmerge.planner.build import BASELINE_BYTES
+    from shardmerge.planner.memory import BASELINE_BYTES
 
     odd = f"{L0}.mlp.odd_proj.weight"
 

@@ -40,9 +40,10 @@ from safetensors.torch import load_file, save_file
 
 import shardmerge
 from shardmerge.errors import ShardmergeError
-from shardmerge.kernel import dora
+from shardmerge.kernel import dora, dora_exact
 
 plan_mod = importlib.import_module("shardmerge.planner.build")
+memory = importlib.import_module("shardmerge.planner.memory")
 
 INT_TYPE = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 PRECISION = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
@@ -276,7 +277,7 @@ def test_gpt2_conv1d_dora_norm_down_columns(gpt2_base, tmp_path, monkeypatch):
     report = shardmerge.verify(tmp_path / "nudged", gpt2_base, [adapter])
     assert not report.ok and "c_fc.weight: off by" in report.summary()
     # Row blocks of 3 rows: the column pass spans ~22 blocks; same bytes.
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_BYTES", 3 * 256 * plan_mod.MERGE_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(memory, "MAX_BLOCK_BYTES", 3 * 256 * memory.MERGE_BYTES_PER_ELEMENT)
     small = _merge(gpt2_base, [adapter], tmp_path / "small", workers=0)
     plan = plan_mod.build_plan(gpt2_base, [adapter], tmp_path / "x", workers=0)
     spans = [t.rows / t.block_rows for s in plan.shards for t in s.tensors if t.edit]
@@ -300,7 +301,7 @@ def test_embedding_dora_sharded_base_small_blocks(llama_bf16_sharded, tmp_path, 
     assert torch.equal(got[name], exact_rounded(base, [adapter], name, torch.bfloat16))
     assert_close(got, peft_merged_state(base, [adapter]), ref, torch.bfloat16, 2)
     assert shardmerge.verify(out, base, [adapter]).ok
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_BYTES", 5 * 64 * plan_mod.MERGE_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(memory, "MAX_BLOCK_BYTES", 5 * 64 * memory.MERGE_BYTES_PER_ELEMENT)
     small = _merge(base, [adapter], tmp_path / "small", workers=0)
     assert folder_files(small) == folder_files(out)
 
@@ -385,14 +386,14 @@ def test_exact_path_irrational_tie_and_deep_refinement():
     g = 2.0**-7
     b = Fraction(1) + Fraction(3, 2) * Fraction(g)
     terms = [(Fraction(0), Fraction(1), Fraction(2)), (Fraction(0), 2 * b, Fraction(2))]
-    assert dora.round_composition(Fraction(1), terms, torch.bfloat16) == 1 + 2 * g
-    assert dora.round_composition(Fraction(-1), terms, torch.bfloat16) == -(1 + 2 * g)
+    assert dora_exact.round_composition(Fraction(1), terms, torch.bfloat16) == 1 + 2 * g
+    assert dora_exact.round_composition(Fraction(-1), terms, torch.bfloat16) == -(1 + 2 * g)
     # A norm 2^-200 (relative) larger: just below b; needs > 200 bits of sqrt.
     near = [terms[0], (Fraction(0), 2 * b, Fraction(2) + Fraction(1, 2**200))]
-    assert dora.round_composition(Fraction(1), near, torch.bfloat16) == 1 + g
+    assert dora_exact.round_composition(Fraction(1), near, torch.bfloat16) == 1 + g
     # With a plain delta in between that cancels exactly: rational again.
     third = [(Fraction(0), Fraction(1), Fraction(3)), (Fraction(0), Fraction(3), Fraction(3))]
-    assert dora.round_composition(b, third, torch.bfloat16) == 1 + 2 * g
+    assert dora_exact.round_composition(b, third, torch.bfloat16) == 1 + 2 * g
 
 
 def test_zero_norm_refused_by_name():

@@ -9,7 +9,6 @@ rounds several times) the tolerance is its own rounding error.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -43,11 +42,10 @@ from shardmerge.errors import (
     ShardmergeError,
     UnsupportedAdapterError,
 )
+from shardmerge.execute import policy
 from shardmerge.io.sources import RefLoader
 from shardmerge.kernel import factors
-from shardmerge.terms import TensorRef, Term
-
-plan_mod = importlib.import_module("shardmerge.planner.build")
+from shardmerge.terms import TensorEdit, TensorRef, Term
 
 P = "base_model.model."
 
@@ -407,8 +405,8 @@ def test_loha_factors_are_hadamard():
     assert left.shape == (7, 6) and right.shape == (6, 5)
     assert torch.equal(left @ right, ((w1a @ w1b) * (w2a @ w2b)).double())
     # The planner counts the built factors, which outgrow the stored ones.
-    edit = plan_mod.TensorEdit(terms=(term,))
-    assert plan_mod._factor_bytes(edit) >= 8 * (left.numel() + right.numel())
+    edit = TensorEdit(terms=(term,))
+    assert policy.held_bytes(edit) >= 8 * (left.numel() + right.numel())
     assert factors.built_numel(term) == 7 * 6 + 6 * 5 > sum(r.numel for r in refs)
 
 
@@ -560,7 +558,7 @@ def test_plan_counts_and_factor_memory(small, llama_fp32, tmp_path):
         t for s in p.shards for t in s.tensors if t.name.endswith("0.self_attn.q_proj.weight")
     )
     # r=4: the built factors have rank 16: (64 + 64) * 16 elements.
-    assert plan_mod._factor_bytes(job.edit) == factors.BUILT_BYTES_PER_ELEMENT * 128 * 16
+    assert policy.held_bytes(job.edit) == policy.BUILT_BYTES_PER_ELEMENT * 128 * 16
     assert math.prod(job.shape) == 64 * 64
 
 

@@ -42,7 +42,7 @@ from builders import (
 import shardmerge
 
 # ``shardmerge.plan`` is the api function; the planner module is reached this way.
-plan_mod = importlib.import_module("shardmerge.planner.build")
+memory = importlib.import_module("shardmerge.planner.memory")
 
 LOGITS_TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -562,7 +562,7 @@ def test_merging_twice_gives_identical_bytes(determinism_case, tmp_path):
 
 def test_small_memory_budget_gives_identical_bytes(determinism_case, tmp_path):
     c = determinism_case
-    budget = plan_mod.BASELINE_BYTES + (64 << 10)
+    budget = memory.BASELINE_BYTES + (64 << 10)
     p = shardmerge.plan(c.base, [c.adapter], tmp_path / "small", max_memory=budget)
     processed = [t for s in p.shards for t in s.tensors if t.action != "copy"]
     assert processed and all(t.block_rows < t.rows for t in processed)
@@ -573,7 +573,7 @@ def test_small_memory_budget_gives_identical_bytes(determinism_case, tmp_path):
 @pytest.mark.parametrize("block_bytes", [1, 20000], ids=["1-row", "2-4-rows"])
 def test_tiny_row_blocks_give_identical_bytes(determinism_case, tmp_path, monkeypatch, block_bytes):
     c = determinism_case
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(memory, "MAX_BLOCK_BYTES", block_bytes)
     p = shardmerge.plan(c.base, [c.adapter], tmp_path / "out")
     rows = {t.block_rows for s in p.shards for t in s.tensors if t.action != "copy"}
     assert max(rows) <= 4

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 import shardmerge
 from shardmerge.errors import PlanErrors, ShardmergeError
 
-plan_mod = importlib.import_module("shardmerge.planner.build")
+memory = importlib.import_module("shardmerge.planner.memory")
 
 MOE_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LAYERS, EXPERTS, RANK = 2, 4, 4
@@ -199,7 +199,7 @@ def test_fused_blocks_cut_through_experts_give_identical_bytes(moe, tmp_path, mo
     base = moe.layouts["fused"]
     whole = folder_files(_merge(base, moe.adapter, tmp_path / "whole"))
     # 37 rows of gate_up_proj's [E*2I, H] view per block: blocks straddle expert boundaries.
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_BYTES", 37 * 64 * plan_mod.MERGE_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(memory, "MAX_BLOCK_BYTES", 37 * 64 * memory.MERGE_BYTES_PER_ELEMENT)
     p = shardmerge.plan(base, [moe.adapter], tmp_path / "small")
     fused = [t for s in p.shards for t in s.tensors if t.name.endswith("gate_up_proj")]
     assert fused and all(1 < t.block_rows < t.rows // EXPERTS for t in fused)

@@ -33,11 +33,12 @@ import shardmerge
 from shardmerge.cli import main
 from shardmerge.codecs import quant
 from shardmerge.errors import ShardmergeError
+from shardmerge.io.checkpoint import open_checkpoint
 from shardmerge.verifier.check import verify
 
 # bitsandbytes calls torch._check_is_size, which torch 2.13 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-plan_mod = importlib.import_module("shardmerge.planner.build")
+memory = importlib.import_module("shardmerge.planner.memory")
 
 # hidden 40 (not a multiple of 64): row blocks must be 8 rows to hold whole
 # quantization blocks, and k_proj (20 x 40 = 12.5 blocks) ends in a partial one.
@@ -166,7 +167,7 @@ def test_nf4_merge_equals_reference(base, adapter, tmp_path, monkeypatch):
     targeted, rounded once); everything else is untouched; block size does not matter."""
     tensors = read_tensors(base)
     linears = _linear_names(tensors)
-    assert quant.nf4_targets(plan_mod.open_checkpoint(base)) == linears
+    assert quant.nf4_targets(open_checkpoint(base)) == linears
     deq = {n: bnb_roundtrip(tensors[n]) for n in linears}
     ref = reference_merge(_with_tensors(base, tmp_path / "deq", deq), [adapter])
 
@@ -181,7 +182,7 @@ def test_nf4_merge_equals_reference(base, adapter, tmp_path, monkeypatch):
     assert verify(out, base, [adapter]).ok
 
     # Tiny row blocks (8 rows: whole quantization blocks) give the same bytes.
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_BYTES", 5 * 72 * plan_mod.MERGE_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(memory, "MAX_BLOCK_BYTES", 5 * 72 * memory.MERGE_BYTES_PER_ELEMENT)
     small = tmp_path / "small"
     p = shardmerge.plan(base, [adapter], small, qlora_base="nf4", device="cpu")
     rows = {t.name: t.block_rows for t in p.shards[0].tensors if t.quant}

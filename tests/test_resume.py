@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 import shardmerge
 import shardmerge.errors
-import shardmerge.planner.build
+import shardmerge.planner.memory
 from shardmerge.cli import main as cli_main
 from shardmerge.errors import ResourceError
 
@@ -185,7 +185,7 @@ def big(tmp_path_factory) -> Model:
 @pytest.fixture(scope="module")
 def slow(big, tmp_path_factory) -> str:
     """The smallest --max-memory that ``big`` plans with: tiny row blocks, a merge of seconds."""
-    planner = sys.modules["shardmerge.planner.build"]
+    planner = sys.modules["shardmerge.planner.memory"]
     out = tmp_path_factory.mktemp("slow") / "out"
     for kib in range(4, 4096, 4):
         budget = planner.BASELINE_BYTES + (kib << 10)
@@ -871,7 +871,7 @@ def test_sigterm_with_a_worker_process(big, slow, server, tmp_path):
     ref = tmp_path / "ref"
     assert server.run(merge_args(big, ref)).rc == 0
     out = tmp_path / "out"
-    budget = str(int(slow) + sys.modules["shardmerge.planner.build"].PROCESS_BYTES)
+    budget = str(int(slow) + sys.modules["shardmerge.planner.memory"].PROCESS_BYTES)
     pid = server.start(merge_args(big, out, "--max-memory", budget, "--workers", "1"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

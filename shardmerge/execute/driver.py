@@ -20,9 +20,9 @@ from ..errors import Interrupted, ResourceError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
 from ..io.journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
 from ..io.output import OutputDir, fmt_bytes
-from ..planner.build import MergePlan, ShardJob
 from ..planner.embeddings import apply_config_update
 from ..report import CARD_NAME, model_card
+from .jobs import MergePlan, ShardJob
 from .pipeline import Progress, ShardResult, run_shards
 
 

@@ -36,104 +36,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from fractions import Fraction
-from operator import mul
 
 import torch
 
-from ..errors import (
-    ShardmergeError,
-    UnsupportedAdapterError,
-)
-from ..terms import TensorEdit
-from .merge import FORMAT, _in_doubt, cast, round_exact
+from ..errors import UnsupportedAdapterError
+from .dora_exact import ExactTier
+from .dora_parts import DoraPart, parts_for
+from .merge import FORMAT, cast, in_doubt
 
 _U = 2.0**-53  # float64 unit roundoff
 _TINY = 2.0**-1074  # float64's smallest subnormal: the absolute error of an underflow
 # A channel whose float64 sum of squares is more uncertain than this
 # (relative) goes to the exact path whole: then the bounds below stay first order.
 _MAX_REL = 1e-3
-# Positions per chunk of the exact sums of squares (bounds their Python lists).
-_CHUNK = 4096
-# Working memory of a merged element beyond the plain kernel's (see plan.py):
-# float64 base, value, bound, delta and its bound, and the norm's temporaries.
-BYTES_PER_ELEMENT = 96
-
-
-def has_dora(edit: TensorEdit | None) -> bool:
-    return edit is not None and any(t.magnitude is not None for t in edit.terms)
-
-
-def bytes_per_element(edit: TensorEdit | None) -> int:
-    """Extra working bytes per merged element for a tensor with DoRA terms (0 otherwise)."""
-    return BYTES_PER_ELEMENT if has_dora(edit) else 0
-
-
-def fixed_bytes(edit: TensorEdit | None) -> int:
-    """Memory held per tensor beyond the factors: |right| copies and magnitudes, in float64."""
-    if not has_dora(edit):
-        return 0
-    return sum(
-        8 * (t.right.numel if t.right else 0) + 24 * (t.magnitude.numel if t.magnitude else 0)
-        for t in edit.terms
-    )
-
-
-def plan_problems(name: str, edit: TensorEdit) -> list[ShardmergeError]:
-    """What a tensor with DoRA terms cannot also have (found at plan time, before any byte)."""
-    if not has_dora(edit):
-        return []
-    others = sorted(
-        {
-            t.adapter
-            for t in edit.terms
-            if t.right is None or t.rows is not None or t.form != "lowrank"
-        }
-    )
-    if getattr(edit, "scaling", None) is not None:
-        others.append(edit.scaling.adapter)
-    others += sorted({r.adapter for r in getattr(edit, "token_rows", ())})
-    if not others:
-        return []
-    return [
-        UnsupportedAdapterError(
-            f"{name}: a DoRA adapter and {', '.join(others)} (IA3, LoHa, LoKr, trainable "
-            "tokens, a bias or expert term) both change it; shardmerge does not combine "
-            "DoRA with those on one tensor.",
-            hint="Merge these adapters in separate runs.",
-        )
-    ]
 
 
 def _gamma(n: int) -> float:
     """Higham's gamma_n: the relative error bound of n float64 roundings in a row."""
     return n * _U / (1 - n * _U)
-
-
-@dataclass
-class DoraPart:
-    """One term of a tensor that has DoRA terms: float64 factors on the compute device.
-
-    ``left`` (rows, r) and ``right`` (r, cols) make the delta ``scale * left @ right``,
-    oriented like the base tensor as stored. ``magnitude`` (one per channel)
-    makes it a DoRA term; None is a plain LoRA term.
-    """
-
-    left: torch.Tensor
-    right: torch.Tensor
-    scale: float
-    magnitude: torch.Tensor | None = None
-    norm_dim: int = 1
-    name: str = ""  # "adapter label, module", for messages
-    right_abs: torch.Tensor = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.right_abs = self.right.abs()
-
-    @property
-    def rank(self) -> int:
-        return self.left.shape[1]
 
 
 class DoraMerger:
@@ -165,11 +85,9 @@ class DoraMerger:
         self.read_rows = read_rows
         self.block_rows = max(1, min(block_rows or self.rows, self.rows))
         self.device = self.parts[0].left.device
-        # Elements the exact path settled (for tests and curiosity).
-        self.exact_elements = 0
-        # norm_dim=0 terms: per part index, (f, eps, bad) per column; exact sums on demand.
+        # norm_dim=0 terms: per part index, (f, eps, bad) per column.
         self._col: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._col_exact: dict[int, dict[int, Fraction | None]] = {}
+        self._exact = ExactTier(tensor, shape, self.parts, out_dtype, read_rows, self.block_rows)
         self._scratch: dict[str, torch.Tensor] = {}
         for p in self.parts:
             if p.magnitude is not None:
@@ -183,6 +101,11 @@ class DoraMerger:
             if read_rows is None:
                 raise ValueError("DoRA terms with norm_dim=0 need read_rows")
             self._column_pass()
+
+    @property
+    def exact_elements(self) -> int:
+        """Elements the exact tier settled (for tests and curiosity)."""
+        return self._exact.exact_elements
 
     # ----------------------------------------------------------------- fast path
 
@@ -234,7 +157,6 @@ class DoraMerger:
             # the sum, plus the final addition; doubled for safety.
             err[j] += (4 * _U + 4 * blocks * blocks * _U * _U) * s
             self._col[j] = _factor(self.parts[j].magnitude, s, err[j])
-            self._col_exact[j] = {}
 
     def merge(self, base: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
         """Rows [row0, row1) merged and correctly rounded to the output dtype (on the device)."""
@@ -282,7 +204,7 @@ class DoraMerger:
         doubt[:, force_cols] = True
         idx = doubt.view(-1).nonzero().squeeze(1)
         if idx.numel():
-            self._exact(w, out, idx, row0)
+            self._exact.settle(w, out, idx, row0)
         # Zeros are written as +0.0 whatever the float64 path's sign: bytes then
         # do not depend on the summation order.
         out.masked_fill_(out == 0, 0.0)
@@ -321,115 +243,12 @@ class DoraMerger:
         if idx.numel():
             flat = doubt.view(-1)
             v = value.view(-1)[idx]
-            again = _in_doubt(v, out.view(-1)[idx], bound.view(-1)[idx], 1.0)
+            again = in_doubt(v, out.view(-1)[idx], bound.view(-1)[idx], 1.0)
             unknown = ~torch.isfinite(bound.view(-1)[idx]) & torch.isfinite(v)
             flat[idx] = unknown
             if again is not None:
                 flat[idx[again]] = True
         return doubt
-
-    # ----------------------------------------------------------------- exact path
-
-    def _exact(self, w: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, row0: int) -> None:
-        """Settle the elements ``idx`` (flat in the block) of ``out`` exactly, in place."""
-        cols = self.cols
-        rows_i = (idx // cols).tolist()
-        cols_j = (idx % cols).tolist()
-        w_cpu = w.cpu()
-        sums: list[dict[int, Fraction | None]] = []
-        for j, p in enumerate(self.parts):
-            if p.magnitude is None:
-                sums.append({})
-            elif p.norm_dim == 1:
-                sums.append(self._exact_row_sums(p, w_cpu, sorted(set(rows_i)), row0))
-            else:
-                cache = self._col_exact[j]
-                missing = sorted(set(cols_j) - set(cache))
-                if missing:
-                    cache.update(self._exact_column_sums(p, missing))
-                sums.append(cache)
-        gi = torch.tensor(rows_i, dtype=torch.long) + row0
-        gj = torch.tensor(cols_j, dtype=torch.long)
-        lefts = [p.left.cpu()[gi].tolist() for p in self.parts]
-        rights = [p.right.cpu()[:, gj].T.tolist() for p in self.parts]
-        mags = [p.magnitude.cpu().tolist() if p.magnitude is not None else None for p in self.parts]
-        base_vals = w_cpu.reshape(-1)[idx.cpu()].tolist()
-        results = out.reshape(-1)[idx].to(torch.float64).cpu().tolist()
-        for n, (i, c) in enumerate(zip(rows_i, cols_j, strict=True)):
-            terms: list[tuple[Fraction, Fraction | None, Fraction | None]] = []
-            try:
-                for j, p in enumerate(self.parts):
-                    d = Fraction(p.scale) * sum(
-                        (
-                            Fraction(a) * Fraction(b)
-                            for a, b in zip(lefts[j][n], rights[j][n], strict=True)
-                        ),
-                        Fraction(0),
-                    )
-                    if p.magnitude is None:
-                        terms.append((d, None, None))
-                        continue
-                    ch = row0 + i if p.norm_dim == 1 else c
-                    s = sums[j][ch]
-                    if s is None:
-                        raise _NonFinite
-                    if s == 0:
-                        raise self._zero_norm(p, ch)
-                    terms.append((d, Fraction(mags[j][ch]), s))
-                wv = Fraction(base_vals[n])
-            except (_NonFinite, OverflowError, ValueError):
-                # Infinite or NaN inputs: the float64 (IEEE) value stands, as in PEFT.
-                continue
-            results[n] = round_composition(wv, terms, self.out_dtype)
-        self.exact_elements += len(results)
-        out.reshape(-1)[idx] = (
-            torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
-        )
-
-    def _zero_norm(self, p: DoraPart, channel: int) -> UnsupportedAdapterError:
-        where = f"row {channel}" if p.norm_dim == 1 else f"column {channel}"
-        return UnsupportedAdapterError(
-            f"{self.tensor}: DoRA term of {p.name}: {where} of the base plus the LoRA delta is all "
-            "zeros, so its weight norm is 0; PEFT's merge divides by it and writes NaN or inf there.",
-            hint="Check that the adapter was trained on this base model.",
-        )
-
-    def _exact_row_sums(
-        self, p: DoraPart, w: torch.Tensor, rows: list[int], row0: int
-    ) -> dict[int, Fraction | None]:
-        """Exact sums of squares of W + delta along the given rows (block-relative) of ``w``."""
-        sel = torch.tensor(rows, dtype=torch.long)
-        wm = w[sel]
-        left = p.left.cpu()[sel + row0]
-        right = p.right.cpu()
-        total: list[Fraction | None] = [Fraction(0)] * len(rows)
-        for c0 in range(0, self.cols, _CHUNK):
-            c1 = min(self.cols, c0 + _CHUNK)
-            part = _exact_sumsq(wm[:, c0:c1], left, right[:, c0:c1].T, p.scale)
-            total = [
-                None if a is None or b is None else a + b for a, b in zip(total, part, strict=True)
-            ]
-        return {row0 + r: s for r, s in zip(rows, total, strict=True)}
-
-    def _exact_column_sums(self, p: DoraPart, cols: list[int]) -> dict[int, Fraction | None]:
-        """Exact sums of squares of W + delta down the given columns: re-reads the tensor."""
-        sel = torch.tensor(cols, dtype=torch.long)
-        left = p.left.cpu()
-        right = p.right.cpu()[:, sel].T  # (len(cols), r)
-        total: list[Fraction | None] = [Fraction(0)] * len(cols)
-        step = max(1, min(self.block_rows, _CHUNK))
-        for r0 in range(0, self.rows, step):
-            r1 = min(self.rows, r0 + step)
-            wm = self.read_rows(r0, r1).to(torch.float64)[:, sel].T  # (len(cols), rows)
-            part = _exact_sumsq(wm, right, left[r0:r1], p.scale)
-            total = [
-                None if a is None or b is None else a + b for a, b in zip(total, part, strict=True)
-            ]
-        return dict(zip(cols, total, strict=True))
-
-
-class _NonFinite(Exception):
-    pass
 
 
 def _sum_squares(
@@ -491,222 +310,6 @@ def _factor(
     return f, eps, bad
 
 
-# --------------------------------------------------------------------------- exact arithmetic
-
-
-def _ints(t: torch.Tensor) -> tuple[list[int], int]:
-    """Integers n_i and one exponent e with t_i = n_i * 2^e exactly (t finite float64)."""
-    ratios = [v.as_integer_ratio() for v in t.reshape(-1).tolist()]
-    if not ratios:
-        return [], 0
-    k = max(den.bit_length() - 1 for _, den in ratios)
-    return [num << (k - (den.bit_length() - 1)) for num, den in ratios], -k
-
-
-def _exact_sumsq(
-    wm: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scale: float
-) -> list[Fraction | None]:
-    """Exact sum over t of (wm[a, t] + scale * sum_k p[a, k] q[t, k])^2 for each a.
-
-    None for a channel with a non-finite input (no exact value exists).
-    """
-    a_n, n = wm.shape
-    r = p.shape[1]
-    finite_q = bool(torch.isfinite(q).all())
-    ok = (torch.isfinite(wm).all(1) & torch.isfinite(p).all(1)).tolist()
-    wm = torch.where(torch.isfinite(wm), wm, 0.0)
-    p = torch.where(torch.isfinite(p), p, 0.0)
-    W, ew = _ints(wm)
-    P, ep = _ints(p)
-    Q, eq = _ints(torch.where(torch.isfinite(q), q, 0.0))
-    sn, sd = float(scale).as_integer_ratio()
-    ed = ep + eq - (sd.bit_length() - 1)
-    e = min(ew, ed)
-    shift_w, shift_d = ew - e, ed - e
-    qrows = [Q[t * r : (t + 1) * r] for t in range(n)]
-    out: list[Fraction | None] = []
-    for a in range(a_n):
-        if not (ok[a] and finite_q):
-            out.append(None)
-            continue
-        pa = P[a * r : (a + 1) * r]
-        wa = W[a * n : (a + 1) * n]
-        total = 0
-        for t in range(n):
-            x = (wa[t] << shift_w) + ((sn * sum(map(mul, pa, qrows[t]))) << shift_d)
-            total += x * x
-        out.append(Fraction(total, 1 << (-2 * e)) if e < 0 else Fraction(total << (2 * e)))
-    return out
-
-
-Composition = Sequence[tuple[Fraction, Fraction | None, Fraction | None]]
-
-
-def round_composition(w: Fraction, terms: Composition, dtype: torch.dtype) -> float:
-    """Correctly round the exact value of PEFT's sequential merge of one element.
-
-    ``terms`` are (delta, m, S) in merge order: a plain term adds ``delta``;
-    a DoRA term (m, S not None; S > 0 the exact sum of squares of its channel)
-    turns the value v into ``m / sqrt(S) * (v + delta)``.
-
-    The square roots are bracketed at growing precision until both ends of the
-    value's interval round alike. A value exactly on a rounding boundary never
-    separates: from 512 bits on, an exact test settles that case.
-    """
-    bits = 64
-    tested = False
-    while True:
-        lo = hi = w
-        for delta, m, s in terms:
-            lo, hi = lo + delta, hi + delta
-            if m is not None:
-                f_lo, f_hi = _factor_interval(m, s, bits)
-                products = (f_lo * lo, f_lo * hi, f_hi * lo, f_hi * hi)
-                lo, hi = min(products), max(products)
-        a, b = round_exact(lo, dtype), round_exact(hi, dtype)
-        if a == b and math.copysign(1.0, a) == math.copysign(1.0, b):
-            return a
-        if bits >= 512 and not tested:
-            tested = True
-            boundary = _boundary(a, b, dtype)
-            if boundary is not None and _equals(w, terms, boundary):
-                return round_exact(boundary, dtype)
-        bits *= 2
-
-
-def _factor_interval(m: Fraction, s: Fraction, bits: int) -> tuple[Fraction, Fraction]:
-    """Bounds on m / sqrt(s) from sqrt(p q) bracketed to ``bits`` bits (s = p/q)."""
-    p, q = s.numerator, s.denominator
-    n = (p * q) << (2 * bits)
-    g = math.isqrt(n)
-    scale = q << bits
-    # sqrt(s) lies in [g, g + 1] / scale; exactly g / scale for a perfect square.
-    hi_root = g if g * g == n else g + 1
-    a, b = m * scale / hi_root, m * scale / g
-    return (a, b) if a <= b else (b, a)
-
-
-def _boundary(a: float, b: float, dtype: torch.dtype) -> Fraction | None:
-    """The rounding boundary between two results of ``dtype`` (the overflow threshold for inf)."""
-    if math.isnan(a) or math.isnan(b):
-        return None
-    fmax = Fraction(torch.finfo(dtype).max)
-    precision, _ = FORMAT[dtype]
-    threshold = fmax + Fraction(2) ** (math.frexp(float(fmax))[1] - precision - 1)
-
-    def value(x: float) -> Fraction:
-        return threshold * (1 if x > 0 else -1) if math.isinf(x) else Fraction(x)
-
-    return (value(a) + value(b)) / 2
-
-
-def _equals(w: Fraction, terms: Composition, target: Fraction) -> bool:
-    """Is the exact composed value equal to ``target``?
-
-    The value is sum_k c_k * prod_{DoRA j >= k} m_j / sqrt(S_j) (c_0 = w, c_k
-    = delta_k): a rational combination of square roots sqrt(N) of integers.
-    Square roots of integers with different square-free parts are linearly
-    independent over the rationals, so value - target is zero exactly when
-    the coefficients of each class (N N' a perfect square) cancel.
-    """
-    addends: list[tuple[Fraction, Fraction]] = []  # (coefficient, radicand)
-    for start, c in [(0, w)] + [(k, t[0]) for k, t in enumerate(terms)]:
-        coef, rad = c, Fraction(1)
-        for _, m, s in terms[start:]:
-            if m is not None:
-                coef, rad = coef * m, rad * s
-        addends.append((coef, rad))
-    addends.append((-target, Fraction(1)))
-    classes: list[list] = []  # [radicand N (integer), coefficient of sqrt(N)]
-    for coef, rad in addends:
-        if coef == 0:
-            continue
-        # c / sqrt(p/q) = (c / p) * sqrt(p q)
-        n = rad.numerator * rad.denominator
-        coef = coef / rad.numerator
-        for cls in classes:
-            prod = n * cls[0]
-            g = math.isqrt(prod)
-            if g * g == prod:  # sqrt(n) = g / N * sqrt(N)
-                cls[1] += coef * Fraction(g, cls[0])
-                break
-        else:
-            classes.append([n, coef])
-    return all(c == 0 for _, c in classes)
-
-
-# --------------------------------------------------------------------------- verify's reference
-
-
-def reference_column_sums(
-    read_rows: Callable[[int, int], torch.Tensor],
-    rows: int,
-    block_rows: int,
-    parts: Sequence[DoraPart],
-) -> dict[int, torch.Tensor]:
-    """Plain float64 column sums of (W + delta_j)^2 for the norm_dim=0 DoRA parts (verify)."""
-    wanted = [j for j, p in enumerate(parts) if p.magnitude is not None and p.norm_dim == 0]
-    sums: dict[int, torch.Tensor] = {}
-    for row0 in range(0, rows, max(block_rows, 1)):
-        row1 = min(rows, row0 + max(block_rows, 1))
-        w = read_rows(row0, row1).to(torch.float64)
-        for j in wanted:
-            p = parts[j]
-            x = w + p.scale * (p.left[row0:row1] @ p.right)
-            s = (x * x).sum(0)
-            sums[j] = sums[j] + s if j in sums else s
-    return sums
-
-
-def reference_rows(
-    base: torch.Tensor,
-    parts: Sequence[DoraPart],
-    column_sums: dict[int, torch.Tensor],
-    row0: int,
-    row1: int,
-) -> torch.Tensor:
-    """PEFT's sequential merge of rows [row0, row1) in plain float64 (verify's reference)."""
-    w = base.to(torch.float64)
-    value = w.clone()
-    for j, p in enumerate(parts):
-        d = p.scale * (p.left[row0:row1] @ p.right)
-        if p.magnitude is None:
-            value = value + d
-        elif p.norm_dim == 1:
-            norm = torch.linalg.vector_norm(w + d, dim=1)
-            value = (p.magnitude[row0:row1] / norm)[:, None] * (value + d)
-        else:
-            value = (p.magnitude / column_sums[j].sqrt())[None, :] * (value + d)
-    return value
-
-
-def parts_for(tensor: str, terms: Sequence, factors: Sequence, load: Callable) -> list[DoraPart]:
-    """The DoraParts of a tensor's terms and their loaded factors (worker.Factors)."""
-    parts = []
-    for term, f in zip(terms, factors, strict=True):
-        if f.right is None or term.rows is not None or term.form != "lowrank":
-            raise UnsupportedAdapterError(
-                f"{tensor}: its {term.kind} term from adapter {term.adapter} cannot be combined "
-                "with DoRA terms on the same tensor.",
-                hint="Merge these adapters in separate runs.",
-            )
-        left = f.left.to(torch.float64)
-        mag = None
-        if term.magnitude is not None:
-            mag = load(term.magnitude).to(device=left.device, dtype=torch.float64).reshape(-1)
-        parts.append(
-            DoraPart(
-                left,
-                f.right.to(torch.float64),
-                f.scale,
-                mag,
-                term.norm_dim,
-                f"adapter {term.adapter}, module {term.module}",
-            )
-        )
-    return parts
-
-
 def merger_for(
     tensor: str,
     shape: tuple[int, ...],
@@ -716,7 +319,11 @@ def merger_for(
     out_dtype: torch.dtype,
     read_rows: Callable[[int, int], torch.Tensor] | None,
     block_rows: int,
+    compatible: Callable,
 ) -> DoraMerger:
-    """A DoraMerger from a tensor's terms and their loaded factors (worker.Factors)."""
-    parts = parts_for(tensor, terms, factors, load)
+    """A DoraMerger from a tensor's terms and their loaded factors (execute/factors.py).
+
+    ``compatible(term)``: may the term share a tensor with DoRA terms (the merge policy).
+    """
+    parts = parts_for(tensor, terms, factors, load, compatible)
     return DoraMerger(tensor, shape, parts, out_dtype, read_rows, block_rows)

@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..terms import Scaling, TensorEdit, TensorRef, Term
-
-# Bytes of memory per element of the float64 factors built for a hadamard or
-# kronecker term: the factor itself, and the temporaries of building it and of
-# its error-bound vectors (abs copies, masks).
-BUILT_BYTES_PER_ELEMENT = 32
+from ..terms import Scaling, TensorRef, Term
 
 
 def kronecker_sides(term: Term) -> tuple[tuple[TensorRef, ...], tuple[TensorRef, ...]]:
@@ -59,16 +54,6 @@ def built_numel(term: Term) -> int:
         return rank * (term.left.shape[0] + term.right.shape[1])
     dense, rank, out, inp = _kronecker_layout(term)
     return out * inp if dense else rank * (out + inp)
-
-
-def factor_bytes(term: Term) -> int:
-    """Memory the built factors of a LoHa/LoKr term take while it is merged (planner's estimate)."""
-    return BUILT_BYTES_PER_ELEMENT * built_numel(term)
-
-
-def scaling_bytes(edit: TensorEdit | None) -> int:
-    """Memory of an IA3 vector held in float64 while its tensor is merged."""
-    return 16 * edit.scaling.vector.numel if edit is not None and edit.scaling else 0
 
 
 def f64(loader, ref: TensorRef) -> torch.Tensor:

@@ -165,7 +165,7 @@ def _first_tier_doubt(
     """
     a = acc.abs()
     if a.numel() and not bool(a.amax() < torch.finfo(out.dtype).max / 2):  # also NaN
-        return _in_doubt(acc, out, _bound(base, terms, acc.dtype), tol)
+        return in_doubt(acc, out, _bound(base, terms, acc.dtype), tol)
     int_dtype, p_acc = _ACC_BITS[acc.dtype]
     p_out, _ = FORMAT[out.dtype]
     drop = p_acc - p_out
@@ -191,7 +191,7 @@ def _first_tier_doubt(
         flat = small.nonzero().squeeze(1)
         if flat.numel():
             bound = _bound(base, terms, acc.dtype).reshape(-1)[flat]
-            still = _in_doubt(acc.reshape(-1)[flat], out.reshape(-1)[flat], bound, tol)
+            still = in_doubt(acc.reshape(-1)[flat], out.reshape(-1)[flat], bound, tol)
             doubt = doubt.reshape(-1)
             doubt[flat] = False
             if still is not None:
@@ -218,7 +218,7 @@ def _tolerance(acc_dtype: torch.dtype, max_rank: int, n_terms: int) -> float:
     return 2.0 * (max_rank + n_terms + 2) * _UNIT_ROUNDOFF[acc_dtype]
 
 
-def _in_doubt(
+def in_doubt(
     acc: torch.Tensor, out: torch.Tensor, bound: torch.Tensor, tol: float
 ) -> torch.Tensor | None:
     """Flat indices of elements whose rounding the accumulator cannot settle, or None."""
@@ -289,7 +289,7 @@ def _refine(
         sub_out = cast(acc, out.dtype)
         out.reshape(-1)[idx] = sub_out
         tol = _tolerance(torch.float64, max_rank, len(terms))
-        still = _in_doubt(acc, sub_out, bound, tol)
+        still = in_doubt(acc, sub_out, bound, tol)
         if still is None:
             return
         idx, rows_i, cols_j = idx[still], rows_i[still], cols_j[still]

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-
-@dataclass(frozen=True)
-class Resources:
-    ram_available: int
-    ram_total: int
-    disk_free: int  # at the output folder (or its nearest existing parent)
-    cpus: int
-    gpus: tuple[tuple[str, int, int], ...] = field(default=())  # (name, free, total) bytes
+from ..execute.jobs import Resources
 
 
 def free_disk(path: Path) -> int:

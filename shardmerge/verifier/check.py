@@ -9,34 +9,18 @@ Untouched tensors must match the base byte for byte.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..codecs.quant import QuantRows
 from ..errors import InputError
-from ..execute.pipeline import load_factors
+from ..execute.jobs import MergePlan
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from ..io.journal import Journal
-from ..io.safetensors import DTYPES, TensorInfo, pread_into, read_rows
 from ..io.sources import RefLoader
-from ..kernel import dora
-from ..kernel.merge import FORMAT, cast
-from ..kernel.rows import RowPatch
-from ..kernel.spans import RowSpans
-from ..planner.build import MergePlan, TensorJob, build_plan
+from ..planner.build import build_plan
 from ..planner.embeddings import config_value
-from .reference import reference_delta
-
-# Correct rounding puts every element within 0.5 ulp of the exact value; the
-# float64 reference is itself off by ~1e-13 ulp of a 16/32-bit output.
-ULP_LIMIT = 0.5 + 1e-6
-ULP_LIMIT_F64 = 4.0
-# DoRA's float64 reference also sums squares over a whole row or column.
-ULP_LIMIT_DORA = 0.5 + 1e-5
+from .tensors import check_tensor
 
 
 @dataclass
@@ -136,7 +120,7 @@ def verify(
         out_header = got.headers[shard.name]
         with open(shard.in_path, "rb") as src, open(out / shard.name, "rb") as dst:
             for t in shard.tensors:
-                _check_tensor(t, src, dst, out_header.tensors[t.name], loader, report)
+                check_tensor(t, src, dst, out_header.tensors[t.name], loader, report)
     return report
 
 
@@ -191,130 +175,3 @@ def _check_layout(plan: MergePlan, out: Path, report: VerifyReport) -> None:
                 report.problems.append(
                     f"{shard.name}: {name} is {t.dtype} {list(t.shape)}, expected {e.dtype} {list(e.shape)}."
                 )
-
-
-def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, report) -> None:
-    report.tensors[t.action] += 1
-    base_info = TensorInfo(t.name, t.in_dtype, t.shape, t.start, t.end)
-    rows = (
-        max(t.block_rows, 1) if t.action != "copy" else max(1, (64 << 20) // max(got.row_bytes, 1))
-    )
-    in_buf = torch.empty(rows * max(base_info.row_bytes, 1) + 8, dtype=torch.uint8)
-    out_buf = torch.empty(rows * max(got.row_bytes, 1) + 8, dtype=torch.uint8)
-    edit = t.edit
-    out_dtype = DTYPES[t.out_dtype]
-    if edit and edit.replacement:
-        ref = edit.replacement.source
-        source = loader.load(ref)  # replacements are adapter tensors: modest in size
-        if source.dim() >= 3:
-            source = source.reshape(t.rows, -1)  # the matrix view the rows are counted in
-    terms = edit.terms if edit else ()
-    factors = [
-        load_factors(term, loader, torch.float64, torch.device("cpu"))
-        for term in terms
-        if term.form not in ("hadamard", "kronecker")
-    ]
-    # LoHa/LoKr: PEFT's formula evaluated directly (not the merge's exact factors).
-    deltas = [
-        reference_delta(term, loader) for term in terms if term.form in ("hadamard", "kronecker")
-    ]
-    scaling = edit.scaling if edit else None
-    if scaling is not None:
-        vector = loader.load(scaling.vector).reshape(-1).to(torch.float64)
-    kinds = {term.kind for term in terms} | ({"ia3"} if scaling is not None else set())
-    kind = ",".join(sorted(kinds)) or "replaced"
-    quant = QuantRows(t.quant, t.shape, loader.load) if t.quant else None
-    patch = None
-    if edit and edit.token_rows:
-        patch = RowPatch(edit.token_rows, loader.load, torch.device("cpu"))
-
-    def read_base(row0: int, row1: int) -> torch.Tensor:
-        if edit and edit.replacement:
-            return source[row0:row1] if source.dim() else source
-        if quant is not None:  # a 4-bit base: the values the adapter saw (quant.py)
-            return quant(_read_raw(src, base_info, row0, row1, in_buf, t), row0, row1)
-        return read_rows(src, base_info, row0, row1, in_buf)
-
-    dora_parts = (
-        dora.parts_for(t.name, terms, factors, loader.load) if dora.has_dora(edit) else None
-    )
-    if dora_parts is not None:  # norms down columns need every row first
-        column_sums = dora.reference_column_sums(read_base, t.rows, rows, dora_parts)
-    spans = RowSpans(factors)  # expert terms: each block takes the few it meets
-    for row0 in range(0, t.rows, rows):
-        row1 = min(t.rows, row0 + rows)
-        out_rows = read_rows(dst, got, row0, row1, out_buf)
-        base_rows = read_base(row0, row1)
-        if patch is not None:  # trainable tokens: stored rows copied in
-            base_rows = patch(base_rows, row0, row1)
-        if t.action in ("copy", "convert") or (edit and not edit.terms and not scaling):
-            expected = cast(base_rows, out_dtype) if base_rows.dtype != out_dtype else base_rows
-            if not torch.equal(expected.view(torch.uint8), out_rows.view(torch.uint8)):
-                report.problems.append(f"{t.name}: rows {row0}-{row1} differ from the base.")
-                return
-            continue
-        if dora_parts is not None:  # PEFT's sequential DoRA merge, plain float64
-            ref64 = dora.reference_rows(base_rows, dora_parts, column_sums, row0, row1)
-            factors = []
-        else:
-            ref64 = base_rows.to(torch.float64, copy=True)
-        if scaling is not None:  # IA3: W * l, exact in float64
-            v = vector[row0:row1] if scaling.axis == 0 else vector
-            ref64 *= v.view(-1, *[1] * (ref64.dim() - 1)) if scaling.axis == 0 else v
-        for delta in deltas:
-            ref64 += delta(row0, row1)
-        for f in spans.meeting(row0, row1) if factors else ():
-            # A term may cover only some base rows (one expert of a fused expert tensor).
-            lo, hi = f.rows if f.rows is not None else (0, t.rows)
-            a, b = max(row0, lo), min(row1, hi)
-            if a >= b:
-                continue
-            left = f.left[a - lo : b - lo]
-            ref64[a - row0 : b - row0] += f.scale * (left if f.right is None else left @ f.right)
-        err = _ulp_error(out_rows, ref64)
-        report.max_ulp[kind] = max(report.max_ulp.get(kind, 0.0), err)
-        limit = ULP_LIMIT_F64 if out_dtype == torch.float64 else ULP_LIMIT
-        if dora_parts is not None and out_dtype != torch.float64:
-            limit = ULP_LIMIT_DORA
-        if err > limit:
-            report.problems.append(
-                f"{t.name}: off by {err:.3g} ulp from the formula (limit {limit})."
-            )
-            return
-
-
-def _read_raw(src, info: TensorInfo, row0: int, row1: int, buf, t: TensorJob) -> torch.Tensor:
-    """Base rows as stored: 16-bit rows, or packed 4-bit bytes."""
-    if not t.quant.packed:
-        return read_rows(src, info, row0, row1, buf)
-    view = buf[: (row1 - row0) * info.row_bytes]
-    pread_into(src, info.start + row0 * info.row_bytes, view)
-    return view
-
-
-def _ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
-    """Max |out - ref| in units of the output dtype's spacing at each element."""
-    if out.numel() == 0:
-        return 0.0
-    y = out.to(torch.float64)
-    precision, emin = FORMAT[out.dtype]
-    if out.dtype != torch.float64:
-        # A finite value at or past the overflow threshold (max + half an ulp)
-        # correctly rounds to infinity (a huge lora_alpha, say).
-        fmax = torch.finfo(out.dtype).max
-        threshold = fmax + 2.0 ** (math.frexp(fmax)[1] - precision - 1)
-        ref64 = torch.where(ref64.abs() >= threshold, ref64.sign() * math.inf, ref64)
-    finite = torch.isfinite(y) & torch.isfinite(ref64)
-    if not torch.equal(torch.isfinite(y), torch.isfinite(ref64)) or not torch.equal(
-        y[~finite].nan_to_num(0.0), ref64[~finite].nan_to_num(0.0)
-    ):
-        return float("inf")
-    y, r = y[finite], ref64[finite]
-    # The spacing between y and its neighbour on r's side: correctly rounded
-    # means |y - r| is at most half of it.
-    mant, exp = torch.frexp(y)
-    normal = exp > emin
-    gap = torch.ldexp(torch.ones_like(y), exp.clamp(min=emin) - precision)
-    toward_zero = r.abs() < y.abs()
-    gap = torch.where(toward_zero & normal & (mant.abs() == 0.5), gap / 2, gap)
-    return float(((y - r).abs() / gap).max()) if y.numel() else 0.0

@@ -1,0 +1,175 @@
+"""The planner's inputs: the base and adapter folders opened, their edits combined and settled."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapters.peft import Adapter, adapter_edits, open_adapter
+from ..codecs.quant import Bnb4Base, base_quantization, dequantized_view, open_bnb4
+from ..codecs.quant import check_choice as check_qlora_choice
+from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
+from ..execute.policy import dora_problems
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.journal import Journal
+from ..io.output import check_output_dir
+from ..terms import TensorEdit
+from . import embeddings
+from .provenance import job_fingerprint
+
+
+@dataclass
+class Inputs:
+    """The opened base and adapters of a job, and what OUT holds of an earlier run."""
+
+    ckpt: Checkpoint
+    bnb4: Bnb4Base | None  # a bitsandbytes 4-bit base folder, dequantized
+    adapters: list[Adapter]
+    fingerprint: str
+    journal: Journal | None
+
+
+def open_inputs(
+    base: str | os.PathLike,
+    adapters: list[str | os.PathLike],
+    out: str | os.PathLike,
+    weights: list[float],
+    dtype: str,
+    qlora_base: str,
+    out_checks: dict | None,
+) -> tuple[Inputs, list[ShardmergeError]]:
+    """Open everything, and the problems found so far; raises PlanErrors if a folder won't open.
+
+    ``out_checks``: the keyword arguments of check_output_dir (overwrite,
+    resume), or None not to check OUT.
+    """
+    errors: list[ShardmergeError] = []
+    ckpt: Checkpoint | None = None
+    bnb4: Bnb4Base | None = None
+    try:
+        ckpt, bnb4 = open_base(base, qlora_base)
+    except ShardmergeError as e:
+        errors.append(e)
+    opened = _open_adapters(adapters, errors)
+    complete_inputs = ckpt is not None and len(opened) == len(adapters)
+    fingerprint = (
+        job_fingerprint(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else ""
+    )
+    journal = None
+    try:
+        if out_checks is not None:
+            journal = check_output_dir(
+                Path(out),
+                Path(base),
+                [Path(p) for p in adapters],
+                fingerprint=fingerprint,
+                **out_checks,
+            )
+    except ShardmergeError as e:
+        errors.append(e)
+    if ckpt is None or len(opened) != len(adapters):
+        raise PlanErrors(errors)
+    return Inputs(ckpt, bnb4, opened, fingerprint, journal), errors
+
+
+def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]) -> list[Adapter]:
+    """The adapters that open, labels made unique (``name#2``); problems go to ``errors``."""
+    opened: list[Adapter] = []
+    labels: Counter = Counter()
+    for path in paths:
+        try:
+            a = open_adapter(path)
+        except ShardmergeError as e:
+            errors.append(e)
+            continue
+        labels[a.label] += 1
+        if labels[a.label] > 1:
+            a = Adapter(
+                a.path,
+                f"{a.label}#{labels[a.label]}",
+                a.config,
+                a.weights_file,
+                a.tensors,
+                a.sha256,
+            )
+        opened.append(a)
+    return opened
+
+
+def open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, Bnb4Base | None]:
+    """The base folder; a bitsandbytes 4-bit one as its dequantized view (quant.py)."""
+    check_qlora_choice(qlora_base)
+    ckpt = open_checkpoint(base)
+    if base_quantization(ckpt) != "bnb4":
+        return ckpt, None
+    if qlora_base != "none":
+        raise InputError(
+            f"--qlora-base {qlora_base}: the base {ckpt.path} is already a bitsandbytes 4-bit "
+            "model; it is dequantized exactly as stored.",
+            hint="Leave out --qlora-base for a 4-bit base folder.",
+        )
+    bnb4 = open_bnb4(ckpt)
+    return dequantized_view(ckpt, bnb4), bnb4
+
+
+def settle_edits(
+    inputs: Inputs, weights: list[float], errors: list[ShardmergeError]
+) -> tuple[embeddings.Resolution, Counter]:
+    """Every adapter's edits combined per tensor, embeddings settled; module counts.
+
+    Raises PlanErrors with ``errors`` and everything found here, if anything.
+    """
+    edits: dict[str, TensorEdit] = {}
+    counts: Counter = Counter()
+    for adapter, weight in zip(inputs.adapters, weights, strict=True):
+        adapter_edit, adapter_counts, adapter_errors = adapter_edits(adapter, weight, inputs.ckpt)
+        errors.extend(adapter_errors)
+        counts.update(adapter_counts)
+        for name, edit in adapter_edit.items():
+            errors.extend(combine(edits, name, edit))
+    for name, edit in edits.items():
+        errors.extend(dora_problems(name, edit))
+    # Tied embeddings, resized vocabularies, trainable tokens: settled for all adapters at once.
+    settled = embeddings.resolve(inputs.ckpt, edits) if not errors else None
+    if settled is not None:
+        errors.extend(settled.errors)
+    if errors:
+        raise PlanErrors(errors)
+    return settled, counts
+
+
+def combine(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> list[ShardmergeError]:
+    """Fold one adapter's edit of ``name`` into the edits so far."""
+    old = edits.get(name)
+    if old is None:
+        edits[name] = edit
+        return []
+    if edit.scaling is not None or old.scaling is not None:
+        who = [e.scaling.adapter for e in (old, edit) if e.scaling] + [
+            x.adapter for e in (old, edit) for x in (e.replacement, *e.terms) if x is not None
+        ]
+        return [
+            UnsupportedAdapterError(
+                f"adapters {', '.join(sorted(set(who)))} both change {name}, and at least one "
+                "scales it (IA3); PEFT defines no merge of an IA3 scaling with another adapter "
+                "on the same tensor.",
+                hint="Merge these adapters in separate runs, or drop one of them.",
+            )
+        ]
+    if edit.replacement is not None or old.replacement is not None:
+        who = [e.replacement.adapter for e in (old, edit) if e.replacement] + [
+            t.adapter for e in (old, edit) for t in (*e.terms, *e.token_rows)
+        ]
+        return [
+            UnsupportedAdapterError(
+                f"adapters {', '.join(sorted(set(who)))} both change {name}, and at least one "
+                "replaces it whole (modules_to_save or a saved tensor); the result would be ambiguous.",
+                hint="Merge these adapters in separate runs, or drop one of them.",
+            )
+        ]
+    edits[name] = TensorEdit(
+        None, old.terms + edit.terms, token_rows=old.token_rows + edit.token_rows
+    )
+    return []

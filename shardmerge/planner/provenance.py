@@ -1,0 +1,80 @@
+"""What identifies a merge: the job fingerprint, the provenance record, the output index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..adapters.peft import Adapter
+from ..execute.jobs import AdapterUsed, ShardJob
+from ..io.checkpoint import Checkpoint
+from ..version import __version__
+
+
+def job_fingerprint(
+    ckpt: Checkpoint,
+    adapters: list[Adapter],
+    weights: list[float],
+    dtype: str,
+    qlora_base: str = "none",
+) -> str:
+    """A hash of everything that decides the output bytes, and nothing else.
+
+    Base shards by name, size and header hash; the base config; adapters by
+    weights-file hash and config; weights; dtype; our version (it is in the
+    output's metadata); --qlora-base when set. Device, memory budget and block
+    size do not change the bytes, so a resume may use other values.
+    """
+    doc = {
+        "version": __version__,
+        "base": [[n, ckpt.headers[n].size, ckpt.headers[n].sha256] for n in ckpt.shards],
+        "config": ckpt.config,
+        "adapters": [[a.sha256, a.config] for a in adapters],
+        "weights": [float(w) for w in weights],
+        "dtype": dtype,
+    }
+    if qlora_base != "none":  # absent otherwise: earlier jobs keep their fingerprints
+        doc["qlora_base"] = qlora_base
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def adapters_used(adapters: list[Adapter], weights: list[float]) -> tuple[AdapterUsed, ...]:
+    return tuple(
+        AdapterUsed(str(a.path), a.label, float(w), a.sha256)
+        for a, w in zip(adapters, weights, strict=True)
+    )
+
+
+def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str) -> str:
+    """The shardmerge record written into every output shard's metadata and the index, as JSON."""
+    return json.dumps(
+        {
+            "tool": "shardmerge",
+            "version": __version__,
+            "adapters": [{"name": s.label, "weight": s.weight, "sha256": s.sha256} for s in used],
+            "dtype": dtype,
+            **({"qlora_base": qlora_base} if qlora_base != "none" else {}),
+        },
+        separators=(",", ":"),
+    )
+
+
+def with_metadata(shard: ShardJob, ckpt: Checkpoint, provenance: str) -> ShardJob:
+    """The shard job carrying the base shard's metadata plus the provenance record."""
+    meta = dict(ckpt.headers[shard.name].metadata)
+    meta["shardmerge"] = provenance
+    return ShardJob(shard.name, shard.in_path, shard.tensors, tuple(meta.items()))
+
+
+def output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> dict | None:
+    """The output's index (None for a one-file model): the tensors written, sizes, provenance."""
+    if ckpt.index is None:
+        return None
+    index = json.loads(json.dumps(ckpt.index))
+    # Only the tensors written (a 4-bit base's quantization tensors are not).
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in ckpt.weight_map}
+    metadata = dict(index.get("metadata") or {})
+    metadata["total_size"] = sum(t.out_bytes for s in shards for t in s.tensors)
+    metadata["shardmerge"] = json.loads(provenance)
+    index["metadata"] = metadata
+    return index
