@@ -20,7 +20,6 @@ from typing import BinaryIO
 
 import torch
 
-from ..codecs.quant import QuantRows
 from ..errors import UnsupportedAdapterError
 from ..io.journal import crashpoint
 from ..io.safetensors import (
@@ -314,7 +313,7 @@ def _read_once(path: str, info: TensorInfo, row0: int, row1: int) -> torch.Tenso
 def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
     row_bytes = (t.end - t.start) // max(t.rows, 1)
     if t.quant is not None and t.quant.packed:
-        return buf[: (row1 - row0) * row_bytes]  # packed 4-bit codes, decoded by QuantRows
+        return buf[: (row1 - row0) * row_bytes]  # packed 4-bit codes, decoded by the codec
     shape = block_shape(t.shape, row1 - row0)
     return buf[: (row1 - row0) * row_bytes].view(DTYPES[t.in_dtype]).view(shape)
 
@@ -332,7 +331,7 @@ class _TensorState:
         terms = edit.terms if edit else ()
         self.repl = edit.replacement.source if edit and edit.replacement else None
         in_dtype = self.repl.dtype if self.repl else t.in_dtype
-        self.quant = QuantRows(t.quant, t.shape, loader.load) if t.quant else None
+        self.quant = t.quant.decoder(t.shape, loader.load) if t.quant else None
         if self.quant is not None:
             in_dtype = t.quant.dtype  # packed codes decode to this
         self.acc = accumulation_dtype(

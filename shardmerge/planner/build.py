@@ -18,15 +18,15 @@ from pathlib import Path
 import psutil
 
 from ..adapters.peft import CONV1D_MODULES, Adapter, adapter_edits, open_adapter
-from ..codecs.quant import (
-    Bnb4Base,
-    QuantSpec,
-    base_quantization,
-    dequantized_view,
+from ..codecs import (
+    Nf4Roundtrip,
+    StoredBase,
+    TensorCodec,
+    base_format,
     nf4_targets,
-    open_bnb4,
+    open_base_format,
 )
-from ..codecs.quant import check_choice as check_qlora_choice
+from ..codecs import check_choice as check_qlora_choice
 from ..errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.output import check_free_space, check_output_dir, fmt_bytes
@@ -89,7 +89,7 @@ class TensorJob:
     edit: TensorEdit | None = None
     block_rows: int = 0  # rows per block when the tensor is processed, not copied
     # A 4-bit base: the base values are NF4 round-tripped or dequantized first (quant.py).
-    quant: QuantSpec | None = None
+    quant: TensorCodec | None = None
     # The shape of the base bytes [start, end) when it is not ``shape``: a
     # vocabulary resized by a replacement, or (0, ...) for a tensor the base
     # does not store (an untied lm_head; embeddings.py). Such a tensor is never
@@ -281,7 +281,7 @@ def build_plan(
 
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
-    bnb4: Bnb4Base | None = None
+    bnb4: StoredBase | None = None
     try:
         ckpt, bnb4 = _open_base(base, qlora_base)
     except ShardmergeError as e:
@@ -482,20 +482,20 @@ def build_plan(
     return plan
 
 
-def _open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, Bnb4Base | None]:
-    """The base folder; a bitsandbytes 4-bit one as its dequantized view (quant.py)."""
+def _open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, StoredBase | None]:
+    """The base folder; a quantized one (a bitsandbytes 4-bit folder) as its decoded view."""
     check_qlora_choice(qlora_base)
     ckpt = open_checkpoint(base)
-    if base_quantization(ckpt) != "bnb4":
+    stored_format = base_format(ckpt)
+    if stored_format is None:
         return ckpt, None
     if qlora_base != "none":
         raise InputError(
-            f"--qlora-base {qlora_base}: the base {ckpt.path} is already a bitsandbytes 4-bit "
+            f"--qlora-base {qlora_base}: the base {ckpt.path} is already a {stored_format.title} "
             "model; it is dequantized exactly as stored.",
             hint="Leave out --qlora-base for a 4-bit base folder.",
         )
-    bnb4 = open_bnb4(ckpt)
-    return dequantized_view(ckpt, bnb4), bnb4
+    return open_base_format(ckpt, stored_format)
 
 
 def job_fingerprint(
@@ -671,9 +671,9 @@ def _quant_spec(
     dtype: str,
     edit: TensorEdit | None,
     nf4: set[str],
-    bnb4: Bnb4Base | None,
+    bnb4: StoredBase | None,
     errors: list[ShardmergeError],
-) -> QuantSpec | None:
+) -> TensorCodec | None:
     """How tensor ``name``'s base values are made (quant.py), or None: as stored."""
     if bnb4 is not None and name in bnb4.specs:
         if edit is not None and edit.replacement is not None:
@@ -687,7 +687,7 @@ def _quant_spec(
         return bnb4.specs[name]
     if name in nf4 and not (edit is not None and edit.replacement is not None):
         # A replaced tensor is the adapter's own full-precision copy: no round trip.
-        return QuantSpec("nf4", dtype)
+        return Nf4Roundtrip(dtype)
     return None
 
 
@@ -695,7 +695,7 @@ def _quant_rows_fit(
     name: str,
     shape: tuple[int, ...],
     edit: TensorEdit | None,
-    quant: QuantSpec,
+    quant: TensorCodec,
     block_rows: int,
     fit: int,
     room: int,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..codecs.quant import QuantRows
 from ..errors import InputError
 from ..execute.pipeline import load_factors
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
@@ -223,7 +222,7 @@ def _check_tensor(t: TensorJob, src, dst, got: TensorInfo, loader: RefLoader, re
         vector = loader.load(scaling.vector).reshape(-1).to(torch.float64)
     kinds = {term.kind for term in terms} | ({"ia3"} if scaling is not None else set())
     kind = ",".join(sorted(kinds)) or "replaced"
-    quant = QuantRows(t.quant, t.shape, loader.load) if t.quant else None
+    quant = t.quant.decoder(t.shape, loader.load) if t.quant else None
     patch = None
     if edit and edit.token_rows:
         patch = RowPatch(edit.token_rows, loader.load, torch.device("cpu"))
