@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shardmerge  # noqa: E402
-from shardmerge.codecs import quant  # noqa: E402
+from shardmerge.codecs import nf4_roundtrip, nf4_targets  # noqa: E402
 from shardmerge.io.checkpoint import open_checkpoint  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -81,7 +81,7 @@ def nf4_dequantized(w: torch.Tensor) -> torch.Tensor:
     try:
         import bitsandbytes.functional as bnb_f
     except ImportError:
-        return quant.nf4_roundtrip(w)
+        return nf4_roundtrip(w)
     packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4")
     state.dtype = torch.float32
     return bnb_f.dequantize_4bit(packed, state).to(w.dtype)
@@ -92,7 +92,7 @@ def trained_model(base: Path, adapter: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    names = set(quant.nf4_targets(open_checkpoint(base)))
+    names = set(nf4_targets(open_checkpoint(base)))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():

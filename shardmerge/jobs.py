@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .codecs.quant import QLORA_BASE_CHOICES, REFUSED_CHOICES, check_choice
+from .codecs import QLORA_BASE_CHOICES, REFUSED_CHOICES, check_choice
 from .errors import InputError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")

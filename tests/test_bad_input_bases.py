@@ -6,7 +6,7 @@ problem and the file, without a traceback, leaves nothing in OUT that looks
 finished, and changes no input; an input that is legitimately fine merges
 to the correctly rounded result. The fixtures are tiny and written by hand
 (a Mixtral-style MoE in both disk layouts, bitsandbytes-style 4-bit folders
-packed with shardmerge.codecs.quant's NF4 code), then damaged by editing their files.
+packed with shardmerge.codecs.nf4's NF4 code), then damaged by editing their files.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from test_bad_input import (
 )
 
 import shardmerge
-from shardmerge.codecs.quant import NF4_CODE, nf4_dequantize, nf4_quantize, nf4_roundtrip
+from shardmerge.codecs.nf4 import NF4_CODE, nf4_dequantize, nf4_quantize, nf4_roundtrip
 from shardmerge.kernel.spans import RowSpans
 
 E, INTER, R, ALPHA = 4, 6, 2, 4  # experts, expert intermediate size, rank, lora_alpha
@@ -236,7 +236,7 @@ def bnb4_base(folder: Path) -> Path:
 
 
 def dequantized(tensors: dict[str, torch.Tensor], weight: str) -> torch.Tensor:
-    """shardmerge.codecs.quant's reading of a packed weight (checked against bitsandbytes in test_qlora)."""
+    """shardmerge.codecs' reading of a packed weight (checked against bitsandbytes in test_qlora)."""
     state = json.loads(
         bytes(tensors[f"{weight}.quant_state.bitsandbytes__nf4"].reshape(-1).tolist())
     )

@@ -4,7 +4,7 @@ The oracle is bitsandbytes itself (its CPU backend): codes and block absmax
 from ``quantize_4bit``, values from ``dequantize_4bit`` taken in float32 and
 rounded once to the tensor's dtype, which is what its CUDA kernel does (its
 CPU backend's direct 16-bit dequantization rounds the code value first; we
-follow CUDA, see shardmerge/quant.py). Merges must equal the float64
+follow CUDA, see shardmerge/codecs/nf4.py). Merges must equal the float64
 reference built from those dequantized weights plus the LoRA delta, rounded
 once.
 """
@@ -31,7 +31,14 @@ from click.testing import CliRunner
 
 import shardmerge
 from shardmerge.cli import main
-from shardmerge.codecs import quant
+from shardmerge.codecs import nf4_targets
+from shardmerge.codecs.nf4 import (
+    NF4_CODE,
+    NF4_THRESHOLDS,
+    nf4_quantize,
+    nf4_roundtrip,
+    unpack_4bit,
+)
 from shardmerge.errors import ShardmergeError
 from shardmerge.io.checkpoint import open_checkpoint
 from shardmerge.verifier.check import verify
@@ -98,17 +105,17 @@ def test_roundtrip_equals_bitsandbytes(dtype):
         torch.zeros(128),  # all-zero blocks: code 0 (-1.0) times 0 gives -0.0
         torch.tensor([0.0] * 63 + [-3.0]),  # a lone value
         # exact code values times a power of two: on the codes, never near a threshold
-        (quant.NF4_CODE.repeat(4) * 0.25)[torch.randperm(64, generator=g)],
+        (NF4_CODE.repeat(4) * 0.25)[torch.randperm(64, generator=g)],
         torch.randn(38, generator=g),  # a partial last block (bnb packs an even count)
     ]
     if dtype == torch.float16:
         parts.append(torch.full((64,), 60000.0) * torch.linspace(-1, 1, 64))  # near fp16's max
     x = torch.cat(parts).to(dtype)
     packed, state = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4")
-    codes, absmax = quant.nf4_quantize(x)
-    assert torch.equal(codes, quant.unpack_4bit(packed, x.numel()))
+    codes, absmax = nf4_quantize(x)
+    assert torch.equal(codes, unpack_4bit(packed, x.numel()))
     assert torch.equal(absmax, state.absmax)
-    got = quant.nf4_roundtrip(x)
+    got = nf4_roundtrip(x)
     assert got.dtype == dtype
     assert torch.equal(_bits(got), _bits(bnb_roundtrip(x)))
     assert torch.equal(
@@ -140,19 +147,19 @@ def _cuda_tree(s: float) -> int:
 def test_ties_follow_the_cuda_kernel():
     """On and next to every threshold the code is the CUDA tree's; bitsandbytes' CPU
     backend (nearest by float32 distance) differs on exactly six threshold values."""
-    t = quant.NF4_THRESHOLDS.numpy()
+    t = NF4_THRESHOLDS.numpy()
     values = np.concatenate(
-        [t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2)), quant.NF4_CODE.numpy()]
+        [t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2)), NF4_CODE.numpy()]
     ).astype(np.float32)
     # Each value in its own block whose absmax is 1.0, so the scaled value is the value itself.
     x = torch.zeros(values.size, 64)
     x[:, 0] = torch.from_numpy(values)
     x[:, 1] = 1.0
-    codes, _ = quant.nf4_quantize(x)
+    codes, _ = nf4_quantize(x)
     ours = codes.view(-1, 64)[:, 0].tolist()
     assert ours == [_cuda_tree(v) for v in values]
     packed, _ = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4")
-    cpu = quant.unpack_4bit(packed, x.numel()).view(-1, 64)[:, 0].tolist()
+    cpu = unpack_4bit(packed, x.numel()).view(-1, 64)[:, 0].tolist()
     differ = sorted(float(v) for v, a, b in zip(values, ours, cpu, strict=True) if a != b)
     # The thresholds whose float32 value lies above the true midpoint (and one below it,
     # where float32 distances round the tie the other way).
@@ -167,7 +174,7 @@ def test_nf4_merge_equals_reference(base, adapter, tmp_path, monkeypatch):
     targeted, rounded once); everything else is untouched; block size does not matter."""
     tensors = read_tensors(base)
     linears = _linear_names(tensors)
-    assert quant.nf4_targets(open_checkpoint(base)) == linears
+    assert nf4_targets(open_checkpoint(base)) == linears
     deq = {n: bnb_roundtrip(tensors[n]) for n in linears}
     ref = reference_merge(_with_tensors(base, tmp_path / "deq", deq), [adapter])
 

@@ -1,0 +1,99 @@
+"""Codecs: how a base tensor's values are made from what the base folder stores.
+
+This package is the seam between storage formats and the rest of shardmerge:
+the planner, the pipeline and the verifier import from here only, never from
+the modules below. They see three things (protocol.py):
+
+* ``TensorCodec``: a frozen, picklable spec carried by a tensor job: the
+  decoded ``dtype``, whether the stored rows are ``packed`` bytes, the
+  ``blocksize`` (for messages), ``row_align(shape)`` (row blocks hold whole
+  quantization blocks), ``state_bytes(shape)`` and ``bytes_per_element`` (the
+  memory model), and ``decoder(shape, load)``, which makes the ``RowDecoder``.
+* ``RowDecoder``: ``decoder(raw, row0, row1)``, the stored rows [row0, row1)
+  in, the exact base values out, each element rounded once to ``dtype``.
+* ``BaseFormat``: a format of whole base folders, found by ``base_format``
+  and opened by ``open_base_format`` into the folder as the merge sees it
+  (each coded tensor of its decoded shape and dtype, side tensors gone) and a
+  ``StoredBase`` (per-tensor codecs, stored dtypes, side tensors).
+
+Two members exist. ``Nf4Roundtrip`` (qlora.py, with ``nf4_targets``): a
+16-bit base tensor as a QLoRA run saw it, chosen by ``--qlora-base nf4``.
+``Bnb4Codec`` (bnb4.py) with the ``BNB4_FOLDER`` format (bnb4_folder.py): a
+bitsandbytes 4-bit folder, dequantized. nf4.py holds the NF4 arithmetic both
+use, bit-exact with bitsandbytes' CUDA kernels.
+
+Adding a stored format (FP8 ``float8_e4m3fn`` codes with float32 block scales
+in another tensor, possibly another shard; MXFP4; INT4 GPTQ/AWQ) is one new
+module here plus its tests:
+
+1. a frozen dataclass implementing ``TensorCodec`` whose ``decoder`` reads its
+   side tensors through ``load`` (a ``TensorRef`` may point into any shard)
+   and decodes row blocks exactly;
+2. an object implementing ``BaseFormat``: ``marked`` (tensor names say so),
+   ``check_unmarked`` (stray side tensors), ``accepts`` (config.json's
+   ``quantization_config`` of its ``quant_method``; raise for unreadable
+   variants), ``open`` (check every coded tensor, return a ``StoredBase``);
+3. registered by adding it to ``BASE_FORMATS`` below; its quant_method then
+   stops being refused (detect.py ``METHOD_NAMES``).
+
+Nothing else changes: the planner sizes row blocks from the codec, the
+pipeline and verify decode through it. Codecs only read today; writing a
+quantized output would add an ``encode`` (values in, stored rows out) to
+``TensorCodec`` and an output-side registry, leaving decoding as it is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .bnb4 import Bnb4Codec
+from .bnb4_folder import BNB4_FOLDER
+from .choices import QLORA_BASE_CHOICES, REFUSED_CHOICES, check_choice
+from .detect import find_format
+from .nf4 import nf4_roundtrip
+from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
+from .qlora import Nf4Roundtrip, nf4_targets
+from .view import decoded_view
+
+if TYPE_CHECKING:
+    from ..io.checkpoint import Checkpoint
+
+# The stored base formats shardmerge reads, tried in this order.
+BASE_FORMATS: tuple[BaseFormat, ...] = (BNB4_FOLDER,)
+
+__all__ = [
+    "BASE_FORMATS",
+    "QLORA_BASE_CHOICES",
+    "REFUSED_CHOICES",
+    "BaseFormat",
+    "Bnb4Codec",
+    "Nf4Roundtrip",
+    "RowDecoder",
+    "StoredBase",
+    "TensorCodec",
+    "base_format",
+    "check_choice",
+    "nf4_roundtrip",
+    "nf4_targets",
+    "open_base_format",
+]
+
+
+def base_format(ckpt: Checkpoint) -> BaseFormat | None:
+    """The stored format of a base folder, None for an ordinary (16-bit) one; a quantized
+    folder no registered format reads is refused."""
+    return find_format(ckpt, BASE_FORMATS)
+
+
+def open_base_format(
+    ckpt: Checkpoint, stored_format: BaseFormat | None = None
+) -> tuple[Checkpoint, StoredBase | None]:
+    """The base as the merge sees it, and how its coded tensors decode (None: as stored).
+
+    ``stored_format``: the folder's format when ``base_format`` already found it.
+    """
+    stored_format = stored_format or base_format(ckpt)
+    if stored_format is None:
+        return ckpt, None
+    stored = stored_format.open(ckpt)
+    return decoded_view(ckpt, stored), stored

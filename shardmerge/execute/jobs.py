@@ -10,7 +10,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..codecs.quant import QuantSpec
+from ..codecs import TensorCodec
 from ..io.safetensors import ITEMSIZE, OutEntry, encode_header, matrix_rows
 from ..terms import TensorEdit
 
@@ -28,7 +28,7 @@ class TensorJob:
     edit: TensorEdit | None = None
     block_rows: int = 0  # rows per block when the tensor is processed, not copied
     # A 4-bit base: the base values are NF4 round-tripped or dequantized first (quant.py).
-    quant: QuantSpec | None = None
+    quant: TensorCodec | None = None
     # The shape of the base bytes [start, end) when it is not ``shape``: a
     # vocabulary resized by a replacement, or (0, ...) for a tensor the base
     # does not store (an untied lm_head; embeddings.py). Such a tensor is never

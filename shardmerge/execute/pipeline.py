@@ -296,7 +296,7 @@ def _merge_rows(
 def _view_rows(buf: torch.Tensor, t: TensorJob, row0: int, row1: int) -> torch.Tensor:
     row_bytes = (t.end - t.start) // max(t.rows, 1)
     if t.quant is not None and t.quant.packed:
-        return buf[: (row1 - row0) * row_bytes]  # packed 4-bit codes, decoded by QuantRows
+        return buf[: (row1 - row0) * row_bytes]  # packed 4-bit codes, decoded by the codec
     shape = block_shape(t.shape, row1 - row0)
     return buf[: (row1 - row0) * row_bytes].view(DTYPES[t.in_dtype]).view(shape)
 

@@ -13,7 +13,7 @@ from functools import reduce
 
 import torch
 
-from ..codecs.quant import QuantSpec
+from ..codecs import TensorCodec
 from ..errors import ShardmergeError, UnsupportedAdapterError
 from ..io.safetensors import DTYPES, ITEMSIZE
 from ..io.sources import PART_CACHE_BYTES
@@ -149,7 +149,7 @@ class TensorPolicy:
     acc: torch.dtype  # the merge kernel's first-tier accumulator
     terms: tuple[Term, ...]
     replacement: TensorRef | None
-    quant: QuantSpec | None
+    quant: TensorCodec | None
     scaling: Scaling | None
     token_rows: tuple[TokenRows, ...]
     dora: bool

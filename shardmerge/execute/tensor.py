@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..codecs.quant import QuantRows
 from ..errors import UnsupportedAdapterError
 from ..io.safetensors import TensorInfo, block_shape, matrix_rows, read_rows
 from ..io.sources import RefLoader
@@ -35,7 +34,7 @@ class TensorMerger:
         self.policy = p = policy_for(t)
         self.out_dtype = p.out_dtype
         self.acc = p.acc
-        self.quant = QuantRows(t.quant, t.shape, loader.load) if p.quant else None
+        self.quant = t.quant.decoder(t.shape, loader.load) if p.quant else None
         self.patch = RowPatch(p.token_rows, loader.load, device) if p.token_rows else None
         if not p.keeps_parts:
             loader.release()  # whole tensors kept for expert parts are not needed here

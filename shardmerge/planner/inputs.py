@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters.peft import Adapter, adapter_edits, open_adapter
-from ..codecs.quant import Bnb4Base, base_quantization, dequantized_view, open_bnb4
-from ..codecs.quant import check_choice as check_qlora_choice
+from ..codecs import StoredBase, base_format, open_base_format
+from ..codecs import check_choice as check_qlora_choice
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import dora_problems
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -25,7 +25,7 @@ class Inputs:
     """The opened base and adapters of a job, and what OUT holds of an earlier run."""
 
     ckpt: Checkpoint
-    bnb4: Bnb4Base | None  # a bitsandbytes 4-bit base folder, dequantized
+    bnb4: StoredBase | None  # a bitsandbytes 4-bit base folder, dequantized
     adapters: list[Adapter]
     fingerprint: str
     journal: Journal | None
@@ -47,7 +47,7 @@ def open_inputs(
     """
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
-    bnb4: Bnb4Base | None = None
+    bnb4: StoredBase | None = None
     try:
         ckpt, bnb4 = open_base(base, qlora_base)
     except ShardmergeError as e:
@@ -98,20 +98,20 @@ def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]
     return opened
 
 
-def open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, Bnb4Base | None]:
-    """The base folder; a bitsandbytes 4-bit one as its dequantized view (quant.py)."""
+def open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, StoredBase | None]:
+    """The base folder; a quantized one (a bitsandbytes 4-bit folder) as its decoded view."""
     check_qlora_choice(qlora_base)
     ckpt = open_checkpoint(base)
-    if base_quantization(ckpt) != "bnb4":
+    stored_format = base_format(ckpt)
+    if stored_format is None:
         return ckpt, None
     if qlora_base != "none":
         raise InputError(
-            f"--qlora-base {qlora_base}: the base {ckpt.path} is already a bitsandbytes 4-bit "
+            f"--qlora-base {qlora_base}: the base {ckpt.path} is already a {stored_format.title} "
             "model; it is dequantized exactly as stored.",
             hint="Leave out --qlora-base for a 4-bit base folder.",
         )
-    bnb4 = open_bnb4(ckpt)
-    return dequantized_view(ckpt, bnb4), bnb4
+    return open_base_format(ckpt, stored_format)
 
 
 def settle_edits(

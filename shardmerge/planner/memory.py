@@ -13,7 +13,7 @@ import re
 
 import psutil
 
-from ..codecs.quant import QuantSpec
+from ..codecs import TensorCodec
 from ..errors import InputError, ResourceError, ShardmergeError
 from ..execute import policy
 from ..execute.jobs import Resources, TensorJob
@@ -181,7 +181,7 @@ def quant_rows_fit(
     name: str,
     shape: tuple[int, ...],
     edit: TensorEdit | None,
-    quant: QuantSpec,
+    quant: TensorCodec,
     block_rows: int,
     fit: int,
     room: int,
@@ -217,7 +217,7 @@ def tensor_block_rows(
     shape: tuple[int, ...],
     stored_shape: tuple[int, ...],
     edit: TensorEdit | None,
-    quant: QuantSpec | None,
+    quant: TensorCodec | None,
     working: int,
     errors: list[ShardmergeError],
 ) -> int:

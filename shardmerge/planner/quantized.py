@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..adapters.peft import CONV1D_MODULES
-from ..codecs.quant import Bnb4Base, QuantSpec, nf4_targets
+from ..codecs import Nf4Roundtrip, StoredBase, TensorCodec, nf4_targets
 from ..errors import InputError, ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint
 from ..terms import TensorEdit
@@ -39,9 +39,9 @@ def quant_spec(
     dtype: str,
     edit: TensorEdit | None,
     nf4: set[str],
-    bnb4: Bnb4Base | None,
+    bnb4: StoredBase | None,
     errors: list[ShardmergeError],
-) -> QuantSpec | None:
+) -> TensorCodec | None:
     """How tensor ``name``'s base values are made (quant.py), or None: as stored."""
     if bnb4 is not None and name in bnb4.specs:
         if edit is not None and edit.replacement is not None:
@@ -55,5 +55,5 @@ def quant_spec(
         return bnb4.specs[name]
     if name in nf4 and not (edit is not None and edit.replacement is not None):
         # A replaced tensor is the adapter's own full-precision copy: no round trip.
-        return QuantSpec("nf4", dtype)
+        return Nf4Roundtrip(dtype)
     return None

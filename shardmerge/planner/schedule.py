@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..codecs.quant import Bnb4Base
+from ..codecs import StoredBase
 from ..errors import ShardmergeError
 from ..execute.jobs import MergePlan, ShardJob, TensorJob
 from ..io.checkpoint import Checkpoint
@@ -25,7 +25,7 @@ def shard_jobs(
     settled: embeddings.Resolution,
     out_dtype: str | None,
     nf4: set[str],
-    bnb4: Bnb4Base | None,
+    bnb4: StoredBase | None,
     working: int,
     errors: list[ShardmergeError],
 ) -> list[ShardJob]:

@@ -11,7 +11,6 @@ from typing import BinaryIO
 
 import torch
 
-from ..codecs.quant import QuantRows
 from ..execute.factors import Factors, load_factors
 from ..execute.jobs import TensorJob
 from ..execute.policy import TensorPolicy, builds_factors, joins_dora, policy_for
@@ -100,7 +99,7 @@ class _Reference:
         self.vector = None
         if p.scaling is not None:
             self.vector = loader.load(p.scaling.vector).reshape(-1).to(torch.float64)
-        self.quant = QuantRows(t.quant, t.shape, loader.load) if p.quant else None
+        self.quant = t.quant.decoder(t.shape, loader.load) if p.quant else None
         self.patch = RowPatch(p.token_rows, loader.load, CPU) if p.token_rows else None
         self.dora_parts = None
         if p.dora:  # norms down columns need every row first
