@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from ..adapters.peft import CONV1D_MODULES, Adapter, adapter_edits, open_adapter
+from ..adapters import Adapter, adapter_edits, open_adapter
+from ..arch.layers import CONV1D_MODULES
 from ..codecs.quant import (
     Bnb4Base,
     QuantSpec,
