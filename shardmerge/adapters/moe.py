@@ -25,6 +25,7 @@ its kin ``mlp.experts.N.gate_proj/up_proj`` and ``down_proj``. Both layouts are
 mapped here: one term per (expert, base tensor), the factors being parts of
 A and B (``TensorRef.part``) and, for a fused base tensor, the term covering
 that expert's rows of it (``Term.rows``, the tensor viewed as a matrix).
+Where the base keeps each parameter is arch/experts.py's knowledge.
 """
 
 from __future__ import annotations
