@@ -54,7 +54,10 @@ class Term:
     ``right=None``: then ``left`` is the vector added, times ``scale``.
     """
 
-    kind: str  # "linear", "conv1d" (fan_in_fan_out), "embedding", "lora_bias"
+    # The module kind, for counts, summaries and messages only (the algebra is
+    # ``form``'s): "linear", "conv1d" (fan_in_fan_out), "embedding", "lora_bias",
+    # "expert", "loha", "lokr".
+    kind: str
     adapter: str  # the adapter's label, for summaries and messages
     module: str  # the adapter's module name, for messages
     left: TensorRef
@@ -92,7 +95,7 @@ class Replacement:
     """A tensor an adapter saves whole (modules_to_save, trained biases): it replaces the base's."""
 
     adapter: str
-    kind: str  # "modules_to_save", "bias", "base_layer"
+    kind: str  # "modules_to_save", "bias", "saved_tensor", "base_layer", "tied_embedding"
     source: TensorRef
 
 

@@ -1,4 +1,4 @@
-"""PEFT LoHa, LoKr and (IA)^3 adapters -> TensorEdits, and their exact factors.
+"""PEFT LoHa, LoKr and (IA)^3 adapters -> TensorEdits.
 
 Semantics follow PEFT's ``merge_and_unload()`` (peft 0.21: tuners/loha/layer.py,
 tuners/lokr/layer.py, tuners/ia3/layer.py, tuners/lycoris_utils.py), for the
@@ -18,106 +18,32 @@ act in training. Convolution variants (``hada_t1``/``hada_t2``, ``lokr_t2``,
 3-D/4-D factors or base weights) are refused by name, as are IA3 adapters
 whose meaning a merge cannot keep (a weight other than 1, sharing a tensor).
 
-Exactness: a product of two floats of at most 32 bits is exact in float64.
-So a LoHa delta is ``scale * L @ R`` with ``L`` the row-wise Kronecker (face-
-splitting) product of ``w1_a`` and ``w2_a`` and ``R`` the column-wise one of
-``w1_b`` and ``w2_b``; a LoKr delta is ``scale * kron(A1, A2) @ kron(B1, B2)``
-for ``w1 = A1 @ B1``, ``w2 = A2 @ B2`` (a whole matrix M is ``I @ M`` or
-``M @ I``), or, when both are whole, the dense ``kron(w1, w2)`` itself. Every
-entry of these float64 factors is one such exact product, and the kernel
-merges ``W + scale * L @ R`` with one rounding. An IA3 product ``W * l`` is
-likewise exact in float64 and rounded once. Factors stored in float64 would
-make inexact products: they are refused.
+The terms name their algebra (``form`` "hadamard", "kronecker"); turning
+them into exact low-rank factors is kernel/factors.py's job. Factors stored
+in float64 would make inexact products: they are refused.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
-from ..errors import (
-    CorruptFileError,
-    IncompatibleAdapterError,
-    InputError,
-    ShardmergeError,
-    UnsupportedAdapterError,
-)
+from ..arch.layers import is_conv1d
+from ..errors import CorruptFileError, ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES
 from ..terms import Replacement, Scaling, TensorEdit, TensorRef, Term
-from .peft import (
-    CONFIG_NAME,
-    CONV1D_MODULES,
-    KEY_PREFIX,
-    Adapter,
-    _config_problems,
-    pattern_value,
-    resolve_base_name,
-)
+from .folder import Adapter, peft_type_of
+from .lycoris_edits import LycorisEdits
+from .naming import pattern_value, resolve_base_name, strip_key_prefix
 
-# peft_type -> the name users see.
-PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3"}
-
+# peft_type -> its keys: (module).(role).
 _KEYS = {
     "LOHA": re.compile(r"(.+)\.(hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2))"),
     "LOKR": re.compile(r"(.+)\.(lokr_(?:w1|w1_a|w1_b|w2|w2_a|w2_b|t2))"),
     "IA3": re.compile(r"(.+)\.(ia3_l)"),
 }
 _SAVED = re.compile(r"(.+)\.(weight|bias)")
-
-_USE_PEFT = (
-    "Merge this adapter with PEFT instead (PeftModel.from_pretrained(...).merge_and_unload()), "
-    "which needs the whole model in memory."
-)
-
-
-def peft_type_of(adapter: Adapter) -> str:
-    return str(adapter.config.get("peft_type") or "").upper()
-
-
-def check_supported(adapter: Adapter) -> list[ShardmergeError]:
-    """Config-level refusals and bad values for a LoHa, LoKr or IA3 adapter."""
-    cfg, where = adapter.config, adapter.path / CONFIG_NAME
-    peft_type = peft_type_of(adapter)
-    problems = list(_config_problems(cfg, where))
-    if peft_type in ("LOHA", "LOKR"):
-        alpha = cfg.get("alpha")
-        if "alpha" in cfg and not (
-            isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
-        ):
-            problems.append(
-                InputError(
-                    f"{where}: alpha must be a finite number, not {alpha!r}.",
-                    hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
-                )
-            )
-        if cfg.get("use_rslora"):
-            problems.append(
-                UnsupportedAdapterError(
-                    f"{where}: rsLoRA scaling (use_rslora: true) for {PEFT_TYPES[peft_type]} is not "
-                    "supported; PEFT 0.21 defines none for it.",
-                    hint=_USE_PEFT,
-                )
-            )
-    else:
-        ff = cfg.get("feedforward_modules")
-        if isinstance(ff, str):
-            try:
-                re.compile(ff)
-            except re.error as e:
-                problems.append(
-                    InputError(f"{where}: feedforward_modules {ff!r} is not a valid regex ({e}).")
-                )
-        elif ff is not None and not (isinstance(ff, list) and all(isinstance(m, str) for m in ff)):
-            problems.append(
-                InputError(
-                    f"{where}: feedforward_modules must be a list of module names or a regex, "
-                    f"not {ff!r}.",
-                    hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
-                )
-            )
-    return problems
 
 
 def _classify(
@@ -128,11 +54,11 @@ def _classify(
     Two keys for one module and role (with and without the ``base_model.model.``
     prefix) are appended to ``duplicates`` as (kept, other).
     """
-    pattern = _KEYS[peft_type_of(adapter)]
+    pattern = _KEYS[peft_type_of(adapter.config)]
     modules: dict[str, dict[str, TensorRef]] = {}
     unknown: list[str] = []
     for key, ref in adapter.tensors.items():
-        rest = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        rest = strip_key_prefix(key)
         m = pattern.fullmatch(rest)
         if m:
             module, role = m.group(1), m.group(2)
@@ -154,105 +80,11 @@ def _classify(
     return modules, unknown
 
 
-class _Collector:
-    """Edits, counts and errors of one adapter, with the messages' common parts."""
-
-    def __init__(self, adapter: Adapter, ckpt: Checkpoint):
-        self.adapter = adapter
-        self.ckpt = ckpt
-        self.name = PEFT_TYPES[peft_type_of(adapter)]
-        self.edits: dict[str, TensorEdit] = {}
-        self.counts: Counter = Counter()
-        self.errors: list[ShardmergeError] = []
-
-    def incompatible(self, msg: str) -> None:
-        self.errors.append(
-            IncompatibleAdapterError(
-                f"{self.adapter.path}: {msg}", hint="Is this adapter made for this base model?"
-            )
-        )
-
-    def unsupported(self, msg: str, hint: str | None = _USE_PEFT) -> None:
-        self.errors.append(
-            UnsupportedAdapterError(f"{self.adapter.weights_file}: {msg}", hint=hint)
-        )
-
-    def corrupt(self, msg: str) -> None:
-        self.errors.append(
-            CorruptFileError(
-                f"{self.adapter.weights_file}: {msg}",
-                hint="The config and the weights disagree; re-save the adapter.",
-            )
-        )
-
-    def add(self, base: str, edit: TensorEdit, kind: str) -> None:
-        old = self.edits.get(base)
-        if old is not None:
-            self.incompatible(f"it changes {base} twice.")
-            return
-        self.edits[base] = edit
-        self.counts[kind] += 1
-
-    def base_weight(self, module: str, what: str):
-        """The 2-D floating-point base weight of ``module``, or None (problem recorded)."""
-        name = resolve_base_name(module, "weight", self.ckpt)
-        if name is None:
-            self.incompatible(f"target {module} has no tensor {module}.weight in the base model.")
-            return None, None
-        w = self.ckpt.tensor(name)
-        if w.dtype not in FLOAT_DTYPES:
-            self.incompatible(f"base tensor {name} is {w.dtype}, not floating point.")
-            return None, None
-        if len(w.shape) != 2:
-            self.unsupported(
-                f"module {module}: {self.name} on convolution layers ({len(w.shape)}-D weight "
-                f"{name}) is not supported."
-            )
-            return None, None
-        if w.dtype == "F64" and what == "ia3":
-            self.unsupported(
-                f"module {module}: IA3 on the float64 tensor {name} is not supported (the product "
-                "W * l is not exact in float64)."
-            )
-            return None, None
-        return name, w
-
-    def factors_ok(self, module: str, refs: list[TensorRef]) -> bool:
-        """2-D floating-point factors of at most 32 bits."""
-        if any(len(r.shape) < 2 for r in refs):
-            # Not a convolution's factors either: a malformed file.
-            shown = ", ".join(f"{r.key.rsplit('.', 1)[-1]} {list(r.shape)}" for r in refs)
-            self.corrupt(f"{self.name} factors of {module} are {shown}; each must be a 2-D matrix.")
-            return False
-        if any(len(r.shape) != 2 for r in refs):
-            dims = sorted({len(r.shape) for r in refs})
-            self.unsupported(
-                f"module {module} has {'/'.join(map(str, dims))}-D {self.name} factors; "
-                f"{self.name} on convolution layers is not supported."
-            )
-            return False
-        if any(r.dtype not in FLOAT_DTYPES for r in refs):
-            self.corrupt(f"{self.name} factors of {module} are not floating point.")
-            return False
-        if any(r.dtype == "F64" for r in refs):
-            self.unsupported(
-                f"module {module} has {self.name} factors stored in float64; their products are "
-                "not exact in float64, so shardmerge cannot merge them exactly.",
-                hint="Save the adapter in float32 (model.to(torch.float32) before save_pretrained), "
-                "or merge it with PEFT.",
-            )
-            return False
-        return True
-
-
 def adapter_edits(
     adapter: Adapter, weight: float, ckpt: Checkpoint
 ) -> tuple[dict[str, TensorEdit], Counter, list[ShardmergeError]]:
-    """Translate one LoHa, LoKr or IA3 adapter into edits of base tensors (like peft.adapter_edits)."""
-    errors = check_supported(adapter)
-    if errors:
-        return {}, Counter(), errors
-    if peft_type_of(adapter) == "IA3" and weight != 1.0:
+    """Translate one LoHa, LoKr or IA3 adapter, its config checked, into edits of base tensors."""
+    if peft_type_of(adapter.config) == "IA3" and weight != 1.0:
         return (
             {},
             Counter(),
@@ -264,7 +96,7 @@ def adapter_edits(
                 )
             ],
         )
-    c = _Collector(adapter, ckpt)
+    c = LycorisEdits(adapter, ckpt)
     duplicates: list[tuple[str, str]] = []
     modules, unknown = _classify(adapter, duplicates)
     if duplicates:
@@ -287,7 +119,7 @@ def adapter_edits(
                 hint=f"Is this a PEFT {c.name} adapter? Otherwise merge it with the tool that made it.",
             )
         )
-    peft_type = peft_type_of(adapter)
+    peft_type = peft_type_of(adapter.config)
     for module, roles in sorted(modules.items()):
         own = {r: ref for r, ref in roles.items() if not r.startswith("saved.")}
         if own and peft_type == "LOHA":
@@ -323,7 +155,7 @@ def _rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
     return r, alpha
 
 
-def _loha(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float) -> None:
+def _loha(c: LycorisEdits, module: str, roles: dict[str, TensorRef], weight: float) -> None:
     if "hada_t1" in roles or "hada_t2" in roles:
         c.unsupported(
             f"module {module} has hada_t1/hada_t2 (LoHa with use_effective_conv2d on a "
@@ -371,7 +203,7 @@ def _loha(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float
     c.add(base, TensorEdit(terms=(term,)), "loha")
 
 
-def _lokr(c: _Collector, module: str, roles: dict[str, TensorRef], weight: float) -> None:
+def _lokr(c: LycorisEdits, module: str, roles: dict[str, TensorRef], weight: float) -> None:
     if "lokr_t2" in roles:
         c.unsupported(
             f"module {module} has lokr_t2 (LoKr with use_effective_conv2d on a convolution); "
@@ -438,7 +270,7 @@ def _is_feedforward(spec, module: str) -> bool | None:
     return any(module.endswith(key) for key in spec)
 
 
-def _ia3(c: _Collector, module: str, vec: TensorRef) -> None:
+def _ia3(c: LycorisEdits, module: str, vec: TensorRef) -> None:
     cfg = c.adapter.config
     if len(vec.shape) < 2:
         c.corrupt(
@@ -480,9 +312,7 @@ def _ia3(c: _Collector, module: str, vec: TensorRef) -> None:
     # Linear weights are (out, in); Conv1D weights (in, out). A feedforward
     # vector scales the input features, any other the output features.
     feature_axis_linear = 1 if ff else 0
-    conv1d = module.rsplit(".", 1)[-1] in CONV1D_MODULES.get(
-        str(c.ckpt.config.get("model_type", "")), ()
-    ) or (
+    conv1d = is_conv1d(str(c.ckpt.config.get("model_type", "")), module) or (
         cfg.get("fan_in_fan_out")
         and w.shape[1 - feature_axis_linear] == n
         and w.shape[feature_axis_linear] != n
@@ -511,8 +341,8 @@ def _ia3(c: _Collector, module: str, vec: TensorRef) -> None:
     c.add(bias, TensorEdit(scaling=Scaling(c.adapter.label, module, vec, 0)), "ia3_bias")
 
 
-def _saved(c: _Collector, module: str, suffix: str, ref: TensorRef, weight: float) -> None:
-    """A tensor saved whole (modules_to_save): it replaces the base's, as in peft.adapter_edits."""
+def _saved(c: LycorisEdits, module: str, suffix: str, ref: TensorRef, weight: float) -> None:
+    """A tensor saved whole (modules_to_save): it replaces the base's, as in lora.py."""
     base = resolve_base_name(module, suffix, c.ckpt)
     mts = set(c.adapter.config.get("modules_to_save") or [])
     kind = (

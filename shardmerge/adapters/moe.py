@@ -25,131 +25,28 @@ its kin ``mlp.experts.N.gate_proj/up_proj`` and ``down_proj``. Both layouts are
 mapped here: one term per (expert, base tensor), the factors being parts of
 A and B (``TensorRef.part``) and, for a fused base tensor, the term covering
 that expert's rows of it (``Term.rows``, the tensor viewed as a matrix).
+Where the base keeps each parameter is arch/experts.py's knowledge.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ..arch.experts import (
+    FAMILIES,
+    PARAM_ORDER,
+    TRANSPOSED,
+    TRANSPOSED_IF_SHAPE_SAYS,
+    ParamPlace,
+    expert_numbers,
+    locate_param,
+)
 from ..errors import CorruptFileError, IncompatibleAdapterError, ShardmergeError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES
 from ..terms import TensorRef, Term
-
-
-@dataclass(frozen=True)
-class ExpertFamily:
-    """How a model family's checkpoints store fused expert parameters one expert at a time."""
-
-    # (in-memory fragment, on-disk fragment) of module paths.
-    renames: tuple[tuple[str, str], ...]
-    # fused parameter -> the per-expert Linear modules concatenated along its rows.
-    parts: dict[str, tuple[str, ...]]
-
-
-_MIXTRAL = ExpertFamily(
-    renames=((".mlp.", ".block_sparse_moe."),),
-    parts={"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
-)
-_QWEN2_MOE = ExpertFamily(
-    renames=(),
-    parts={"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
-)
-
-# Model types whose per-expert checkpoints transformers 5.23 fuses with the
-# Mixtral or Qwen2-MoE rules (conversion_mapping.py: _MODEL_TO_CONVERSION_PATTERN
-# and the mappings copied from "mixtral"/"qwen2_moe").
-FAMILIES: dict[str, ExpertFamily] = {
-    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2", "phimoe")},
-    **{
-        t: _QWEN2_MOE
-        for t in (
-            "qwen2_moe",
-            "qwen3_moe",
-            "qwen3_next",
-            "qwen3_5_moe_text",
-            "qwen3_omni_moe",
-            "qwen3_omni_moe_thinker",
-            "qwen3_omni_moe_text",
-            "olmoe",
-            "flex_olmo",
-            "deepseek_v2",
-            "deepseek_v3",
-            "deepseek_v32",
-            "dots1",
-            "ernie4_5_moe",
-            "glm4_moe",
-            "glm4_moe_lite",
-            "glm_moe_dsa",
-            "glm4v_moe",
-            "longcat_flash",
-            "solar_open",
-            "mellum",
-            "beam",
-            "hunyuan_v1_moe",
-            "exaone_moe",
-            "cohere2_moe",
-            "afmoe",
-            "kimi_k25",
-            "bailing_hybrid",
-            "kolibri1",
-            "mimo_v2_flash",
-            "flint",
-            "hy_v3",
-            "laguna",
-            "axk1",
-        )
-    },
-}
-
-# A module of one expert where experts are separate modules (Mixtral as saved,
-# Switch Transformers, NLLB-MoE: ``experts.3.w1``, ``experts.expert_3.wi``).
-EXPERT_MODULE = re.compile(r"\.experts\.(?:expert_)?\d+\.")
-# A per-expert tensor of a fused parameter on disk: (module path).(expert).(part).weight.
-_NUMBERED_WEIGHT = re.compile(r"^(.+)\.(\d+)\.([^.]+)\.weight$")
-# config.json keys for the experts of one MoE layer (transformers' MoE configs).
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-# Model types whose experts store parameters [E, in, out] (use_experts_implementation(is_transposed=True)).
-TRANSPOSED = frozenset({"gpt_oss", "openai_privacy_filter", "aria", "aria_text"})
-# Model types whose fused expert tensors transformers transposes at load when
-# their shape differs from the parameter's (conversion_mapping.py:
-# Transpose(1, 2, check_dims=True)): the disk shape decides, as it does there.
-TRANSPOSED_IF_SHAPE_SAYS = frozenset({"qwen3_vl_moe"})
-
-# The order experts modules register their parameters in (transformers' MoE
-# classes): it decides which nested ParamWrapper holds which parameter.
-PARAM_ORDER = (
-    "gate_up_proj",
-    "gate_up_proj_bias",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "down_proj_bias",
-    "w1",
-    "v1",
-    "w2",
-)
-
-
-@dataclass(frozen=True)
-class _Place:
-    """Where a targeted parameter lives in the base checkpoint."""
-
-    shape: tuple[int, ...]  # the parameter's in-memory shape
-    dtypes: frozenset[str]  # of the base tensor(s)
-    fused: str | None = None  # the base tensor holding it whole
-    # Per expert: (base tensor, first row, stop row) within the expert's [out, in] matrix.
-    experts: tuple[tuple[tuple[str, int, int], ...], ...] = ()
-    problem: str = ""  # why the per-expert tensors cannot make the parameter
-    base_fault: bool = False  # the problem is a damaged base (expert tensors missing)
-
-    @property
-    def names(self) -> list[str]:
-        return [self.fused] if self.fused else [n for e in self.experts for n, _, _ in e]
 
 
 @dataclass
@@ -181,132 +78,6 @@ def _targeted(owner: str, targets: list[str]) -> list[str]:
         if (key == t or key.endswith(f".{t}")) and param not in found:
             found.append(param)
     return found
-
-
-def _module_candidates(owner: str, family: ExpertFamily | None) -> list[str]:
-    """On-disk paths of a module: as named, renamed as the family saves it, without the first component."""
-    names = [owner]
-    if family:
-        for mem, disk in family.renames:
-            renamed = f"{owner}.".replace(mem, disk)[:-1]
-            if renamed not in names:
-                names.append(renamed)
-    for name in list(names):
-        parts = name.split(".")
-        if len(parts) > 1:
-            names.append(".".join(parts[1:]))
-    return names
-
-
-def expert_numbers(ckpt: Checkpoint) -> dict[tuple[str, str], set[int]]:
-    """(module path, part) -> the numbers N of the base's ``path.N.part.weight`` tensors."""
-    found: dict[tuple[str, str], set[int]] = {}
-    for name in ckpt.weight_map:
-        m = _NUMBERED_WEIGHT.match(name)
-        if m:
-            found.setdefault((m[1], m[3]), set()).add(int(m[2]))
-    return found
-
-
-def config_experts(config: dict) -> tuple[str, int] | None:
-    """The experts per MoE layer config.json gives, as (key, value): top level, else text_config."""
-    for cfg in (config, config.get("text_config")):
-        if isinstance(cfg, dict):
-            for key in _EXPERT_COUNT_KEYS:
-                value = cfg.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    return key, value
-    return None
-
-
-def _missing_experts(
-    c: str, parts: tuple[str, ...], numbers: dict[tuple[str, str], set[int]], n: int
-) -> tuple[list[str], int]:
-    """The first few of the tensors ``c.E.part.weight``, E < n, the base lacks, and how many."""
-    have = [numbers.get((c, p), set()) for p in parts]
-    total = n * len(parts) - sum(len({e for e in h if e < n}) for h in have)
-    shown: list[str] = []
-    e = 0
-    # Each expert passed over without a gap is a stored one: bounded by the weight map.
-    while len(shown) < 6 and len(shown) < total and e < n:
-        shown += [f"{c}.{e}.{p}.weight" for p, h in zip(parts, have, strict=True) if e not in h]
-        e += 1
-    return shown[:6], total
-
-
-def _locate(
-    owner: str,
-    param: str,
-    ckpt: Checkpoint,
-    family: ExpertFamily | None,
-    numbers: dict[tuple[str, str], set[int]] | None = None,
-) -> _Place | None:
-    """The base tensor(s) of parameter ``owner.param``, or None when the base has none.
-
-    ``numbers``: ``expert_numbers(ckpt)``, for per-expert layouts.
-    """
-    candidates = _module_candidates(owner, family)
-    for c in candidates:
-        name = f"{c}.{param}"
-        if name in ckpt.weight_map:
-            info = ckpt.tensor(name)
-            return _Place(tuple(info.shape), frozenset([info.dtype]), fused=name)
-    parts = family.parts.get(param) if family else None
-    if not parts:
-        return None
-    numbers = expert_numbers(ckpt) if numbers is None else numbers
-    for c in candidates:
-        stored = set().union(*(numbers.get((c, p), set()) for p in parts))
-        if not stored:
-            continue
-        # Every expert up to the highest stored one, and up to config.json's count,
-        # must have all its parts: a gap would leave an expert without its LoRA.
-        count = max(stored) + 1
-        declared = config_experts(ckpt.config)
-        missing, total = _missing_experts(
-            c, parts, numbers, max(count, declared[1] if declared else 0)
-        )
-        if total:
-            said = (
-                f"config.json says {declared[0]} = {declared[1]}"
-                if declared and declared[1] > count
-                else f"experts 0 to {count - 1} are stored"
-            )
-            more = f" and {total - len(missing)} more" if total > len(missing) else ""
-            return _Place(
-                (),
-                frozenset(),
-                problem=f"{ckpt.path}: the base lacks {total} expert tensor(s) of {c} "
-                f"({said}): {', '.join(missing)}{more}.",
-                base_fault=True,
-            )
-        experts: list[tuple[tuple[str, int, int], ...]] = []
-        dtypes: set[str] = set()
-        widths: set[int] = set()
-        heights: set[int] = set()
-        while len(experts) < count:
-            rows, first = [], 0
-            for p in parts:
-                name = f"{c}.{len(experts)}.{p}.weight"
-                info = ckpt.tensor(name)
-                if len(info.shape) != 2:
-                    return _Place(
-                        (), frozenset(), problem=f"{name} has shape {list(info.shape)}, not 2-D"
-                    )
-                rows.append((name, first, first + info.shape[0]))
-                first += info.shape[0]
-                widths.add(info.shape[1])
-                dtypes.add(info.dtype)
-            heights.add(first)
-            experts.append(tuple(rows))
-        if experts:
-            if len(widths) != 1 or len(heights) != 1:
-                return _Place(
-                    (), frozenset(), problem=f"the per-expert tensors of {c} differ in shape"
-                )
-            shape = (len(experts), heights.pop(), widths.pop())
-            return _Place(shape, frozenset(dtypes), experts=tuple(experts))
-    return None
 
 
 def _part(ref: TensorRef, *dims: tuple[int, int, int]) -> TensorRef:
@@ -344,7 +115,7 @@ def expert_terms(
     numbers = expert_numbers(ckpt) if family and by_owner else {}
     for owner, wrappers in sorted(by_owner.items()):
         params = _targeted(owner, targets)
-        places = {p: _locate(owner, p, ckpt, family, numbers) for p in params}
+        places = {p: locate_param(owner, p, ckpt, family, numbers) for p in params}
         present = [p for p in params if places[p] is not None]
         if not present and list(wrappers) == [0] and _plain_linear(owner, ckpt):
             continue  # an ordinary Linear target (owner.weight): the plain LoRA path takes it
@@ -387,13 +158,31 @@ def _plain_linear(owner: str, ckpt: Checkpoint) -> bool:
     return f"{owner}.weight" in ckpt.weight_map or f"{tail}.weight" in ckpt.weight_map
 
 
+@dataclass(frozen=True)
+class _Wrapper:
+    """One ParamWrapper of an adapter: its module, the parameter it wraps, and where problems go."""
+
+    wfile: str
+    module: str
+    key: str  # the wrapped parameter's full name
+    out: ExpertEdits
+
+    def incompatible(self, msg: str) -> None:
+        self.out.errors.append(
+            IncompatibleAdapterError(
+                f"{self.wfile}: LoRA on {self.key} (module {self.module}): {msg}",
+                hint="Is this adapter made for this base model?",
+            )
+        )
+
+
 def _param_terms(
     label: str,
     wfile: str,
     module: str,
     key: str,
     roles: dict[str, TensorRef],
-    place: _Place,
+    place: ParamPlace,
     weight: float,
     transposed: bool,
     by_shape: bool,
@@ -402,43 +191,77 @@ def _param_terms(
     out: ExpertEdits,
 ) -> list[tuple[str, Term]]:
     """The terms of one wrapped parameter ``key`` (adapter module ``module``)."""
-
-    def incompatible(msg: str) -> list[tuple[str, Term]]:
-        out.errors.append(
-            IncompatibleAdapterError(
-                f"{wfile}: LoRA on {key} (module {module}): {msg}",
-                hint="Is this adapter made for this base model?",
-            )
-        )
+    w = _Wrapper(wfile, module, key, out)
+    pair = _checked_pair(w, roles, place)
+    if pair is None:
         return []
+    a, b = pair
+    layout = _expert_layout(w, place, a, b, transposed, by_shape, r)
+    if layout is None:
+        return []
+    experts, out_f, in_f, transposed = layout
+    scale = weight * scale_of(key, r)
+    if len(place.shape) == 2:
+        out.counts["linear"] += 1
+        return [(place.names[0], Term("linear", label, module, b, a, scale))]
+    made: list[tuple[str, Term]] = []
+    for e in range(experts):
+        made += _one_expert(
+            label, module, a, b, place, e, experts, out_f, in_f, r, transposed, scale
+        )
+        out.counts["expert"] += 1
+    return made
 
+
+def _checked_pair(
+    w: _Wrapper, roles: dict[str, TensorRef], place: ParamPlace
+) -> tuple[TensorRef, TensorRef] | None:
+    """The wrapper's lora_A and lora_B when they and the base's tensors can make terms."""
     if place.base_fault:
-        out.errors.append(
+        w.out.errors.append(
             CorruptFileError(
-                f"LoRA on {key} ({wfile}): {place.problem}",
+                f"LoRA on {w.key} ({w.wfile}): {place.problem}",
                 hint="Re-download the base model; merging would leave these experts unmerged.",
             )
         )
-        return []
+        return None
     if place.problem:
-        return incompatible(f"the base's expert tensors cannot form it: {place.problem}.")
+        w.incompatible(f"the base's expert tensors cannot form it: {place.problem}.")
+        return None
     if "lora_A" not in roles or "lora_B" not in roles:
-        return incompatible("lora_A or lora_B is missing.")
+        w.incompatible("lora_A or lora_B is missing.")
+        return None
     extra = sorted(set(roles) - {"lora_A", "lora_B"})
     if extra:
-        return incompatible(f"it also holds {', '.join(extra)}, which LoRA on parameters has not.")
+        w.incompatible(f"it also holds {', '.join(extra)}, which LoRA on parameters has not.")
+        return None
     a, b = roles["lora_A"], roles["lora_B"]
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-        return incompatible(
+        w.incompatible(
             f"lora_A {list(a.shape)} and lora_B {list(b.shape)} do not make a LoRA pair."
         )
+        return None
     if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
-        out.errors.append(
-            CorruptFileError(f"{wfile}: LoRA factors of {module} are not floating point.")
+        w.out.errors.append(
+            CorruptFileError(f"{w.wfile}: LoRA factors of {w.module} are not floating point.")
         )
-        return []
+        return None
     if not place.dtypes <= set(FLOAT_DTYPES):
-        return incompatible(f"base tensor {place.names[0]} is not floating point.")
+        w.incompatible(f"base tensor {place.names[0]} is not floating point.")
+        return None
+    return a, b
+
+
+def _expert_layout(
+    w: _Wrapper,
+    place: ParamPlace,
+    a: TensorRef,
+    b: TensorRef,
+    transposed: bool,
+    by_shape: bool,
+    r: int,
+) -> tuple[int, int, int, bool] | None:
+    """(experts, out features, in features, stored transposed) of the parameter, checked against A and B."""
     shape = place.shape
     # Per-expert tensors are nn.Linear weights [out, in] whatever the fused layout.
     transposed = transposed and place.fused is not None
@@ -452,45 +275,59 @@ def _param_terms(
         experts = shape[0]
         out_f, in_f = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
     else:
-        return incompatible(f"base tensor {names} has shape {list(shape)}, not 2-D or 3-D.")
+        w.incompatible(f"base tensor {names} has shape {list(shape)}, not 2-D or 3-D.")
+        return None
     if experts == 0:
-        return incompatible(f"base tensor {names} has shape {list(shape)}: no experts.")
+        w.incompatible(f"base tensor {names} has shape {list(shape)}: no experts.")
+        return None
     total = a.shape[0]
     if total != r * experts:
         have = f"{total // r}" if total % r == 0 else f"{total / r:g}"
-        return incompatible(
+        w.incompatible(
             f"lora_A has {total} rows, which at r={r} is LoRA for {have} expert(s), but the "
             f"base has {experts} experts ({names})."
         )
+        return None
     if (b.shape[0], a.shape[1]) != (out_f, in_f):
         layout = "[experts, in, out]" if transposed else "[experts, out, in]"
-        return incompatible(
+        w.incompatible(
             f"each expert's delta is {[b.shape[0], a.shape[1]]} (out, in) but the base parameter "
             f"is {list(shape)}, which this model type stores as {layout} ({names})."
         )
-    scale = weight * scale_of(key, r)
-    if len(shape) == 2:
-        out.counts["linear"] += 1
-        return [(place.names[0], Term("linear", label, module, b, a, scale))]
-    made: list[tuple[str, Term]] = []
-    for e in range(experts):
-        a_e = _part(a, (e * r, (e + 1) * r, 1))  # rows expert-major
-        cols = (e, r * experts, experts)  # columns rank-major: B[:, e::E]
-        if place.fused and transposed:
-            term = Term(
-                "expert", label, module, a_e, _part(b, (0, out_f, 1), cols), scale,
-                left_t=True, right_t=True, rows=(e * in_f, (e + 1) * in_f),
-            )  # fmt: skip
-            made.append((place.fused, term))
-        elif place.fused:
-            term = Term(
-                "expert", label, module, _part(b, (0, out_f, 1), cols), a_e, scale,
-                rows=(e * out_f, (e + 1) * out_f),
-            )  # fmt: skip
-            made.append((place.fused, term))
-        else:
-            for name, first, stop in place.experts[e]:
-                term = Term("expert", label, module, _part(b, (first, stop, 1), cols), a_e, scale)
-                made.append((name, term))
-        out.counts["expert"] += 1
-    return made
+        return None
+    return experts, out_f, in_f, transposed
+
+
+def _one_expert(
+    label: str,
+    module: str,
+    a: TensorRef,
+    b: TensorRef,
+    place: ParamPlace,
+    e: int,
+    experts: int,
+    out_f: int,
+    in_f: int,
+    r: int,
+    transposed: bool,
+    scale: float,
+) -> list[tuple[str, Term]]:
+    """The terms of expert ``e``: its rows of A and columns of B, on its base rows."""
+    a_e = _part(a, (e * r, (e + 1) * r, 1))  # rows expert-major
+    cols = (e, r * experts, experts)  # columns rank-major: B[:, e::E]
+    if place.fused and transposed:
+        term = Term(
+            "expert", label, module, a_e, _part(b, (0, out_f, 1), cols), scale,
+            left_t=True, right_t=True, rows=(e * in_f, (e + 1) * in_f),
+        )  # fmt: skip
+        return [(place.fused, term)]
+    if place.fused:
+        term = Term(
+            "expert", label, module, _part(b, (0, out_f, 1), cols), a_e, scale,
+            rows=(e * out_f, (e + 1) * out_f),
+        )  # fmt: skip
+        return [(place.fused, term)]
+    return [
+        (name, Term("expert", label, module, _part(b, (first, stop, 1), cols), a_e, scale))
+        for name, first, stop in place.experts[e]
+    ]

@@ -22,59 +22,22 @@ PEFT semantics (peft/tuners/trainable_tokens/layer.py, utils/other.py):
   keys saved for lm_head are copies and are ignored.
 
 Whether the two then still agree is decided for all adapters together
-(shardmerge/embeddings.py).
+(shardmerge/planner/embeddings.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
-from ..errors import CorruptFileError, InputError, ShardmergeError, UnsupportedAdapterError
+from ..arch.embeddings import Embeddings, find_embeddings, is_vocab_tensor
+from ..errors import CorruptFileError, ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint
-from ..planner.embeddings import find_embeddings, is_vocab_tensor
 from ..terms import Replacement, TensorEdit, TokenRows
+from .config import is_standalone_tokens
 
 # Replacement kinds that overwrite a module's base weight (shared when tied).
 _BASE_KINDS = ("base_layer", "saved_tensor")
-
-
-def _is_index_list(v: object) -> bool:
-    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-
-
-def check_config(cfg: dict, where: Path) -> list[ShardmergeError]:
-    """trainable_token_indices / token_indices hold lists of integers."""
-    problems = []
-    field = "token_indices" if _is_standalone(cfg) else "trainable_token_indices"
-    value = cfg.get(field)
-    if value is None:
-        if _is_standalone(cfg):
-            problems.append("token_indices is missing")
-    elif isinstance(value, dict) and not _is_standalone(cfg):
-        for key, indices in value.items():
-            if not _is_index_list(indices):
-                problems.append(f"{field}[{key!r}] must be a list of integers, not {indices!r}")
-    elif not _is_index_list(value):
-        problems.append(f"{field} must be a list of integers (or a dict of them), not {value!r}")
-    if cfg.get("ensure_weight_tying") is not None and not isinstance(
-        cfg["ensure_weight_tying"], bool
-    ):
-        problems.append(
-            f"ensure_weight_tying must be true or false, not {cfg['ensure_weight_tying']!r}"
-        )
-    return [
-        InputError(
-            f"{where}: {p}.",
-            hint="Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained().",
-        )
-        for p in problems
-    ]
-
-
-def _is_standalone(cfg: dict) -> bool:
-    return str(cfg.get("peft_type") or "").upper() == "TRAINABLE_TOKENS"
 
 
 def _indices(cfg: dict, module: str) -> list[int] | None:
@@ -83,7 +46,7 @@ def _indices(cfg: dict, module: str) -> list[int] | None:
     The list forms name the input embedding's indices (a delta saved for a
     tied lm_head is a copy of the embedding's, with the same indices).
     """
-    if _is_standalone(cfg):
+    if is_standalone_tokens(cfg):
         return cfg.get("token_indices")
     value = cfg.get("trainable_token_indices")
     if isinstance(value, dict):
@@ -108,7 +71,7 @@ def embedding_edits(
 
     ``resolve(module, suffix)`` is the adapter's module-to-base-tensor rule.
     """
-    cfg, wfile = adapter.config, adapter.weights_file
+    cfg = adapter.config
     tokens = {
         m: roles["trainable_tokens"] for m, roles in modules.items() if "trainable_tokens" in roles
     }
@@ -119,50 +82,85 @@ def embedding_edits(
     emb = find_embeddings(ckpt)
     embed_modules = [m for m in modules if emb.embed and resolve(m, "weight") == emb.embed]
     head_modules = [m for m in modules if resolve(m, "weight") == emb.head]
-    tied = emb.tied
-    ensure = tied and bool(cfg.get("ensure_weight_tying")) and not _is_standalone(cfg)
-
+    ensure = emb.tied and bool(cfg.get("ensure_weight_tying")) and not is_standalone_tokens(cfg)
     rows = {m: _token_rows(adapter, m, ref) for m, ref in tokens.items()}
-    embed_row = next((rows[m][0] for m in embed_modules if m in rows), None)
-    follow = False
-    if tied and embed_row is not None:
-        if _is_standalone(cfg) or ensure:
-            follow = True
-        else:
-            # PEFT ties lm_head's tokens to the embedding's unless the dict form gives it others.
-            others = [_indices(cfg, m) for m in head_modules]
-            follow = all(o is None or list(o) == list(embed_row.indices) for o in others)
+    follow = _head_follows(cfg, emb, rows, embed_modules, head_modules, ensure)
     for module, (row, problem) in rows.items():
         if module in head_modules and (follow or ensure):
             continue  # a tied copy of the embedding's
-        if problem:
-            errors.append(UnsupportedAdapterError(f"{wfile}: {problem}", hint=_HINT))
-            continue
-        if weight != 1.0:
-            errors.append(
-                UnsupportedAdapterError(
-                    f"{adapter.path}: it replaces rows of {module} (trainable tokens); a weight "
-                    f"of {weight} has no defined meaning for replaced rows.",
-                    hint="Give this adapter weight 1.0.",
-                )
-            )
-            continue
-        base = resolve(module, "weight")
-        if base is None:
-            errors.append(
-                CorruptFileError(
-                    f"{wfile}: trainable tokens of {module}, which matches no tensor of the base "
-                    "model."
-                )
-            )
-            continue
-        old = edits.get(base, TensorEdit())
-        edits[base] = replace(old, token_rows=old.token_rows + (row,))
-        counts["trainable_tokens"] += 1
-    if not tied or emb.embed is None:
-        return
+        if _add_token_rows(adapter, module, row, problem, edits, weight, resolve, errors):
+            counts["trainable_tokens"] += 1
+    if emb.tied and emb.embed is not None:
+        _tied_edits(adapter, modules, edits, emb, embed_modules, head_modules, ensure, follow)
 
-    # A tied base: what the embedding and lm_head each compute with in the PeftModel.
+
+def _head_follows(
+    cfg: dict,
+    emb: Embeddings,
+    rows: dict[str, tuple[TokenRows | None, str]],
+    embed_modules: list[str],
+    head_modules: list[str],
+    ensure: bool,
+) -> bool:
+    """Whether a tied lm_head takes the embedding's trainable tokens (its own keys are copies)."""
+    embed_row = next((rows[m][0] for m in embed_modules if m in rows), None)
+    if not emb.tied or embed_row is None:
+        return False
+    if is_standalone_tokens(cfg) or ensure:
+        return True
+    # PEFT ties lm_head's tokens to the embedding's unless the dict form gives it others.
+    others = [_indices(cfg, m) for m in head_modules]
+    return all(o is None or list(o) == list(embed_row.indices) for o in others)
+
+
+def _add_token_rows(
+    adapter,
+    module: str,
+    row: TokenRows | None,
+    problem: str,
+    edits: dict[str, TensorEdit],
+    weight: float,
+    resolve,
+    errors: list[ShardmergeError],
+) -> bool:
+    """Add one module's token rows to its base tensor's edit; False (problem recorded) if not."""
+    wfile = adapter.weights_file
+    if problem:
+        errors.append(UnsupportedAdapterError(f"{wfile}: {problem}", hint=_HINT))
+        return False
+    if weight != 1.0:
+        errors.append(
+            UnsupportedAdapterError(
+                f"{adapter.path}: it replaces rows of {module} (trainable tokens); a weight "
+                f"of {weight} has no defined meaning for replaced rows.",
+                hint="Give this adapter weight 1.0.",
+            )
+        )
+        return False
+    base = resolve(module, "weight")
+    if base is None:
+        errors.append(
+            CorruptFileError(
+                f"{wfile}: trainable tokens of {module}, which matches no tensor of the base model."
+            )
+        )
+        return False
+    old = edits.get(base, TensorEdit())
+    edits[base] = replace(old, token_rows=old.token_rows + (row,))
+    return True
+
+
+def _tied_edits(
+    adapter,
+    modules: dict[str, dict],
+    edits: dict[str, TensorEdit],
+    emb: Embeddings,
+    embed_modules: list[str],
+    head_modules: list[str],
+    ensure: bool,
+    follow: bool,
+) -> None:
+    """A tied base: what the embedding and lm_head each compute with in the PeftModel."""
     e_edit = edits.pop(emb.embed, TensorEdit())
     h_edit = edits.pop(emb.head, TensorEdit())
     if ensure:
@@ -211,7 +209,7 @@ def _missing_deltas(adapter, token_modules: list[str], ckpt: Checkpoint) -> list
     without the rows would drop them silently.
     """
     cfg = adapter.config
-    if _is_standalone(cfg):
+    if is_standalone_tokens(cfg):
         value = cfg.get("token_indices")
         missing = ["its target modules"] if value and not token_modules else []
     else:
@@ -235,7 +233,7 @@ def _missing_deltas(adapter, token_modules: list[str], ckpt: Checkpoint) -> list
             missing = ["the input embedding"] if value and not token_modules else []
     if not missing:
         return []
-    field = "token_indices" if _is_standalone(cfg) else "trainable_token_indices"
+    field = "token_indices" if is_standalone_tokens(cfg) else "trainable_token_indices"
     shown = ", ".join(map(repr, missing)) if isinstance(value, dict) else missing[0]
     return [
         CorruptFileError(

@@ -82,7 +82,7 @@ def nf4_targets(ckpt: Checkpoint, edits: dict | None = None) -> list[str]:
     module rather than a parameter: such an adapter was trained with
     transformers 4, whose experts were nn.Linear modules, quantized like the rest.
     """
-    from ..adapters.moe import EXPERT_MODULE, FAMILIES
+    from ..arch.experts import EXPERT_MODULE, FAMILIES
 
     family = FAMILIES.get(str(ckpt.config.get("model_type", "")))
     fused = {p for parts in family.parts.values() for p in parts} if family else set()

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters.peft import Adapter, adapter_edits, open_adapter
+from ..adapters import Adapter, adapter_edits, open_adapter
 from ..codecs import StoredBase, base_format, open_base_format
 from ..codecs import check_choice as check_qlora_choice
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError

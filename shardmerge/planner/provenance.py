@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..adapters.peft import Adapter
+from ..adapters import Adapter
 from ..execute.jobs import AdapterUsed, ShardJob
 from ..io.checkpoint import Checkpoint
 from ..version import __version__

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..adapters.peft import CONV1D_MODULES
+from ..arch.layers import CONV1D_MODULES
 from ..codecs import Nf4Roundtrip, StoredBase, TensorCodec, nf4_targets
 from ..errors import InputError, ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint

@@ -1,0 +1,37 @@
+"""The edits, module counts and problems of one adapter, as its translation collects them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import IncompatibleAdapterError, ShardmergeError
+from ..terms import Replacement, TensorEdit, Term
+from .folder import Adapter
+
+
+@dataclass
+class CollectedEdits:
+    """What one adapter does to the base so far; ``add`` stacks a tensor's terms in order."""
+
+    adapter: Adapter
+    edits: dict[str, TensorEdit] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+    errors: list[ShardmergeError] = field(default_factory=list)
+    # Keys that match no base tensor, reported together (so a dropped module is never silent).
+    unmatched: list[str] = field(default_factory=list)
+
+    def incompatible(self, msg: str) -> None:
+        self.errors.append(
+            IncompatibleAdapterError(
+                f"{self.adapter.path}: {msg}",
+                hint="Is this adapter made for this base model?",
+            )
+        )
+
+    def add(self, base: str, *, term: Term | None = None, repl: Replacement | None = None) -> None:
+        old = self.edits.get(base, TensorEdit())
+        self.edits[base] = TensorEdit(
+            replacement=repl or old.replacement,
+            terms=old.terms + ((term,) if term else ()),
+        )
