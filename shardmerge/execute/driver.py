@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..arch.config import apply_config_update
 from ..errors import Interrupted, ResourceError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
 from ..io.journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
 from ..io.output import OutputDir, fmt_bytes
-from ..planner.embeddings import apply_config_update
 from ..report import CARD_NAME, model_card
 from .jobs import MergePlan, ShardJob
 from .pipeline import Progress, ShardResult, run_shards

@@ -226,30 +226,3 @@ def _check_token_rows(ckpt: Checkpoint, res: Resolution) -> None:
 def _config_of(rows: TokenRows) -> Path:
     """The adapter_config.json that gave these token indices (beside the weights file)."""
     return Path(rows.source.path).parent / "adapter_config.json"
-
-
-def apply_config_update(config: dict, items) -> None:
-    """Set config.json keys; a dotted key reaches into a nested object (text_config.vocab_size)."""
-    for key, value in items:
-        *path, last = key.split(".")
-        where = config
-        for part in path:
-            nested = where.get(part)
-            if not isinstance(nested, dict):
-                break
-            where = nested
-        else:
-            where[last] = value
-
-
-def config_value(config: dict, key: str):
-    """The value at a dotted key of config.json, or a sentinel object when absent."""
-    where = config
-    for part in key.split("."):
-        if not isinstance(where, dict) or part not in where:
-            return _MISSING
-        where = where[part]
-    return where
-
-
-_MISSING = object()

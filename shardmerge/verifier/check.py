@@ -13,13 +13,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arch.config import config_value
 from ..errors import InputError
 from ..execute.jobs import MergePlan
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from ..io.journal import Journal
 from ..io.sources import RefLoader
 from ..planner.build import build_plan
-from ..planner.embeddings import config_value
 from .tensors import check_tensor
 
 
