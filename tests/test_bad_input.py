@@ -916,7 +916,7 @@ def test_failure_mid_merge_leaves_out_incomplete(ws, monkeypatch, exc, code, phr
 
 def test_failure_in_last_shard_leaves_no_index(ws, monkeypatch):
     """Shard 1 is committed, shard 2 fails: OUT holds no index, so it is not a model."""
-    import shardmerge.execute.driver as execute
+    import shardmerge.execute.executors as execute
 
     a = ws.adapter_dir("head", modules={Q: (HID, HID), "lm_head": (16, HID)})
     real = execute.run_shards

@@ -5,25 +5,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import multiprocessing
-import os
-import queue
 import shutil
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 from ..arch.config import apply_config_update
 from ..errors import Interrupted, ResourceError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
-from ..io.journal import Journal, OutputLock, check_resumable, crashpoint, set_crash_parent
+from ..io.journal import Journal, OutputLock, check_resumable, crashpoint
 from ..io.output import OutputDir, fmt_bytes
 from ..report import CARD_NAME, model_card
-from .jobs import MergePlan, ShardJob
-from .pipeline import Progress, ShardResult, run_shards
+from .executors import ShardTask, executor_for
+from .jobs import MergePlan
+from .pipeline import Progress, ShardResult
 
 
 def execute(
@@ -131,10 +126,6 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
     return journal, done
 
 
-# One unit of work: a base shard (by index) and the outputs (by index) still needing it.
-Task = tuple[int, list[int]]
-
-
 def _execute_locked(
     plans: list[MergePlan],
     outs: list[OutputDir],
@@ -147,11 +138,11 @@ def _execute_locked(
     prepared = [_prepare(p, o, overwrite, resume) for p, o in zip(plans, outs, strict=True)]
     journals = [j for j, _ in prepared]
     dones = [d for _, d in prepared]
-    tasks: list[Task] = []
+    tasks: list[ShardTask] = []
     for si, shard in enumerate(plans[0].shards):
         needing = [k for k, done in enumerate(dones) if plans[k].shards[si].name not in done]
         if needing:
-            tasks.append((si, needing))
+            tasks.append(_task(plans, outs, si, needing))
             current.extend(outs[k].temp_path(shard.name) for k in needing)
         elif progress:
             progress(sum(t.end - t.start for t in shard.tensors))
@@ -164,16 +155,7 @@ def _execute_locked(
         journals[k].record(result.name, result.size, result.crc32, result.max_delta)
         crashpoint()
 
-    if plans[0].workers == 0:
-        device = torch.device(plans[0].device)
-        for si, needing in tasks:
-            jobs, dests = _task_jobs(plans, outs, si, needing)
-            if progress:
-                progress(jobs[0].name)
-            for k, result in zip(needing, run_shards(jobs, dests, device, progress), strict=True):
-                commit(k, result)
-    else:
-        _run_in_workers(plans, outs, tasks, progress, commit)
+    executor_for(plans[0].workers).run(tasks, plans[0].device, progress, commit)
     for plan, out, journal in zip(plans, outs, journals, strict=True):
         if plan.index is not None:
             out.write_bytes(
@@ -196,76 +178,11 @@ def _max_delta(journal: Journal) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-def _task_jobs(
-    plans: list[MergePlan], outs: list[OutputDir], si: int, needing: list[int]
-) -> tuple[list[ShardJob], list[Path]]:
-    jobs = [plans[k].shards[si] for k in needing]
-    return jobs, [outs[k].temp_path(j.name) for k, j in zip(needing, jobs, strict=True)]
-
-
-def _run_in_workers(
-    plans: list[MergePlan],
-    outs: list[OutputDir],
-    tasks: list[Task],
-    progress: Progress | None,
-    commit: Callable[[int, ShardResult], None],
-) -> None:
-    """Tasks in spawned worker processes, ``workers`` at a time; commits in the parent."""
-    workers = plans[0].workers
-    ctx = multiprocessing.get_context("spawn")
-    updates = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(updates, threads)) as pool:
-        pending = []
-        for si, needing in tasks:
-            jobs, dests = _task_jobs(plans, outs, si, needing)
-            args = (jobs, [str(d) for d in dests], plans[0].device)
-            pending.append((needing, pool.apply_async(_worker_run, args)))
-        try:
-            while pending:
-                try:
-                    n = updates.get(timeout=0.2)
-                    if progress:
-                        progress(n)
-                except queue.Empty:
-                    pass
-                for entry in [e for e in pending if e[1].ready()]:
-                    pending.remove(entry)
-                    needing, job = entry
-                    # job.get() re-raises the worker's exception here
-                    for k, result in zip(needing, job.get(), strict=True):
-                        commit(k, result)
-            while progress and not updates.empty():
-                progress(updates.get_nowait())
-        except BaseException:
-            pool.terminate()
-            raise
-
-
-_updates = None
-
-
-def _worker_init(updates, threads: int) -> None:
-    """Runs in each worker: Ctrl-C is the parent's to handle; die with the parent."""
-    global _updates
-    _updates = updates
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
-    torch.set_num_threads(threads)
-
-
-def _worker_run(jobs: list[ShardJob], dests: list[str], device: str) -> list[ShardResult]:
-    _updates.put(jobs[0].name)  # the shard being worked on, for the progress bar
-    return run_shards(jobs, [Path(d) for d in dests], torch.device(device), _updates.put)
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so no orphan writes on."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    set_crash_parent()
+def _task(plans: list[MergePlan], outs: list[OutputDir], si: int, needing: list[int]) -> ShardTask:
+    """Base shard ``si`` for the outputs that still need it."""
+    jobs = tuple(plans[k].shards[si] for k in needing)
+    dests = tuple(str(outs[k].temp_path(j.name)) for k, j in zip(needing, jobs, strict=True))
+    return ShardTask(tuple(needing), jobs, dests)
 
 
 def _discard(paths: list[Path]) -> None:

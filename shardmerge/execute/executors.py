@@ -1,0 +1,138 @@
+"""Executors: where shard tasks run. The one place a new executor (Ray, say) plugs in.
+
+A task is one base shard and the outputs still needing it; running it writes
+each output's shard to the temporary path it is given and returns one
+ShardResult per output. An executor runs tasks in any order and on any
+machine that sees the paths, and hands each result to ``commit`` in the
+driver's process: the driver alone renames files into place, records the
+journal and writes the index, so the output bytes and the resume story do
+not depend on the executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..io.journal import set_crash_parent
+from .jobs import ShardJob
+from .pipeline import Progress, ShardResult, run_shards
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One base shard, planned for each output (by index) still needing it."""
+
+    outputs: tuple[int, ...]
+    jobs: tuple[ShardJob, ...]  # the same base shard, one job per output
+    dests: tuple[str, ...]  # where each output's shard is written before its commit
+
+
+# Called in the driver's process with an output's index and that output's result.
+Commit = Callable[[int, ShardResult], None]
+
+
+class Executor(Protocol):
+    def run(
+        self, tasks: list[ShardTask], device: str, progress: Progress | None, commit: Commit
+    ) -> None:
+        """Run every task; commit each result; raise the first task's failure."""
+
+
+def run_task(task: ShardTask, device: str, progress: Progress | None) -> list[ShardResult]:
+    """A task's shard jobs, run here (reading the base shard once for all outputs)."""
+    dests = [Path(d) for d in task.dests]
+    return run_shards(list(task.jobs), dests, torch.device(device), progress)
+
+
+class InProcess:
+    """Tasks one after another in this process (small models, the smallest budgets)."""
+
+    def run(
+        self, tasks: list[ShardTask], device: str, progress: Progress | None, commit: Commit
+    ) -> None:
+        for task in tasks:
+            if progress:
+                progress(task.jobs[0].name)
+            for k, result in zip(task.outputs, run_task(task, device, progress), strict=True):
+                commit(k, result)
+
+
+class ProcessPool:
+    """Tasks in spawned worker processes, ``workers`` at a time; commits in the parent."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def run(
+        self, tasks: list[ShardTask], device: str, progress: Progress | None, commit: Commit
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        updates = ctx.Queue()
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        with ctx.Pool(self.workers, initializer=_worker_init, initargs=(updates, threads)) as pool:
+            pending = [(t.outputs, pool.apply_async(_worker_run, (t, device))) for t in tasks]
+            try:
+                while pending:
+                    _forward(updates, progress, timeout=0.2)
+                    for entry in [e for e in pending if e[1].ready()]:
+                        pending.remove(entry)
+                        outputs, job = entry
+                        # job.get() re-raises the worker's exception here
+                        for k, result in zip(outputs, job.get(), strict=True):
+                            commit(k, result)
+                while progress and not updates.empty():
+                    progress(updates.get_nowait())
+            except BaseException:
+                pool.terminate()
+                raise
+
+
+def executor_for(workers: int) -> Executor:
+    """The executor a plan's worker count asks for (0: this process)."""
+    return InProcess() if workers == 0 else ProcessPool(workers)
+
+
+def _forward(updates, progress: Progress | None, timeout: float) -> None:
+    """One progress update from the workers, if one comes within ``timeout``."""
+    try:
+        n = updates.get(timeout=timeout)
+    except queue.Empty:
+        return
+    if progress:
+        progress(n)
+
+
+_updates = None
+
+
+def _worker_init(updates, threads: int) -> None:
+    """Runs in each worker: Ctrl-C is the parent's to handle; die with the parent."""
+    global _updates
+    _updates = updates
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    torch.set_num_threads(threads)
+
+
+def _worker_run(task: ShardTask, device: str) -> list[ShardResult]:
+    _updates.put(task.jobs[0].name)  # the shard being worked on, for the progress bar
+    return run_task(task, device, _updates.put)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so no orphan writes on."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    set_crash_parent()
