@@ -114,8 +114,22 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         hint="Give a Hugging Face model folder as written by save_pretrained(), with its "
         "config.json.",
     )
+    index, weight_map, shards = _shard_list(folder)
+    headers = _shard_headers(folder, shards, index is not None)
+    return Checkpoint(
+        path=folder,
+        config=config,
+        shards=tuple(sorted(shards)),
+        headers=headers,
+        weight_map=_tensor_map(folder, headers, weight_map),
+        index=index,
+        extra_files=tuple(_extra_files(folder, set(shards))),
+    )
+
+
+def _shard_list(folder: Path) -> tuple[dict | None, dict[str, str], list[str]]:
+    """(index or None, the index's weight_map, shard names in first-use order)."""
     index_path = folder / INDEX_NAME
-    index: dict | None = None
     if index_path.exists():
         index = read_json(
             index_path, "the shard index", hint="Re-download the model or re-export it."
@@ -132,32 +146,40 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             weight_map[tensor_name] = shard
             if shard not in shards:
                 shards.append(shard)
-    elif (folder / SINGLE_NAME).exists():
-        shards = [SINGLE_NAME]
-        weight_map = {}
-    else:
-        legacy = [p.name for p in folder.glob("pytorch_model*.bin")]
-        hint = (
-            "This folder has only PyTorch .bin weights; convert them to safetensors first "
-            "(load with transformers and save_pretrained(..., safe_serialization=True))."
-            if legacy
-            else "Give a folder with model.safetensors or model.safetensors.index.json and its shards."
-        )
-        raise InputError(f"{folder}: no safetensors weights found.", hint=hint)
+        return index, weight_map, shards
+    if (folder / SINGLE_NAME).exists():
+        return None, {}, [SINGLE_NAME]
+    legacy = [p.name for p in folder.glob("pytorch_model*.bin")]
+    hint = (
+        "This folder has only PyTorch .bin weights; convert them to safetensors first "
+        "(load with transformers and save_pretrained(..., safe_serialization=True))."
+        if legacy
+        else "Give a folder with model.safetensors or model.safetensors.index.json and its shards."
+    )
+    raise InputError(f"{folder}: no safetensors weights found.", hint=hint)
 
+
+def _shard_headers(folder: Path, shards: list[str], indexed: bool) -> dict[str, Header]:
+    """Every shard's header, each file checked to be a regular file that exists."""
     headers: dict[str, Header] = {}
     for shard in shards:
         file = folder / shard
         if file.exists() and not file.is_file():
             raise not_a_regular_file(file, f"shard {shard}")
         if not file.is_file():
-            where = f"named in {index_path}" if index is not None else "expected"
+            where = f"named in {folder / INDEX_NAME}" if indexed else "expected"
             raise InputError(
                 f"shard {shard} ({where}) is missing from {folder}.",
                 hint="Re-download the missing file(s).",
             )
         headers[shard] = read_header(file)
+    return headers
 
+
+def _tensor_map(
+    folder: Path, headers: dict[str, Header], weight_map: dict[str, str]
+) -> dict[str, str]:
+    """Tensor name -> shard, from the headers; the index must agree with it."""
     full_map: dict[str, str] = {}
     for shard, header in headers.items():
         for name in header.tensors:
@@ -170,19 +192,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for name, shard in weight_map.items():
         if full_map.get(name) != shard:
             raise InputError(
-                f"{index_path}: tensor {name!r} is mapped to {shard} but that file does not hold it.",
+                f"{folder / INDEX_NAME}: tensor {name!r} is mapped to {shard} but that file does not hold it.",
                 hint="The index and the shards disagree; re-download the model.",
             )
-
-    return Checkpoint(
-        path=folder,
-        config=config,
-        shards=tuple(sorted(shards)),
-        headers=headers,
-        weight_map=full_map,
-        index=index,
-        extra_files=tuple(_extra_files(folder, set(shards))),
-    )
+    return full_map
 
 
 def _extra_files(folder: Path, shards: set[str]) -> list[str]:
