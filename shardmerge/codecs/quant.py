@@ -46,6 +46,7 @@ import torch
 
 from ..errors import CorruptFileError, InputError
 from ..io.safetensors import DTYPES, read_tensor
+from ..options import REFUSED_CHOICES
 from ..terms import TensorRef
 
 # transformers' BitsAndBytesConfig has no block size: Linear4bit's default (64 on CUDA).
@@ -55,17 +56,6 @@ BLOCKSIZE = 64
 MAX_BLOCKSIZE = 4096
 # A quant_state blob is a few hundred bytes of JSON; far larger is not one.
 MAX_STATE_BYTES = 1 << 16
-QLORA_BASE_CHOICES = ("none", "nf4")
-# Asked for often; refused with the reason (see the README).
-REFUSED_CHOICES = {
-    "nf4-dq": "double quantization stores each block's absmax as 8 bits around a float32 mean "
-    "of all absmax values of the tensor; that mean's last bits depend on the GPU's reduction "
-    "order, and bitsandbytes' CPU and CUDA kernels quantize the absmax differently, so the "
-    "values the adapter saw cannot be reproduced reliably. Merge into the 4-bit folder saved "
-    "from the training run instead (exact), or use --qlora-base nf4 (no double quantization)",
-    "fp4": "bitsandbytes' CPU and CUDA kernels use different FP4 code values, so there is no "
-    "single reference to follow; only NF4 is supported",
-}
 
 # NF4 code values (bitsandbytes' nf4_dequantization_lut / CODE["nf4"]), float32.
 NF4_CODE = torch.tensor(
@@ -276,20 +266,6 @@ class QuantRows:
 
 
 # --------------------------------------------------------------------------- planning
-
-
-def check_choice(choice: str) -> None:
-    """Refuse an unknown or unsupported ``--qlora-base`` value, with the reason."""
-    if choice in QLORA_BASE_CHOICES:
-        return
-    if choice in REFUSED_CHOICES:
-        raise InputError(
-            f"--qlora-base {choice} is not supported: {REFUSED_CHOICES[choice]}.",
-            hint=f"Choose one of: {', '.join(QLORA_BASE_CHOICES)}.",
-        )
-    raise InputError(
-        f"unknown --qlora-base {choice!r}; choose one of: {', '.join(QLORA_BASE_CHOICES)}."
-    )
 
 
 def nf4_targets(ckpt, edits: dict | None = None) -> list[str]:

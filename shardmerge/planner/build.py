@@ -26,7 +26,6 @@ from ..codecs.quant import (
     nf4_targets,
     open_bnb4,
 )
-from ..codecs.quant import check_choice as check_qlora_choice
 from ..errors import InputError, PlanErrors, ResourceError, ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.output import check_free_space, check_output_dir, fmt_bytes
@@ -41,14 +40,12 @@ from ..io.safetensors import (
 )
 from ..io.sources import PART_CACHE_BYTES
 from ..kernel import dora, factors
+from ..options import DTYPE_CHOICES, TORCH_DTYPE_NAMES, check_merge_args, check_qlora_choice
 from ..terms import TensorEdit
 from ..version import __version__
 from . import embeddings
 from .resources import Resources, cgroup_memory_limit
 from .resources import probe as probe_resources
-
-DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 # What the interpreter, torch and our own bookkeeping take before any buffer,
 # for a merge in one process (measured: 0.22-0.3 GiB RSS).
@@ -258,18 +255,7 @@ def build_plan(
     into the weights as a QLoRA run saw them (quant.py); a bitsandbytes 4-bit
     base folder is dequantized whatever it says.
     """
-    if not adapters:
-        raise InputError("no adapter given; name at least one adapter folder.")
-    if weights is None:
-        weights = [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise InputError(
-            f"{len(weights)} weights given for {len(adapters)} adapters; give one per adapter."
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise InputError(f"adapter weights must be finite numbers, not {list(weights)}.")
-    if dtype not in DTYPE_CHOICES:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+    weights = check_merge_args(adapters, weights, dtype)
     budget = parse_size(max_memory) if max_memory is not None else default_budget()
     if budget <= BASELINE_BYTES:
         raise ResourceError(
