@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 
 import click
 
 from .errors import ShardmergeError
-from .options import OPTIONS, MergeOptions, per_adapter
+from .options import OPTIONS, MergeOptions, parse_weights, per_adapter
 from .version import __version__
 
 EXIT_INTERRUPTED = 130
@@ -64,17 +63,10 @@ def _friendly(fn):
 
 
 def _weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
     try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        weights = []
-    if not weights or not all(math.isfinite(w) for w in weights):
-        raise click.BadParameter(
-            f"{text!r}: give comma-separated numbers such as 0.7,0.3", param_hint="'--weights'"
-        )
-    return weights
+        return parse_weights(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--weights'") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

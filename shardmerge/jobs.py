@@ -24,12 +24,18 @@ Relative paths in a job file are relative to the file's folder.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError
-from .options import CHECKED_FIELDS, JOB_OPTIONS, OPTIONS, AdapterSpec, MergeOptions
+from .options import (
+    CHECKED_FIELDS,
+    JOB_OPTIONS,
+    OPTIONS,
+    AdapterSpec,
+    MergeOptions,
+    weight_problem,
+)
 
 # A job is the merge options it asks for: one class for flags, job files and the API.
 MergeJob = MergeOptions
@@ -103,12 +109,9 @@ def _adapters(
         if extra:
             raise bad(f"{where}.{extra[0]}", "is not an adapter field (path, weight)")
         weight = item.get("weight", 1.0)
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-        ):
-            raise bad(f"{where}.weight", f"must be a finite number, not {weight!r}")
+        problem = weight_problem(weight)
+        if problem:
+            raise bad(f"{where}.weight", problem)
         adapters.append(AdapterSpec(path_field(f"{where}.path", item.get("path")), float(weight)))
     return tuple(adapters)
 

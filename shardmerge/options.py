@@ -281,6 +281,26 @@ def per_adapter(adapters: list, weights: list[float] | None) -> tuple[AdapterSpe
     return tuple(AdapterSpec(os.fspath(a), w) for a, w in zip(adapters, weights, strict=True))
 
 
+def parse_weights(text: str | None) -> list[float] | None:
+    """``--weights 0.7,0.3`` as numbers (None when not given); ValueError says what is wrong."""
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"{text!r}: give comma-separated numbers such as 0.7,0.3")
+    return weights
+
+
+def weight_problem(value: object) -> str | None:
+    """What is wrong with a job file's adapter weight, if anything."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"must be a finite number, not {value!r}"
+    return None
+
+
 def check_merge_args(adapters: list, weights: list[float] | None, dtype: str) -> list[float]:
     """The argument checks a plan makes before reading anything; returns the weights."""
     if not adapters:
