@@ -190,3 +190,15 @@ def test_options_and_job_files_load_without_torch():
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_option_table_covers_every_merge_option():
+    """Job-file fields, MergeOptions fields and the option table name the same options."""
+    from dataclasses import fields
+
+    from shardmerge.jobs import JOB_FIELDS
+    from shardmerge.options import JOB_OPTIONS, MergeOptions
+
+    assert {f.name for f in fields(MergeOptions)} - {"source"} == JOB_FIELDS
+    for option in JOB_OPTIONS:
+        assert getattr(MergeOptions("b", (), "o"), option.name) == option.default, option.name
