@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -63,6 +64,7 @@ def _friendly(fn):
 
 
 def _weights(text: str | None) -> list[float] | None:
+    """--weights as numbers; unreadable ones are a usage error (click prints it, exit 2)."""
     try:
         return parse_weights(text)
     except ValueError as e:
@@ -89,7 +91,7 @@ COMMAND_FLAGS = {
 }  # fmt: skip
 
 
-def option_flags(command: str):
+def option_flags(command: str) -> Callable[[Callable], Callable]:
     """The click options of ``command``'s merge options, generated from the option table."""
 
     def decorate(fn):
@@ -106,7 +108,7 @@ def option_flags(command: str):
     return decorate
 
 
-def output_flags(fn):
+def output_flags(fn: Callable) -> Callable:
     """-q, --report and --json: how a merge (merge, run) reports."""
     fn = click.option(
         "--json", "as_json", is_flag=True, help="Progress and result as JSON lines on stdout."
