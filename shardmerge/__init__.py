@@ -1,9 +1,21 @@
 """shardmerge: fold LoRA adapters into a model's safetensors shards, streaming, exactly."""
 
-from .api import MergeResult, merge, plan, run_job
+from __future__ import annotations
+
+import importlib
+
 from .jobs import MergeJob, load_job
-from .verifier.check import VerifyReport, verify
 from .version import __version__
+
+# Loaded on first use, so that the options and job files can be read without torch.
+_LAZY = {
+    "merge": "api",
+    "plan": "api",
+    "verify": "api",
+    "run_job": "api",
+    "MergeResult": "api",
+    "VerifyReport": "verifier.check",
+}
 
 __all__ = [
     "merge",
@@ -16,3 +28,15 @@ __all__ = [
     "VerifyReport",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'shardmerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

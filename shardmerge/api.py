@@ -1,4 +1,8 @@
-"""The Python face of shardmerge: ``merge``, ``plan`` and ``run_job``; the CLI calls these."""
+"""The Python face of shardmerge: ``merge``, ``plan``, ``run_job`` and ``verify``; the CLI calls these.
+
+Each builds one ``MergeOptions`` (options.py); Hub ids become local folders in
+``MergeOptions.resolved()`` only.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .execute.driver import execute_many
-from .io.hub import resolve
 from .io.journal import WORK_DIR
-from .jobs import AdapterSpec, MergeJob
+from .options import AdapterSpec, MergeOptions, resolve_inputs
 from .planner.build import MergePlan, build_plan
 from .report import REPORT_NAME, peak_memory_bytes, write_report
+from .verifier.check import VerifyReport
+from .verifier.check import verify as verify_output
 
 PathLike = str | os.PathLike
 
@@ -90,9 +95,9 @@ def plan(
     ``base`` and ``adapters`` may be Hub ids (``org/name[@revision]``); ``offline``
     (default: HF_HUB_OFFLINE) takes them only from the local Hub cache.
     """
-    return build_plan(
-        resolve(base, offline=offline),
-        [resolve(a, offline=offline) for a in adapters],
+    options = MergeOptions.from_lists(
+        base,
+        adapters,
         out,
         weights=weights,
         dtype=dtype,
@@ -101,7 +106,44 @@ def plan(
         overwrite=overwrite,
         resume=resume,
         workers=workers,
+        offline=offline,
         qlora_base=qlora_base,
+    )
+    return plan_options(options)
+
+
+def plan_options(options: MergeOptions, *, check_out: bool = True) -> MergePlan:
+    """The schedule of the merge ``options`` describe (one output; ``separate`` is run_job's).
+
+    ``check_out=False`` skips the checks of the output folder (``shardmerge plan`` without -o).
+    """
+    local = options.resolved()
+    return _build_plan(local, local.output, local.adapters, check_out=check_out)
+
+
+def _build_plan(
+    local: MergeOptions,
+    out: str,
+    adapters: tuple[AdapterSpec, ...],
+    *,
+    outputs: int = 1,
+    check_out: bool = True,
+) -> MergePlan:
+    """build_plan for resolved options, writing ``adapters`` into ``out``."""
+    return build_plan(
+        local.base,
+        [a.path for a in adapters],
+        out,
+        weights=[a.weight for a in adapters],
+        dtype=local.dtype,
+        device=local.device,
+        max_memory=local.max_memory,
+        overwrite=local.overwrite,
+        resume=local.resume,
+        check_out=check_out,
+        workers=local.workers,
+        outputs=outputs,
+        qlora_base=local.qlora_base,
     )
 
 
@@ -146,7 +188,7 @@ def merge(
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     start = time.perf_counter()
-    p = plan(
+    options = MergeOptions.from_lists(
         base,
         adapters,
         out,
@@ -161,7 +203,7 @@ def merge(
         qlora_base=qlora_base,
     )
     return _execute_plans(
-        [p],
+        [plan_options(options)],
         start,
         overwrite=overwrite,
         resume=resume,
@@ -264,7 +306,7 @@ def _execute_plans(
 
 
 def run_job(
-    job: MergeJob,
+    job: MergeOptions,
     *,
     progress: bool = False,
     report: PathLike | None = None,
@@ -279,29 +321,14 @@ def run_job(
     >>> shardmerge.run_job(load_job("configs/batch-adapters.yaml"))   # doctest: +SKIP
     [MergeResult(out='merged/support', ...), ...]
     """
-    outputs = separate_outputs(job) if job.separate else [(job.output, job.adapters)]
+    names = separate_outputs(job) if job.separate else None
     start = time.perf_counter()
-    # Hub ids to cached folders, once each (after separate_outputs: names come from the ids).
-    local = {
-        p: resolve(p, offline=job.offline) for p in [job.base, *(a.path for a in job.adapters)]
-    }
-    plans = [
-        build_plan(
-            local[job.base],
-            [local[a.path] for a in adapters],
-            out,
-            weights=[a.weight for a in adapters],
-            dtype=job.dtype,
-            device=job.device,
-            max_memory=job.max_memory,
-            overwrite=job.overwrite,
-            resume=job.resume,
-            workers=job.workers,
-            outputs=len(outputs),
-            qlora_base=job.qlora_base,
-        )
-        for out, adapters in outputs
-    ]
+    local = job.resolved()  # after separate_outputs: names come from the ids
+    if names is None:
+        outputs = [(job.output, local.adapters)]
+    else:
+        outputs = [(out, (a,)) for (out, _), a in zip(names, local.adapters, strict=True)]
+    plans = [_build_plan(local, out, adapters, outputs=len(outputs)) for out, adapters in outputs]
     results = _execute_plans(
         plans,
         start,
@@ -312,17 +339,15 @@ def run_job(
         events=events,
     )
     if job.verify:
-        from .verifier.check import verify
-
         for i, (out, adapters) in enumerate(outputs):
-            report = verify(
-                out, local[job.base], [local[a.path] for a in adapters], max_memory=job.max_memory
+            checked = verify_output(
+                out, local.base, [a.path for a in adapters], max_memory=job.max_memory
             )
-            results[i] = MergeResult(**{**results[i].__dict__, "verify": report})
+            results[i] = MergeResult(**{**results[i].__dict__, "verify": checked})
     return results
 
 
-def separate_outputs(job: MergeJob) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
+def separate_outputs(job: MergeOptions) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
     """OUT/<adapter folder name> for each adapter (names made unique); name for org/name@rev."""
     seen: dict[str, int] = {}
     outputs = []
@@ -333,3 +358,33 @@ def separate_outputs(job: MergeJob) -> list[tuple[str, tuple[AdapterSpec, ...]]]
             name = f"{name}-{seen[name]}"
         outputs.append((os.path.join(job.output, name), (a,)))
     return outputs
+
+
+def verify(
+    out: PathLike,
+    base: PathLike,
+    adapters: list[PathLike],
+    *,
+    weights: list[float] | None = None,
+    dtype: str | None = None,
+    max_memory: int | str | None = None,
+    offline: bool | None = None,
+) -> VerifyReport:
+    """Check every tensor of a merged model folder against base + adapters.
+
+    ``weights`` and ``dtype`` default to what the output's provenance records.
+    ``base`` and ``adapters`` may be Hub ids, as for merge (``offline`` likewise).
+
+    >>> report = shardmerge.verify("merged", "Llama-3-8B", ["my-lora"])   # doctest: +SKIP
+    >>> report.ok                                                        # doctest: +SKIP
+    True
+    """
+    base, adapters = resolve_inputs(base, list(adapters), offline=offline)
+    return verify_output(
+        out,
+        base,
+        adapters,
+        weights=weights,
+        dtype=dtype,
+        max_memory=max_memory,
+    )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
-from .errors import InputError, ShardmergeError
+from .errors import ShardmergeError
+from .options import OPTIONS, MergeOptions, parse_weights, per_adapter
 from .version import __version__
 
 EXIT_INTERRUPTED = 130
@@ -63,17 +64,11 @@ def _friendly(fn):
 
 
 def _weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
+    """--weights as numbers; unreadable ones are a usage error (click prints it, exit 2)."""
     try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        weights = []
-    if not weights or not all(math.isfinite(w) for w in weights):
-        raise click.BadParameter(
-            f"{text!r}: give comma-separated numbers such as 0.7,0.3", param_hint="'--weights'"
-        )
-    return weights
+        return parse_weights(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--weights'") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,119 +77,83 @@ def main() -> None:
     """Fold PEFT adapters (LoRA and kin) into a model's safetensors shards, streaming, with bounded memory."""
 
 
+# The merge options each command takes, in its --help order (options.OPTIONS holds them).
+COMMAND_FLAGS = {
+    "merge": (
+        "out", "offline", "weights", "dtype", "device", "max_memory",
+        "overwrite", "resume", "workers", "separate", "qlora_base", "verify",
+    ),
+    "plan": (
+        "out", "offline", "weights", "dtype", "device", "max_memory",
+        "workers", "overwrite", "qlora_base",
+    ),
+    "verify": ("weights", "dtype", "max_memory", "offline"),
+}  # fmt: skip
+
+
+def option_flags(command: str) -> Callable[[Callable], Callable]:
+    """The click options of ``command``'s merge options, generated from the option table."""
+
+    def decorate(fn):
+        for name in reversed(COMMAND_FLAGS[command]):
+            option = OPTIONS[name]
+            settings = option.click_settings(command)
+            if "choices" in settings:
+                settings["type"] = click.Choice(list(settings.pop("choices")))
+            if settings.pop("path", False):
+                settings["type"] = click.Path()
+            fn = click.option(*option.flag, **settings)(fn)
+        return fn
+
+    return decorate
+
+
+def output_flags(fn: Callable) -> Callable:
+    """-q, --report and --json: how a merge (merge, run) reports."""
+    fn = click.option(
+        "--json", "as_json", is_flag=True, help="Progress and result as JSON lines on stdout."
+    )(fn)
+    fn = click.option(
+        "--report", "report_path", type=click.Path(), help="Also write the JSON report here."
+    )(fn)
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(fn)
+
+
 @main.command()
-@click.argument(
-    "base",
-)
-@click.argument(
-    "adapters",
-    nargs=-1,
-    required=True,
-)
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output model folder.")
-@click.option(
-    "--offline", is_flag=True, help="Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
-)
-@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Dtype of floating-point tensors in the output; auto keeps each tensor's.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--max-memory", help="Memory budget, e.g. 4GiB (default: half the available RAM).")
-@click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder.")
-@click.option(
-    "--no-resume", is_flag=True, help="Start over even if an earlier run of this job left work."
-)
-@click.option(
-    "--workers",
-    type=int,
-    default=None,
-    help="Shards merged at once, each in a worker process (capped by the budget); 0 = in-process.",
-)
-@click.option(
-    "--separate",
-    is_flag=True,
-    help="One merged model per adapter, in OUT/<adapter folder name>, reading the base once.",
-)
-@click.option(
-    "--qlora-base",
-    default="none",
-    show_default=True,
-    metavar="[none|nf4]",
-    help="For an adapter trained with QLoRA: nf4 merges into the weights as training saw them "
-    "(the quantized Linear weights NF4-quantized and dequantized); none into the 16-bit weights. "
-    "A bitsandbytes 4-bit BASE folder is always dequantized.",
-)
-@click.option("--verify", "then_verify", is_flag=True, help="Verify the output after merging.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--report", "report_path", type=click.Path(), help="Also write the JSON report here.")
-@click.option(
-    "--json", "as_json", is_flag=True, help="Progress and result as JSON lines on stdout."
-)
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@option_flags("merge")
+@output_flags
 @_friendly
-def merge(
-    base,
-    adapters,
-    out,
-    weights,
-    dtype,
-    device,
-    max_memory,
-    overwrite,
-    no_resume,
-    workers,
-    separate,
-    then_verify,
-    quiet,
-    report_path,
-    as_json,
-    offline,
-    qlora_base,
-) -> None:
+def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
     """Merge ADAPTERS (PEFT adapter folders: LoRA, DoRA, LoHa, LoKr, IA3, trainable tokens) into BASE (a Hugging Face model folder), writing OUT.
 
     BASE and ADAPTERS may also be Hub ids, org/name or org/name@revision."""
     from .jobs import job_from_dict
 
-    weight_list = _weights(weights) or [1.0] * len(adapters)
-    if len(weight_list) != len(adapters):
-        raise InputError(
-            f"{len(weight_list)} weights given for {len(adapters)} adapters; give one per adapter."
-        )
-    job = job_from_dict(
-        {
-            "base": base,
-            "adapters": [
-                {"path": a, "weight": w} for a, w in zip(adapters, weight_list, strict=True)
-            ],
-            "output": out,
-            "separate": separate,
-            "dtype": dtype,
-            "device": device,
-            "max_memory": max_memory,
-            "workers": workers,
-            "overwrite": overwrite,
-            "resume": not no_resume,
-            "verify": then_verify,
-            "offline": True if offline else None,  # None: follow HF_HUB_OFFLINE
-            "qlora_base": qlora_base,
-        },
-        "command line",
-    )
-    _run_job(job, quiet, report_path, as_json)
+    specs = per_adapter(adapters, _weights(flags["weights"]))
+    doc = {
+        "base": base,
+        "adapters": [{"path": a.path, "weight": a.weight} for a in specs],
+        "output": flags["out"],
+        "separate": flags["separate"],
+        "dtype": flags["dtype"],
+        "device": flags["device"],
+        "max_memory": flags["max_memory"],
+        "workers": flags["workers"],
+        "overwrite": flags["overwrite"],
+        "resume": not flags["no_resume"],
+        "verify": flags["then_verify"],
+        "offline": True if flags["offline"] else None,  # None: follow HF_HUB_OFFLINE
+        "qlora_base": flags["qlora_base"],
+    }
+    # Checked like a job file's fields, so flags and job files give the same messages.
+    _run_job(job_from_dict(doc, "command line"), quiet, report_path, as_json)
 
 
 @main.command()
 @click.argument("job_file")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--report", "report_path", type=click.Path(), help="Also write the JSON report here.")
-@click.option(
-    "--json", "as_json", is_flag=True, help="Progress and result as JSON lines on stdout."
-)
+@output_flags
 @_friendly
 def run(job_file, quiet, report_path, as_json) -> None:
     """Run the merge described in a YAML job file (see configs/ for examples)."""
@@ -256,23 +215,6 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
         sys.exit(EXIT_VERIFY_FAILED)
 
 
-def _run_verify(out, base, adapters, weights, dtype, max_memory, offline=None) -> None:
-    from .verifier.check import verify as api_verify
-
-    report = api_verify(
-        out,
-        base,
-        adapters,
-        weights=weights,
-        dtype=dtype,
-        max_memory=max_memory,
-        offline=offline,
-    )
-    click.echo(report.summary())
-    if not report.ok:
-        sys.exit(EXIT_VERIFY_FAILED)
-
-
 @main.command()
 @click.argument("out")
 @click.option(
@@ -285,80 +227,49 @@ def _run_verify(out, base, adapters, weights, dtype, max_memory, offline=None) -
     required=True,
     help="An adapter folder or Hub id (repeat).",
 )
-@click.option("--weights", help="Adapter weights (default: as recorded in the output).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-    default=None,
-    help="The merge's --dtype (default: as recorded in the output).",
-)
-@click.option("--max-memory", help="Memory budget, e.g. 4GiB.")
-@click.option(
-    "--offline", is_flag=True, help="Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
-)
+@option_flags("verify")
 @_friendly
 def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
     """Check every tensor of OUT against BASE + adapters: merged ones against the formula
     (correct rounding), untouched ones byte for byte; plus index, shapes and dtypes."""
-    _run_verify(
-        out, base, list(adapters), _weights(weights), dtype, max_memory, True if offline else None
+    from .api import verify as api_verify
+
+    report = api_verify(
+        out,
+        base,
+        list(adapters),
+        weights=_weights(weights),
+        dtype=dtype,
+        max_memory=max_memory,
+        offline=True if offline else None,
     )
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(EXIT_VERIFY_FAILED)
 
 
 @main.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--out", help="Output folder, to check it and the free disk there.")
-@click.option(
-    "--offline", is_flag=True, help="Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
-)
-@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
-@click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto"
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--max-memory", help="Memory budget, e.g. 4GiB (default: half the available RAM).")
-@click.option("--workers", type=int, default=None, help="As for merge.")
-@click.option("--overwrite", is_flag=True, help="As for merge: plan as if replacing OUT.")
-@click.option("--qlora-base", default="none", metavar="[none|nf4]", help="As for merge.")
+@option_flags("plan")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_friendly
-def plan(
-    base,
-    adapters,
-    out,
-    weights,
-    dtype,
-    device,
-    max_memory,
-    workers,
-    overwrite,
-    as_json,
-    offline,
-    qlora_base,
-):
+def plan(base, adapters, out, weights, as_json, offline, **options):
     """Check a merge and print its schedule; reads only headers and configs, writes nothing."""
     import json
 
-    from .io.hub import resolve
-    from .planner.build import build_plan
+    from .api import plan_options
     from .planner.describe import describe
 
-    offline = True if offline else None
-    p = build_plan(
-        resolve(base, offline=offline),
-        [resolve(a, offline=offline) for a in adapters],
+    merge_options = MergeOptions.from_lists(
+        base,
+        adapters,
         out if out else ".",
         weights=_weights(weights),
-        dtype=dtype,
-        device=device,
-        max_memory=max_memory,
-        overwrite=overwrite,
-        workers=workers,
-        check_out=bool(out),
-        qlora_base=qlora_base,
+        offline=True if offline else None,
+        **options,
     )
-    d = describe(p)
+    d = describe(plan_options(merge_options, check_out=bool(out)))
     if as_json:
         click.echo(json.dumps(d, indent=2))
     else:

@@ -1,4 +1,4 @@
-"""The merge job schema, shared by the CLI flags and YAML job files.
+"""YAML job files: read one, check every field against the option table, build MergeOptions.
 
 A job file looks like this (every key but base, adapters and output is optional)::
 
@@ -24,81 +24,53 @@ Relative paths in a job file are relative to the file's folder.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from pathlib import Path
 
-from .codecs import QLORA_BASE_CHOICES, REFUSED_CHOICES, check_choice
 from .errors import InputError
+from .options import (
+    CHECKED_FIELDS,
+    JOB_OPTIONS,
+    OPTIONS,
+    AdapterSpec,
+    MergeOptions,
+    weight_problem,
+)
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+# A job is the merge options it asks for: one class for flags, job files and the API.
+MergeJob = MergeOptions
 
+REQUIRED_FIELDS = ("base", "adapters", "output")
+JOB_FIELDS = frozenset(REQUIRED_FIELDS) | {o.name for o in JOB_OPTIONS}
+_EXPECTED = {bool: "true or false", int: "a whole number", str: "text"}
 
-@dataclass(frozen=True)
-class AdapterSpec:
-    path: str
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class MergeJob:
-    """One merge (or, with ``separate``, one merge per adapter) as the user asked for it."""
-
-    base: str
-    adapters: tuple[AdapterSpec, ...]
-    output: str
-    separate: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    max_memory: str | None = None
-    workers: int | None = None
-    overwrite: bool = False
-    resume: bool = True
-    verify: bool = False
-    offline: bool | None = None  # Hub ids: None follows HF_HUB_OFFLINE
-    qlora_base: str = "none"  # "nf4": the base weights as a QLoRA run saw them (quant.py)
-    source: str = field(default="command line", compare=False)  # where it came from, for messages
-
-    @property
-    def weights(self) -> list[float]:
-        return [a.weight for a in self.adapters]
+FieldError = Callable[[str, str], InputError]
 
 
-_OPTIONAL = {
-    "separate": bool,
-    "dtype": str,
-    "device": str,
-    "max_memory": (str, int),
-    "workers": int,
-    "overwrite": bool,
-    "resume": bool,
-    "verify": bool,
-    "offline": bool,
-    "qlora_base": str,
-}
-
-
-def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeJob:
-    """Validate a parsed job document; every problem names its field.
-
-    ``root`` resolves relative local paths (a job file's folder).
-    """
-
+def _field_error(source: str) -> FieldError:
     def bad(field_name: str, what: str) -> InputError:
         return InputError(
             f"{source}: field '{field_name}' {what}.",
             hint="See configs/ for examples of job files.",
         )
 
+    return bad
+
+
+def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeOptions:
+    """Validate a parsed job document; every problem names its field.
+
+    ``root`` resolves relative local paths (a job file's folder).
+    """
+    bad = _field_error(source)
     if not isinstance(doc, dict):
         raise InputError(
             f"{source}: a job must be a mapping of fields (base, adapters, output, ...)."
         )
-    known = {f.name for f in fields(MergeJob)} - {"source"}
-    unknown = sorted(set(doc) - known)
+    unknown = sorted(set(doc) - JOB_FIELDS)
     if unknown:
-        raise bad(unknown[0], f"is not a job field (known: {', '.join(sorted(known))})")
-    for required in ("base", "adapters", "output"):
+        raise bad(unknown[0], f"is not a job field (known: {', '.join(sorted(JOB_FIELDS))})")
+    for required in REQUIRED_FIELDS:
         if doc.get(required) in (None, "", []):
             raise bad(required, "is required")
 
@@ -107,7 +79,20 @@ def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeJo
             raise bad(name, f"must be a path or Hub id, not {value!r}")
         return _resolve(value, root)
 
-    adapters_doc = doc["adapters"]
+    adapters = _adapters(doc["adapters"], path_field, bad)
+    return MergeOptions(
+        base=path_field("base", doc["base"]),
+        adapters=adapters,
+        output=path_field("output", doc["output"]),
+        source=source,
+        **_options(doc, bad),
+    )
+
+
+def _adapters(
+    adapters_doc: object, path_field: Callable[[str, object], str], bad: FieldError
+) -> tuple[AdapterSpec, ...]:
+    """The ``adapters`` field: paths, or {path, weight} mappings."""
     if isinstance(adapters_doc, (str, dict)):
         adapters_doc = [adapters_doc]
     if not isinstance(adapters_doc, list):
@@ -124,45 +109,32 @@ def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeJo
         if extra:
             raise bad(f"{where}.{extra[0]}", "is not an adapter field (path, weight)")
         weight = item.get("weight", 1.0)
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-        ):
-            raise bad(f"{where}.weight", f"must be a finite number, not {weight!r}")
+        problem = weight_problem(weight)
+        if problem:
+            raise bad(f"{where}.weight", problem)
         adapters.append(AdapterSpec(path_field(f"{where}.path", item.get("path")), float(weight)))
+    return tuple(adapters)
 
+
+def _options(doc: dict, bad: FieldError) -> dict[str, object]:
+    """The optional fields given (not null), type-checked, then value-checked."""
     options = {}
-    for name, kind in _OPTIONAL.items():
-        if name not in doc or doc[name] is None:
+    for option in JOB_OPTIONS:
+        value = doc.get(option.name)
+        if value is None:
             continue
-        value = doc[name]
+        kind = option.kind
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            expected = {bool: "true or false", int: "a whole number", str: "text"}.get(
-                kind, "a size like 4GiB"
-            )
-            raise bad(name, f"must be {expected}, not {value!r}")
-        options[name] = value
-    if options.get("dtype", "auto") not in DTYPES:
-        raise bad("dtype", f"must be one of {', '.join(DTYPES)}, not {options['dtype']!r}")
-    if options.get("qlora_base", "none") not in QLORA_BASE_CHOICES:
-        if options["qlora_base"] in REFUSED_CHOICES:
-            check_choice(options["qlora_base"])  # refused with the reason
-        raise bad(
-            "qlora_base",
-            f"must be one of {', '.join(QLORA_BASE_CHOICES)}, not {options['qlora_base']!r}",
-        )
-    if "workers" in options and options["workers"] < 0:
-        raise bad("workers", "must be 0 or more")
+            expected = _EXPECTED.get(kind, "a size like 4GiB")
+            raise bad(option.name, f"must be {expected}, not {value!r}")
+        options[option.name] = value
+    for name in CHECKED_FIELDS:
+        problem = OPTIONS[name].check(options[name]) if name in options else None
+        if problem:
+            raise bad(name, problem)
     if "max_memory" in options:
         options["max_memory"] = str(options["max_memory"])
-    return MergeJob(
-        base=path_field("base", doc["base"]),
-        adapters=tuple(adapters),
-        output=path_field("output", doc["output"]),
-        source=source,
-        **options,
-    )
+    return options
 
 
 def _resolve(value: str, root: Path | None) -> str:
@@ -173,7 +145,7 @@ def _resolve(value: str, root: Path | None) -> str:
     return str(local) if local.exists() or value.startswith(".") or "/" not in value else value
 
 
-def load_job(path: str | Path) -> MergeJob:
+def load_job(path: str | Path) -> MergeOptions:
     """Read and validate a YAML job file.
 
     >>> job = load_job("configs/workstation-70b.yaml")   # doctest: +SKIP

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,31 @@ def test_separate_reads_each_base_byte_once(models, tmp_path, monkeypatch):
     for i, a in enumerate(adapters):
         shardmerge.merge(models["base"], [a], tmp_path / f"alone{i}", workers=0)
     assert once > 0 and read["bytes"] == 3 * once
+
+
+def test_options_and_job_files_load_without_torch():
+    """Reading a job file must not pay for (or need) torch."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    code = "import shardmerge.options, shardmerge.jobs, sys; assert 'torch' not in sys.modules"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_option_table_covers_every_merge_option():
+    """Job-file fields, MergeOptions fields and the option table name the same options."""
+    from dataclasses import fields
+
+    from shardmerge.jobs import JOB_FIELDS
+    from shardmerge.options import JOB_OPTIONS, MergeOptions
+
+    assert {f.name for f in fields(MergeOptions)} - {"source"} == JOB_FIELDS
+    for option in JOB_OPTIONS:
+        assert getattr(MergeOptions("b", (), "o"), option.name) == option.default, option.name

@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING
 
 from .bnb4 import Bnb4Codec
 from .bnb4_folder import BNB4_FOLDER
-from .choices import QLORA_BASE_CHOICES, REFUSED_CHOICES, check_choice
 from .detect import find_format
 from .nf4 import nf4_roundtrip
 from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
@@ -63,8 +62,6 @@ BASE_FORMATS: tuple[BaseFormat, ...] = (BNB4_FOLDER,)
 
 __all__ = [
     "BASE_FORMATS",
-    "QLORA_BASE_CHOICES",
-    "REFUSED_CHOICES",
     "BaseFormat",
     "Bnb4Codec",
     "Nf4Roundtrip",
@@ -72,7 +69,6 @@ __all__ = [
     "StoredBase",
     "TensorCodec",
     "base_format",
-    "check_choice",
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",

@@ -19,9 +19,9 @@ import torch
 
 from ..errors import CorruptFileError, InputError
 from ..io.safetensors import TensorInfo, read_tensor
+from ..options import REFUSED_CHOICES
 from ..terms import TensorRef
 from .bnb4 import Bnb4Codec
-from .choices import REFUSED_CHOICES
 from .detect import refusal
 from .nf4 import MAX_BLOCKSIZE, NF4_CODE
 from .protocol import StoredBase

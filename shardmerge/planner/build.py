@@ -8,7 +8,6 @@ jobs), provenance (fingerprint, record, index) and describe.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -16,13 +15,12 @@ from pathlib import Path
 from ..errors import InputError, PlanErrors, ResourceError
 from ..execute.jobs import MergePlan, ShardJob
 from ..io.output import fmt_bytes
+from ..options import DTYPE_CHOICES, check_merge_args
 from . import embeddings, memory, provenance, schedule
 from .inputs import Inputs, open_inputs, settle_edits
 from .memory import BASELINE_BYTES, MIN_BUDGET, default_budget, parse_size
 from .quantized import nf4_tensors
 from .resources import probe as probe_resources
-
-DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def resolve_device(device: str) -> str:
@@ -75,18 +73,7 @@ def build_plan(
     into the weights as a QLoRA run saw them (quant.py); a bitsandbytes 4-bit
     base folder is dequantized whatever it says.
     """
-    if not adapters:
-        raise InputError("no adapter given; name at least one adapter folder.")
-    if weights is None:
-        weights = [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise InputError(
-            f"{len(weights)} weights given for {len(adapters)} adapters; give one per adapter."
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise InputError(f"adapter weights must be finite numbers, not {list(weights)}.")
-    if dtype not in DTYPE_CHOICES:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+    weights = check_merge_args(adapters, weights, dtype)
     budget = parse_size(max_memory) if max_memory is not None else default_budget()
     if budget <= BASELINE_BYTES:
         raise ResourceError(

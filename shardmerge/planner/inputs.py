@@ -9,12 +9,12 @@ from pathlib import Path
 
 from ..adapters import Adapter, adapter_edits, open_adapter
 from ..codecs import StoredBase, base_format, open_base_format
-from ..codecs import check_choice as check_qlora_choice
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import dora_problems
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.journal import Journal
 from ..io.output import check_output_dir
+from ..options import check_qlora_choice
 from ..terms import TensorEdit
 from . import embeddings
 from .provenance import job_fingerprint

@@ -11,12 +11,11 @@ from ..execute.jobs import MergePlan, ShardJob, TensorJob
 from ..io.checkpoint import Checkpoint
 from ..io.output import check_free_space
 from ..io.safetensors import FLOAT_DTYPES, TensorInfo
+from ..options import TORCH_DTYPE_NAMES
 from ..terms import TensorEdit
 from . import embeddings
 from .memory import block_rows, tensor_block_rows
 from .quantized import quant_spec
-
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def shard_jobs(

@@ -74,21 +74,16 @@ def verify(
     weights: list[float] | None = None,
     dtype: str | None = None,
     max_memory: int | str | None = None,
-    offline: bool | None = None,
 ) -> VerifyReport:
     """Check every tensor of a merged model folder against base + adapters.
 
     ``weights`` and ``dtype`` default to what the output's provenance records.
-    ``base`` and ``adapters`` may be Hub ids, as for merge (``offline`` likewise).
+    ``base`` and ``adapters`` are local folders (``shardmerge.verify`` resolves Hub ids first).
 
     >>> report = shardmerge.verify("merged", "Llama-3-8B", ["my-lora"])   # doctest: +SKIP
     >>> report.ok                                                        # doctest: +SKIP
     True
     """
-    from ..io.hub import resolve
-
-    base = resolve(base, offline=offline)
-    adapters = [resolve(a, offline=offline) for a in adapters]
     out = Path(out)
     if not out.is_dir():
         raise InputError(
