@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .execute.driver import execute_many
 from .io.journal import WORK_DIR
@@ -130,21 +130,8 @@ def _build_plan(
     check_out: bool = True,
 ) -> MergePlan:
     """build_plan for resolved options, writing ``adapters`` into ``out``."""
-    return build_plan(
-        local.base,
-        [a.path for a in adapters],
-        out,
-        weights=[a.weight for a in adapters],
-        dtype=local.dtype,
-        device=local.device,
-        max_memory=local.max_memory,
-        overwrite=local.overwrite,
-        resume=local.resume,
-        check_out=check_out,
-        workers=local.workers,
-        outputs=outputs,
-        qlora_base=local.qlora_base,
-    )
+    one = replace(local, output=out, adapters=adapters, separate=False)
+    return build_plan(one, check_out=check_out, outputs=outputs)
 
 
 def merge(

@@ -42,7 +42,6 @@ import shardmerge
 from shardmerge.errors import ShardmergeError
 from shardmerge.kernel import dora, dora_exact
 
-plan_mod = importlib.import_module("shardmerge.planner.build")
 memory = importlib.import_module("shardmerge.planner.memory")
 
 INT_TYPE = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -279,7 +278,7 @@ def test_gpt2_conv1d_dora_norm_down_columns(gpt2_base, tmp_path, monkeypatch):
     # Row blocks of 3 rows: the column pass spans ~22 blocks; same bytes.
     monkeypatch.setattr(memory, "MAX_BLOCK_BYTES", 3 * 256 * memory.MERGE_BYTES_PER_ELEMENT)
     small = _merge(gpt2_base, [adapter], tmp_path / "small", workers=0)
-    plan = plan_mod.build_plan(gpt2_base, [adapter], tmp_path / "x", workers=0)
+    plan = shardmerge.plan(gpt2_base, [adapter], tmp_path / "x", workers=0)
     spans = [t.rows / t.block_rows for s in plan.shards for t in s.tensors if t.edit]
     assert len(spans) == 8 and min(spans) >= 10
     assert folder_files(small) == folder_files(out)

@@ -8,14 +8,13 @@ jobs), provenance (fingerprint, record, index) and describe.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from ..errors import InputError, PlanErrors, ResourceError
 from ..execute.jobs import MergePlan, ShardJob
 from ..io.output import fmt_bytes
-from ..options import DTYPE_CHOICES, check_merge_args
+from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args
 from . import embeddings, memory, provenance, schedule
 from .inputs import Inputs, open_inputs, settle_edits
 from .memory import BASELINE_BYTES, MIN_BUDGET, default_budget, parse_size
@@ -45,35 +44,21 @@ def resolve_device(device: str) -> str:
     raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
 
 
-def build_plan(
-    base: str | os.PathLike,
-    adapters: list[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    weights: list[float] | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    max_memory: int | str | None = None,
-    overwrite: bool = False,
-    resume: bool = True,
-    check_out: bool = True,
-    workers: int | None = None,
-    outputs: int = 1,
-    qlora_base: str = "none",
-) -> MergePlan:
+def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 1) -> MergePlan:
     """Read headers and configs, check everything, and return the schedule.
 
-    Raises PlanErrors (or a single ShardmergeError) listing every problem.
-    ``check_out=False`` skips the checks of OUT (for verifying a finished OUT).
-    ``workers``: shard jobs run in that many worker processes at once (0: in
-    this process; None: 1, or 0 for models under 256 MiB), capped by the
-    budget, the shard count and the CPU count. ``outputs``: this plan is one
-    of that many written together from one read of the base (merge
-    --separate); they share the working memory. ``qlora_base`` "nf4": merge
-    into the weights as a QLoRA run saw them (quant.py); a bitsandbytes 4-bit
-    base folder is dequantized whatever it says.
+    ``options`` are resolved (local folders) and describe one output (``separate``
+    is the caller's). Raises PlanErrors (or a single ShardmergeError) listing
+    every problem. ``check_out=False`` skips the checks of OUT (for verifying a
+    finished OUT, or ``shardmerge plan`` without -o). ``options.workers``: shard
+    jobs run in that many worker processes at once (0: in this process; None:
+    1, or 0 for models under 256 MiB), capped by the budget, the shard count and
+    the CPU count. ``outputs``: this plan is one of that many written together
+    from one read of the base (merge --separate); they share the working memory.
     """
-    weights = check_merge_args(adapters, weights, dtype)
+    base, adapters, out = options.base, options.adapter_paths, options.output
+    dtype, qlora_base, max_memory = options.dtype, options.qlora_base, options.max_memory
+    weights = check_merge_args(adapters, options.weights, dtype)
     budget = parse_size(max_memory) if max_memory is not None else default_budget()
     if budget <= BASELINE_BYTES:
         raise ResourceError(
@@ -81,15 +66,15 @@ def build_plan(
             "shardmerge needs before any buffer.",
             hint=f"Raise --max-memory to at least {fmt_bytes(MIN_BUDGET)}.",
         )
-    device = resolve_device(device)
+    device = resolve_device(options.device)
 
-    out_checks = {"overwrite": overwrite, "resume": resume} if check_out else None
+    out_checks = {"overwrite": options.overwrite, "resume": options.resume} if check_out else None
     inputs, errors = open_inputs(base, adapters, out, weights, dtype, qlora_base, out_checks)
     settled, counts = settle_edits(inputs, weights, errors)
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
     errors.extend(memory.budget_problems(budget, max_memory, resources))
-    workers = memory.worker_count(workers, budget, ckpt.total_bytes, len(ckpt.shards))
+    workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
     working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
     shards = schedule.shard_jobs(

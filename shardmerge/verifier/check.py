@@ -19,6 +19,7 @@ from ..execute.jobs import MergePlan
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from ..io.journal import Journal
 from ..io.sources import RefLoader
+from ..options import MergeOptions
 from ..planner.build import build_plan
 from .tensors import check_tensor
 
@@ -101,10 +102,13 @@ def verify(
     if dtype is None:
         dtype = record.get("dtype", "auto")
     qlora_base = record.get("qlora_base", "none")
-    plan = build_plan(
+    if not adapters:
+        raise InputError("no adapter given; name at least one adapter folder.")
+    options = MergeOptions.from_lists(
         base, list(adapters), out, weights=weights, dtype=dtype, device="cpu",
-        max_memory=max_memory, check_out=False, qlora_base=qlora_base,
+        max_memory=max_memory, qlora_base=qlora_base,
     )  # fmt: skip
+    plan = build_plan(options, check_out=False)
     report = VerifyReport(str(out))
     _check_layout(plan, out, report)
     if report.problems:
