@@ -9,7 +9,7 @@ on both sides is compared (size, then sha256) but caches, *.log, captured consol
 equal once each side's checkout path is replaced, JSON equal without VOLATILE keys (a
 report's clock and RSS), safetensors with __metadata__ keys in another order (safetensors'
 Python API keeps them in a hash map), torch.save zips but for their .data/serialization_id.
---slice also merges bench.py's 70B-shaped slice once with each checkout (not a benchmark).
+--slice also merges bench.py's 70B-shaped slice with each checkout, --slice-repeats pairs\nalternating old/new, page cache dropped, timed with sync, peak anonymous memory sampled.
 
     .venv/bin/python scripts/compare_checkouts.py                # HEAD vs the working tree
     .venv/bin/python scripts/compare_checkouts.py --old v0.1 --new ../other -k lora --keep
@@ -229,7 +229,12 @@ def compare(old: Path, new: Path, root_old: Path, root_new: Path) -> bool:
     return not diffs and not errors and outputs > 0
 
 
-def run_slice(py: str, checkouts: dict[str, Path], work: Path, layers: int) -> bool:
+def run_slice(py: str, checkouts: dict[str, Path], work: Path, layers: int, repeats: int) -> bool:
+    """Merge bench.py's slice with each checkout, ``repeats`` alternating pairs; compare outputs.
+
+    Each merge runs after the page cache is dropped (when permitted), timed to the end of
+    a sync, with the peak anonymous memory of its process tree (bench.py's sampler).
+    """
     where = work / "slice"
     spec_ = importlib.util.spec_from_file_location("bench", checkouts["new"] / "scripts/bench.py")
     assert spec_ and spec_.loader
@@ -244,16 +249,41 @@ def run_slice(py: str, checkouts: dict[str, Path], work: Path, layers: int) -> b
         where.mkdir(parents=True, exist_ok=True)
         bench.generate(where, spec)
     base, adapter, out = where / bench.slice_names(spec)[0], where / "adapter", where / "out"
-    for side, checkout in checkouts.items():
-        shutil.rmtree(where / f"out_{side}", ignore_errors=True)
-        cmd = [py, "-m", "shardmerge", "merge", str(base), str(adapter), "-o", str(out), "--quiet"]
-        t0 = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=checkout, env=env_for(checkout)).returncode
-        log(f"  {side} merge: exit {rc}, {time.perf_counter() - t0:.1f} s (one run, no benchmark)")
-        if rc:
-            return False
-        out.rename(where / f"out_{side}")  # both merges write to the same path
+    runs: dict[str, list[tuple[float, int]]] = {side: [] for side in checkouts}
+    for _ in range(repeats):
+        for side, checkout in checkouts.items():
+            shutil.rmtree(where / f"out_{side}", ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            dropped = bench.drop_caches()
+            cmd = ["env", f"PYTHONPATH={checkout}", "PYTHONDONTWRITEBYTECODE=1", py]
+            cmd += ["-m", "shardmerge", "merge", str(base), str(adapter), "-o", str(out), "-q"]
+            child = bench.timed(cmd, cwd=checkout)
+            runs[side].append((child.seconds_sync, child.tree_anon))
+            log(
+                f"  {side} merge: exit {child.rc}, {child.seconds_sync:.1f} s with sync, peak "
+                f"anonymous {child.tree_anon / 2**30:.2f} GiB (page cache dropped: {dropped})"
+            )
+            if child.rc:
+                log(child.stderr[-2000:])
+                return False
+            out.rename(where / f"out_{side}")  # both merges write to the same path
+    for side, got in runs.items():
+        times = sorted(s for s, _ in got)
+        log(f"  {side}: median {times[len(times) // 2]:.1f} s of {[round(s, 1) for s, _ in got]}")
+        log(f"  {side}: peak anonymous {max(m for _, m in got) / 2**30:.2f} GiB")
     return compare(where / "out_old", where / "out_new", checkouts["old"], checkouts["new"])
+
+
+def compare_suites(args: argparse.Namespace, checkouts: dict[str, Path], work: Path) -> bool:
+    """Both test suites, then every file they wrote."""
+    results = {}
+    for side, checkout in checkouts.items():
+        log(f"== {side}: {checkout}")
+        results[side] = run_tests(args.python, checkout, work, side, args.k)
+    log("== tests")
+    report_tests(results["old"], results["new"])
+    log("== files the test suites wrote")
+    return compare(work / "tmp_old", work / "tmp_new", checkouts["old"], checkouts["new"])
 
 
 def main() -> int:
@@ -263,6 +293,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temp dir")
     ap.add_argument("--slice", action="store_true", help="also merge the 70B-shaped slice")
     ap.add_argument("--slice-layers", type=int, default=2)
+    ap.add_argument("--slice-repeats", type=int, default=1, help="alternating old/new pairs")
+    ap.add_argument("--no-tests", action="store_true", help="compare the slice only")
     ap.add_argument("-k", dest="k", default=None, help="passed to pytest -k")
     ap.add_argument("--keep", action="store_true", help="keep the worktree and workdir")
     ap.add_argument("--python", default=str(VENV_PY if VENV_PY.exists() else sys.executable))
@@ -281,18 +313,15 @@ def main() -> int:
             git = ["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.old]
             subprocess.run(git, check=True)
         checkouts = {"old": old, "new": args.new.resolve()}
-        results = {}
-        for side, checkout in checkouts.items():
-            log(f"== {side}: {checkout}")
+        for checkout in checkouts.values():
             check_import(args.python, checkout)
-            results[side] = run_tests(args.python, checkout, work, side, args.k)
-        log("== tests")
-        report_tests(results["old"], results["new"])
-        log("== files the test suites wrote")
-        ok = compare(work / "tmp_old", work / "tmp_new", old, checkouts["new"])
+        ok = args.no_tests or compare_suites(args, checkouts, work)
         if args.slice:
             log("== 70B-shaped slice")
-            ok = run_slice(args.python, checkouts, work, args.slice_layers) and ok
+            ok = (
+                run_slice(args.python, checkouts, work, args.slice_layers, args.slice_repeats)
+                and ok
+            )
         log(f"total {time.perf_counter() - t_start:.0f} s; workdir {work}")
         log("IDENTICAL" if ok else "DIFFERENT")
         return 0 if ok else 1
