@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import importlib
 
-from .jobs import MergeJob, load_job
+from .runtime import set_env_defaults
 from .version import __version__
 
-# Loaded on first use, so that the options and job files can be read without torch.
+# Before anything imports torch: OpenMP reads its settings once, when torch loads it.
+set_env_defaults()
+
+# Loaded on first use: the options and job files are read without torch, and
+# `python -m shardmerge` reaches its Ctrl-C handling (__main__) after only the above.
 _LAZY = {
+    "MergeJob": "jobs",
+    "load_job": "jobs",
     "merge": "api",
     "plan": "api",
     "verify": "api",

@@ -1,3 +1,17 @@
-from .cli import main
+"""``python -m shardmerge`` and the ``shardmerge`` command: a quiet Ctrl-C from the first moment."""
 
-main()
+from __future__ import annotations
+
+from .runtime import exit_on_interrupt
+
+
+def entry() -> None:
+    """Run the command line; Ctrl-C during start-up exits 130 without a traceback."""
+    exit_on_interrupt()  # before the CLI's imports: click now, torch later
+    from .cli import main
+
+    main()
+
+
+if __name__ == "__main__":
+    entry()

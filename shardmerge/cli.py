@@ -11,9 +11,9 @@ import click
 
 from .errors import ShardmergeError
 from .options import OPTIONS, MergeOptions, parse_weights, per_adapter
+from .runtime import EXIT_INTERRUPTED, raise_on_interrupt
 from .version import __version__
 
-EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 EXIT_VERIFY_FAILED = 1
 
@@ -172,6 +172,8 @@ def _echo_event(event: dict) -> None:
 def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
     from .api import run_job
 
+    # Merging writes OUT: from here Ctrl-C unwinds (locks released, OUT marked incomplete).
+    raise_on_interrupt()
     results = run_job(
         job,
         progress=not quiet and not as_json and sys.stderr.isatty(),

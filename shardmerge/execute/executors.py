@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import queue
 import signal
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Protocol
 import torch
 
 from ..io.journal import set_crash_parent
+from ..runtime import cap_torch_threads, threads_per_worker, user_threads
 from .jobs import ShardJob
 from .pipeline import Progress, ShardResult, run_shards
 
@@ -60,6 +60,7 @@ class InProcess:
     def run(
         self, tasks: list[ShardTask], device: str, progress: Progress | None, commit: Commit
     ) -> None:
+        cap_torch_threads()
         for task in tasks:
             if progress:
                 progress(task.jobs[0].name)
@@ -78,7 +79,8 @@ class ProcessPool:
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         updates = ctx.Queue()
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        # The workers share this process's CPUs (affinity and cgroup quota).
+        threads = None if user_threads() else threads_per_worker(self.workers)
         with ctx.Pool(self.workers, initializer=_worker_init, initargs=(updates, threads)) as pool:
             pending = [(t.outputs, pool.apply_async(_worker_run, (t, device))) for t in tasks]
             try:
@@ -115,13 +117,15 @@ def _forward(updates, progress: Progress | None, timeout: float) -> None:
 _updates = None
 
 
-def _worker_init(updates, threads: int) -> None:
-    """Runs in each worker: Ctrl-C is the parent's to handle; die with the parent."""
+def _worker_init(updates, threads: int | None) -> None:
+    """Runs in each worker: Ctrl-C is the parent's to handle; die with the parent; ``threads``
+    torch threads (None: the user's OMP_NUM_THREADS, inherited)."""
     global _updates
     _updates = updates
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _worker_run(task: ShardTask, device: str) -> list[ShardResult]:

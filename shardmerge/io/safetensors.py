@@ -16,46 +16,18 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import CorruptFileError, InputError
+from .dtypes import DTYPES, ITEMSIZE
+from .dtypes import FLOAT_DTYPES as FLOAT_DTYPES
+from .dtypes import NAME_OF as NAME_OF
+
+if TYPE_CHECKING:
+    import torch
 
 # Largest header we accept: the reference implementation's limit.
 MAX_HEADER_BYTES = 100_000_000
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    # Also written by safetensors.torch.save_file; copied as they are, never merged into.
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-    ("C64", "complex64"),
-):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-
-ITEMSIZE: dict[str, int] = {
-    name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()
-}
-NAME_OF: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 def matrix_rows(shape: tuple[int, ...]) -> int:
@@ -263,6 +235,8 @@ def pread_into(f: BinaryIO, offset: int, buf: torch.Tensor) -> None:
 
 def read_tensor(path: str, info: TensorInfo) -> torch.Tensor:
     """Read one whole tensor (for small ones: LoRA factors, biases)."""
+    import torch  # not at the top: reading headers must not import torch
+
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(path, "rb") as f:
         if not info.shape:
@@ -344,8 +318,8 @@ class StreamWriter:
 
     def write(self, data: torch.Tensor | bytes | memoryview) -> None:
         """Append bytes of the current tensor."""
-        if isinstance(data, torch.Tensor):
-            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # a torch tensor
+            data = memoryview(data.contiguous().reshape(-1).view(DTYPES["U8"]).numpy())
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         if n > self._left:
             raise RuntimeError(f"too many bytes for tensor {self.entries[self._index].name}")

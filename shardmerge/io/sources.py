@@ -5,12 +5,14 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections import OrderedDict
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError
 from ..terms import TensorRef
 from .safetensors import DTYPES, NAME_OF, TensorInfo, read_rows, read_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_torch_state(path: str) -> dict[str, torch.Tensor]:
@@ -19,6 +21,8 @@ def load_torch_state(path: str) -> dict[str, torch.Tensor]:
     ``weights_only=True`` refuses any object that is not a tensor or a plain
     container, so a hostile file cannot run code.
     """
+    import torch  # not at the top: opening an adapter folder must not import torch
+
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -88,7 +92,7 @@ class RefLoader:
         if ref.fmt == "safetensors" and len(ref.part) == 1 and rows[2] == 1 and len(ref.shape) == 2:
             # A range of rows (one expert's rows of a fused lora_A): read just those.
             info = TensorInfo(ref.key, ref.dtype, ref.shape, ref.start, ref.end)
-            buf = torch.empty((rows[1] - rows[0]) * info.row_bytes, dtype=torch.uint8)
+            buf = _byte_buffer((rows[1] - rows[0]) * info.row_bytes)
             with open(ref.path, "rb") as f:
                 return read_rows(f, info, rows[0], rows[1], buf)
         whole = self._wholes.get((ref.path, ref.key))
@@ -120,3 +124,9 @@ class RefLoader:
         tensor = read_tensor(ref.path, info)
         assert tensor.dtype == DTYPES[ref.dtype]
         return tensor
+
+
+def _byte_buffer(nbytes: int) -> torch.Tensor:
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8)
