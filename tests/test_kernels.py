@@ -747,3 +747,97 @@ def test_fsum_tier_agrees_with_rationals(out_dtype, monkeypatch):
     slow = run()
     assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))
     assert torch.equal(by_fsum.view(torch.uint8), slow.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------
+# 16-bit-precision factors into float32 outputs: many exact ties (issue 15).
+# ---------------------------------------------------------------------------
+
+
+def _defer_all(flat_base, terms, out, idx, rows_i, cols_j):
+    return torch.arange(idx.numel())
+
+
+def _bf16_values(gen, shape, scale, storage):
+    """Random values exactly representable in bf16, stored as ``storage``."""
+    return randn(gen, shape, BF16, scale).to(storage)
+
+
+@pytest.mark.parametrize("stage", ["float64", "fsum"])
+@pytest.mark.parametrize("scale", [2.0, 0.37, 1.5])
+@pytest.mark.parametrize(
+    "base_dtype, storage", [(BF16, BF16), (F32, BF16), (F32, F32), (BF16, F64), (F32, F64)]
+)
+def test_bf16_precision_factors_into_float32(base_dtype, storage, scale, stage, monkeypatch):
+    """Exact values fit in float64 and often sit on a float32 midpoint; all exactly rounded.
+
+    ``stage="fsum"`` turns the float64 proof off, so the fsum step must settle the ties.
+    """
+    if stage == "fsum":
+        monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    gen = torch.Generator().manual_seed(21)
+    rows, cols, r = 24, 64, 16
+    base = randn(gen, (rows, cols), base_dtype, 0.02)
+    terms = [
+        (
+            _bf16_values(gen, (rows, r), 0.01, storage),
+            _bf16_values(gen, (r, cols), 0.02, storage),
+            scale,
+        )
+    ]
+    # Mixed-sign cancellation: every third row is the float32 rounding of -delta.
+    base[::3] = (-lora_delta(terms)[::3]).to(F32).to(base_dtype)
+    before = tier_snapshot()
+    check(base, terms, F32)
+    tier3 = TIERS["tier3"] - before["tier3"]
+    assert tier3 > 0, "the case should reach the exact tier"
+    assert TIERS["rational"] == before["rational"], "no element needs rationals here"
+    if stage == "float64" and scale != 0.37:
+        # Dyadic scales keep every sum exact in float64: all settled there.
+        assert TIERS["tier3_float64"] - before["tier3_float64"] == tier3
+
+
+@pytest.mark.parametrize("stage", ["float64", "fsum"])
+def test_exact_ties_round_to_even_both_ways(stage, monkeypatch):
+    """W + 1/2 ulp exactly: odd W rounds up, even W stays; also +-3/2 ulp."""
+    if stage == "fsum":
+        monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    rng = random.Random(22)
+    ys = random_mantissa_values(rng, 16, 24, range(-8, 8))
+    units = [unit_at(y, F32) for y in ys]
+    offsets = [0.5, -0.5, 1.5, -1.5, 0.25, -0.75]
+    before = tier_snapshot()
+    base, terms = midpoint_case(ys, units, offsets, [0.0] * 6, 8, F32, BF16)
+    out = check(base, terms, F32)
+    bits = base.view(torch.int32)[:, :2]
+    moved = out.view(torch.int32)[:, :2] != bits
+    odd = (bits & 1) == 1
+    assert torch.equal(moved, odd), "a tie moves exactly when W's last bit is odd"
+    assert bool(odd.any()) and bool((~odd).any())
+    assert TIERS["rational"] == before["rational"]
+
+
+@pytest.mark.parametrize("stage", ["float64", "fsum"])
+def test_float32_subnormal_ties_without_rationals(stage, monkeypatch):
+    """Results in float32's subnormal range, exactly on and beside their midpoints."""
+    if stage == "fsum":
+        monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    tiny = 2.0**-149
+    ys = [k * tiny for k in (0, 1, 2, 3, 7, -1, -2, -5)] + [2.0**-126, -(2.0**-126)]
+    base = exactly([[y] * 4 for y in ys], F32)
+    left = exactly([[2.0**-75]] * len(ys), BF16)
+    right = exactly([[1.0, -1.0, 3.0, -3.0]], BF16)  # +-1/2, +-3/2 of the smallest subnormal
+    before = tier_snapshot()
+    check(base, [(left, right, 1.0)], F32)
+    check(base, [(left, right, 1.0), (left, exactly([[2.0**-20] * 4], BF16), 1.0)], F32)
+    assert TIERS["rational"] == before["rational"]
+
+
+def test_float64_factors_full_precision():
+    """Full float64 factors: products are not exact, the float64 proof must decline them."""
+    gen = torch.Generator().manual_seed(23)
+    terms = [(randn(gen, (12, 8), F64, 0.1), randn(gen, (8, 24), F64, 0.1), 2.0)]
+    base = (-lora_delta(terms)).to(F32).to(F64)
+    for out_dtype in (F32, BF16):
+        check(base, terms, out_dtype)
+        check(base.to(F32), terms, out_dtype)

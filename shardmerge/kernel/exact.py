@@ -105,9 +105,12 @@ def settle_in_float64(
             inner = t.left.reshape(-1)[idx].to(torch.float64)
         else:
             lft, rgt = t.left[rows_i], t.right[:, cols_j]
-            inner = _exact_product(lft[:, 0], rgt[0], exact)
+            # Products of float32 values are exact in float64 (at most 48 bits,
+            # never below 2^-298): no need to check them one by one.
+            times = _plain_product if _fits_float32(lft, rgt) else _exact_product
+            inner = times(lft[:, 0], rgt[0], exact)
             for k in range(1, lft.shape[1]):
-                inner = _exact_sum(inner, _exact_product(lft[:, k], rgt[k], exact), exact)
+                inner = _exact_sum(inner, times(lft[:, k], rgt[k], exact), exact)
         scaled = _exact_product(inner, torch.full_like(inner, t.scale), exact)
         total = _exact_sum(total, scaled, exact)
     # An exact zero is +0 (as the rational tiers give), whatever the signs of zeros summed.
@@ -117,6 +120,21 @@ def settle_in_float64(
         out.reshape(-1)[idx[where]] = cast(total[where], out.dtype)
     left = (~exact).nonzero().squeeze(1)
     return left if left.numel() else None
+
+
+def _fits_float32(*factors: torch.Tensor) -> bool:
+    """Does every value of ``factors`` convert to float32 and back unchanged?"""
+    return all(
+        f.dtype != torch.float64 or bool((f.to(torch.float32).to(torch.float64) == f).all())
+        for f in factors
+    )
+
+
+def _plain_product(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``a * b`` in float64 for float32 values: exact; clears ``exact`` only where not finite."""
+    p = a.to(torch.float64) * b.to(torch.float64)
+    exact &= torch.isfinite(p)
+    return p
 
 
 def _exact_product(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
