@@ -740,10 +740,9 @@ def test_fsum_tier_agrees_with_rationals(out_dtype, monkeypatch):
         flat, [term, bias], torch.zeros(rows, cols, dtype=out_dtype), idx, rows_i, cols_j
     )
     assert deferred is not None and 0 < deferred.numel() < rows * cols / 2
-    defer_all = lambda *a: torch.arange(a[3].numel())  # noqa: E731
-    monkeypatch.setattr(exact_tier, "settle_in_float64", defer_all)
+    monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
     by_fsum = run()
-    monkeypatch.setattr(exact_tier, "settle_by_fsum", defer_all)
+    monkeypatch.setattr(exact_tier, "settle_by_fsum", _defer_all)
     slow = run()
     assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))
     assert torch.equal(by_fsum.view(torch.uint8), slow.view(torch.uint8))
