@@ -3,7 +3,7 @@
 Every expected value here comes from exact integer arithmetic and an
 independent implementation of round-to-nearest-even (``correctly_rounded``:
 it looks at the neighbouring bit patterns of the output dtype and compares
-their distances to the exact value as Fractions); ``kernels.round_exact`` is
+their distances to the exact value as Fractions); ``rounding.round_exact`` is
 only ever the thing under test.
 
 The adversarial cases are built so that the exact value sits on, or within
@@ -25,7 +25,9 @@ from fractions import Fraction
 import pytest
 import torch
 
+from shardmerge.kernel import exact as exact_tier
 from shardmerge.kernel import merge as kernels
+from shardmerge.kernel import rounding
 from shardmerge.kernel.merge import BlockTerm, accumulation_dtype, merge_block
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -185,7 +187,8 @@ TIERS: Counter = Counter()
 
 @pytest.fixture(autouse=True)
 def count_tiers(monkeypatch):
-    refine, exact = kernels._refine, kernels._exact
+    refine, exact = kernels._refine, kernels.settle_exact
+    in_float64, rationals = exact_tier.settle_in_float64, exact_tier.settle_by_rationals
 
     def counting_refine(base, terms, out, idx, acc_dtype, max_rank):
         key = "tier2" if acc_dtype != torch.float64 else "tier1_f64_doubt"
@@ -196,8 +199,19 @@ def count_tiers(monkeypatch):
         TIERS["tier3"] += idx.numel()
         return exact(flat_base, terms, out, idx, rows_i, cols_j)
 
+    def counting_in_float64(flat_base, terms, out, idx, rows_i, cols_j):
+        left = in_float64(flat_base, terms, out, idx, rows_i, cols_j)
+        TIERS["tier3_float64"] += idx.numel() - (0 if left is None else left.numel())
+        return left
+
+    def counting_rationals(flat_base, terms, out, idx, rows_i, cols_j):
+        TIERS["rational"] += idx.numel()
+        return rationals(flat_base, terms, out, idx, rows_i, cols_j)
+
     monkeypatch.setattr(kernels, "_refine", counting_refine)
-    monkeypatch.setattr(kernels, "_exact", counting_exact)
+    monkeypatch.setattr(kernels, "settle_exact", counting_exact)
+    monkeypatch.setattr(exact_tier, "settle_in_float64", counting_in_float64)
+    monkeypatch.setattr(exact_tier, "settle_by_rationals", counting_rationals)
     yield
 
 
@@ -209,7 +223,8 @@ class _TierReport:
         terminalreporter.write_line(
             f"test_kernels: {c['elements']} elements merged; {c['tier2']} refined in float64 "
             f"(tier 2), {c['tier1_f64_doubt']} in doubt after a float64 first tier, "
-            f"{c['tier3']} settled in exact rationals (tier 3); on generic random blocks: "
+            f"{c['tier3']} settled exactly (tier 3: {c['tier3_float64']} proven exact in float64, "
+            f"{c['rational']} in rationals); on generic random blocks: "
             f"{c['generic_tier2']} tier 2 and {c['generic_f64_doubt_or_tier3']} later of "
             f"{c['generic_elements']}; naive float32 (PEFT-style) median error on "
             f"cancellation: {c['naive_fp32_median_ulp_error']} ulp; torch float64->16-bit double roundings seen: "
@@ -359,7 +374,7 @@ def test_round_exact_matches_oracle_and_torch(dtype):
     via_f32 = t64.to(F32).to(dtype).double().tolist()
     double_rounded = 0
     for v, t, t2 in zip(values, by_torch, via_f32, strict=True):
-        mine = kernels.round_exact(Fraction(v), dtype)
+        mine = rounding.round_exact(Fraction(v), dtype)
         assert mine == correctly_rounded(Fraction(v), dtype), (v, dtype)
         if torch.tensor(mine, dtype=F64).to(dtype).item() != mine and math.isfinite(mine):
             raise AssertionError(f"round_exact({v}) = {mine} is not a {dtype} value")
@@ -384,27 +399,27 @@ def test_cast_rounds_float64_once(dtype):
     for e in range(lo, hi + 1, 2):
         mid = math.ldexp(1 + 2.0 ** -precision(dtype), e)
         values += [mid, math.nextafter(mid, 0), math.nextafter(mid, math.inf), -mid]
-    got = kernels.cast(torch.tensor(values, dtype=F64), dtype).double().tolist()
+    got = rounding.cast(torch.tensor(values, dtype=F64), dtype).double().tolist()
     for v, g in zip(values, got, strict=True):
         assert g == correctly_rounded(Fraction(v), dtype), (v, g)
 
 
 def test_round_exact_special_values():
-    assert kernels.round_exact(Fraction(0), BF16) == 0.0
+    assert rounding.round_exact(Fraction(0), BF16) == 0.0
     # Ties to even, at 1 and across a power of two.
-    assert kernels.round_exact(1 + Fraction(1, 2**8), BF16) == 1.0
-    assert kernels.round_exact(1 + Fraction(3, 2**8), BF16) == 1 + 2**-6
-    assert kernels.round_exact(2 - Fraction(1, 2**9), BF16) == 2.0
+    assert rounding.round_exact(1 + Fraction(1, 2**8), BF16) == 1.0
+    assert rounding.round_exact(1 + Fraction(3, 2**8), BF16) == 1 + 2**-6
+    assert rounding.round_exact(2 - Fraction(1, 2**9), BF16) == 2.0
     # Overflow: at the threshold to infinity, just below it to max.
     fmax = Fraction(torch.finfo(F16).max)
-    assert kernels.round_exact(fmax + 16, F16) == math.inf
-    assert kernels.round_exact(fmax + 16 - Fraction(1, 2**40), F16) == 65504.0
-    assert kernels.round_exact(-(fmax + 16), F16) == -math.inf
+    assert rounding.round_exact(fmax + 16, F16) == math.inf
+    assert rounding.round_exact(fmax + 16 - Fraction(1, 2**40), F16) == 65504.0
+    assert rounding.round_exact(-(fmax + 16), F16) == -math.inf
     # Half the smallest subnormal rounds to zero (even); anything above to it.
     tiny = Fraction(2) ** -24
-    assert kernels.round_exact(tiny / 2, F16) == 0.0
-    assert kernels.round_exact(tiny / 2 + Fraction(1, 2**80), F16) == 2.0**-24
-    assert kernels.round_exact(tiny * 3 / 2, F16) == 2.0**-23
+    assert rounding.round_exact(tiny / 2, F16) == 0.0
+    assert rounding.round_exact(tiny / 2 + Fraction(1, 2**80), F16) == 2.0**-24
+    assert rounding.round_exact(tiny * 3 / 2, F16) == 2.0**-23
 
 
 # ---------------------------------------------------------------------------
@@ -717,14 +732,111 @@ def test_fsum_tier_agrees_with_rationals(out_dtype, monkeypatch):
 
     def run() -> torch.Tensor:
         out = torch.zeros(rows, cols, dtype=out_dtype)
-        kernels._exact(flat, [term, bias], out, idx, rows_i, cols_j)
+        exact_tier.settle_exact(flat, [term, bias], out, idx, rows_i, cols_j)
         return out
 
     fast = run()
-    deferred = kernels._exact_by_fsum(
+    deferred = exact_tier.settle_by_fsum(
         flat, [term, bias], torch.zeros(rows, cols, dtype=out_dtype), idx, rows_i, cols_j
     )
     assert deferred is not None and 0 < deferred.numel() < rows * cols / 2
-    monkeypatch.setattr(kernels, "_exact_by_fsum", lambda *a: torch.arange(a[3].numel()))
+    monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    by_fsum = run()
+    monkeypatch.setattr(exact_tier, "settle_by_fsum", _defer_all)
     slow = run()
     assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))
+    assert torch.equal(by_fsum.view(torch.uint8), slow.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------
+# 16-bit-precision factors into float32 outputs: many exact ties (issue 15).
+# ---------------------------------------------------------------------------
+
+
+def _defer_all(flat_base, terms, out, idx, rows_i, cols_j):
+    return torch.arange(idx.numel())
+
+
+def _bf16_values(gen, shape, scale, storage):
+    """Random values exactly representable in bf16, stored as ``storage``."""
+    return randn(gen, shape, BF16, scale).to(storage)
+
+
+@pytest.mark.parametrize("stage", ["float64", "fsum"])
+@pytest.mark.parametrize("scale", [2.0, 0.37, 1.5])
+@pytest.mark.parametrize(
+    "base_dtype, storage", [(BF16, BF16), (F32, BF16), (F32, F32), (BF16, F64), (F32, F64)]
+)
+def test_bf16_precision_factors_into_float32(base_dtype, storage, scale, stage, monkeypatch):
+    """Exact values fit in float64 and often sit on a float32 midpoint; all exactly rounded.
+
+    ``stage="fsum"`` turns the float64 proof off, so the fsum step must settle the ties.
+    """
+    if stage == "fsum":
+        monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    gen = torch.Generator().manual_seed(21)
+    rows, cols, r = 24, 64, 16
+    base = randn(gen, (rows, cols), base_dtype, 0.02)
+    terms = [
+        (
+            _bf16_values(gen, (rows, r), 0.01, storage),
+            _bf16_values(gen, (r, cols), 0.02, storage),
+            scale,
+        )
+    ]
+    # Mixed-sign cancellation: every third row is the float32 rounding of -delta.
+    base[::3] = (-lora_delta(terms)[::3]).to(F32).to(base_dtype)
+    before = tier_snapshot()
+    check(base, terms, F32)
+    tier3 = TIERS["tier3"] - before["tier3"]
+    assert tier3 > 0, "the case should reach the exact tier"
+    assert TIERS["rational"] == before["rational"], "no element needs rationals here"
+    if stage == "float64" and scale != 0.37:
+        # Dyadic scales keep every sum exact in float64: all settled there.
+        assert TIERS["tier3_float64"] - before["tier3_float64"] == tier3
+
+
+@pytest.mark.parametrize("stage", ["float64", "fsum"])
+def test_exact_ties_round_to_even_both_ways(stage, monkeypatch):
+    """W + 1/2 ulp exactly: odd W rounds up, even W stays; also +-3/2 ulp."""
+    if stage == "fsum":
+        monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    rng = random.Random(22)
+    ys = random_mantissa_values(rng, 16, 24, range(-8, 8))
+    units = [unit_at(y, F32) for y in ys]
+    offsets = [0.5, -0.5, 1.5, -1.5, 0.25, -0.75]
+    before = tier_snapshot()
+    base, terms = midpoint_case(ys, units, offsets, [0.0] * 6, 8, F32, BF16)
+    out = check(base, terms, F32)
+    bits = base.view(torch.int32)[:, :2]
+    moved = out.view(torch.int32)[:, :2] != bits
+    odd = (bits & 1) == 1
+    assert torch.equal(moved, odd), "a tie moves exactly when W's last bit is odd"
+    assert bool(odd.any()) and bool((~odd).any())
+    assert TIERS["rational"] == before["rational"]
+
+
+@pytest.mark.parametrize("stage", ["float64", "fsum"])
+def test_float32_subnormal_ties_without_rationals(stage, monkeypatch):
+    """Results in float32's subnormal range, exactly on and beside their midpoints."""
+    if stage == "fsum":
+        monkeypatch.setattr(exact_tier, "settle_in_float64", _defer_all)
+    tiny = 2.0**-149
+    ys = [k * tiny for k in (0, 1, 2, 3, 7, -1, -2, -5)] + [2.0**-126, -(2.0**-126)]
+    base = exactly([[y] * 4 for y in ys], F32)
+    left = exactly([[2.0**-75]] * len(ys), BF16)
+    right = exactly([[1.0, -1.0, 3.0, -3.0]], BF16)  # +-1/2, +-3/2 of the smallest subnormal
+    before = tier_snapshot()
+    check(base, [(left, right, 1.0)], F32)
+    check(base, [(left, right, 1.0), (left, exactly([[2.0**-20] * 4], BF16), 1.0)], F32)
+    assert TIERS["rational"] == before["rational"]
+
+
+def test_float64_factors_full_precision():
+    """Full float64 factors: products are not exact, the float64 proof must decline them."""
+    gen = torch.Generator().manual_seed(23)
+    terms = [(randn(gen, (12, 8), F64, 0.1), randn(gen, (8, 24), F64, 0.1), 2.0)]
+    base = (-lora_delta(terms)).to(F32).to(F64)
+    for out_dtype in (F32, BF16):
+        check(base, terms, out_dtype)
+        check(base.to(F32), terms, out_dtype)

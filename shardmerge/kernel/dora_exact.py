@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UnsupportedAdapterError
 from .dora_parts import DoraPart
-from .merge import FORMAT, round_exact
+from .rounding import FORMAT, round_exact
 
 # Positions per chunk of the exact sums of squares (bounds their Python lists).
 _CHUNK = 4096

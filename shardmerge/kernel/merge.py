@@ -12,7 +12,9 @@ three tiers:
 2. The few elements left in doubt are recomputed in float64 and checked the
    same way.
 3. Any still in doubt (values within ~1e-15 of a rounding boundary) are
-   evaluated in exact rational arithmetic.
+   settled exactly (``exact.py``): in float64 where that evaluation is
+   provably exact (ties included), else from exact float64 pieces and
+   ``math.fsum``, and in rationals only outside float64's safe range.
 
 So every output element is the correctly rounded true value, and output
 bytes do not depend on the device, BLAS, thread count or block size.
@@ -22,17 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
-# (precision in bits incl. the implicit one, smallest frexp exponent of a normal number)
-FORMAT = {
-    torch.float64: (53, -1021),
-    torch.float32: (24, -125),
-    torch.bfloat16: (8, -125),
-    torch.float16: (11, -13),
-}
+from .exact import settle_exact
+from .rounding import FORMAT, cast
+
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 # Working memory of one chunk of elements refined together.
 _REFINE_BYTES = 64 << 20
@@ -97,24 +94,6 @@ def accumulation_dtype(out_dtype: torch.dtype, input_dtypes: list[torch.dtype]) 
     if out_dtype in (torch.float16, torch.bfloat16) and all(d in narrow for d in input_dtypes):
         return torch.float32
     return torch.float64
-
-
-def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Convert with one correct rounding (round to nearest, ties to even).
-
-    torch converts float64 to bfloat16/float16 through float32, rounding
-    twice. Rounding to float32 *to odd* first makes the second rounding exact
-    (float32 keeps more than two extra bits of either 16-bit format).
-    """
-    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
-        return x.to(dtype)
-    x32 = x.to(torch.float32)
-    inexact = x32.to(torch.float64) != x
-    bits = x32.view(torch.int32)
-    # Step back toward zero where float32 rounded away from it, then set the low bit.
-    bits = bits - (inexact & (x32.to(torch.float64).abs() > x.abs())).to(torch.int32)
-    bits = bits | inexact.to(torch.int32)
-    return bits.view(torch.float32).to(dtype)
 
 
 def merge_block(
@@ -293,181 +272,4 @@ def _refine(
         if still is None:
             return
         idx, rows_i, cols_j = idx[still], rows_i[still], cols_j[still]
-    _exact(flat_base, terms, out, idx, rows_i, cols_j)
-
-
-def _exact(
-    flat_base: torch.Tensor,
-    terms: list[BlockTerm],
-    out: torch.Tensor,
-    idx: torch.Tensor,
-    rows_i: torch.Tensor,
-    cols_j: torch.Tensor,
-) -> None:
-    """Exact evaluation and correct rounding; only for a handful of elements.
-
-    First every product is split exactly into two float64s and the sum of all
-    of them taken with ``math.fsum`` (correctly rounded to float64): unless
-    that float64 lies exactly on a rounding midpoint of the output format, it
-    rounds as the exact value does. The rest are evaluated in rationals.
-    """
-    pending = _exact_by_fsum(flat_base, terms, out, idx, rows_i, cols_j)
-    if pending is None:
-        return
-    idx, rows_i, cols_j = idx[pending], rows_i[pending], cols_j[pending]
-    base_vals = flat_base[idx].double().cpu().tolist()
-    parts = []
-    for t in terms:
-        if t.right is None:
-            parts.append((Fraction(t.scale), t.left.reshape(-1)[idx].double().cpu().tolist(), None))
-        else:
-            parts.append(
-                (
-                    Fraction(t.scale),
-                    t.left[rows_i].double().cpu().tolist(),
-                    t.right[:, cols_j].double().T.cpu().tolist(),
-                )
-            )
-    results = []
-    for n, w in enumerate(base_vals):
-        exact = Fraction(w)
-        for scale, lft, rgt in parts:
-            if rgt is None:
-                exact += scale * Fraction(lft[n])
-            else:
-                exact += scale * sum(
-                    Fraction(a) * Fraction(b) for a, b in zip(lft[n], rgt[n], strict=True)
-                )
-        results.append(round_exact(exact, out.dtype))
-    out.reshape(-1)[idx] = torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
-
-
-# Veltkamp's constant: splits a float64 into two halves of at most 26 bits.
-_SPLITTER = 2.0**27 + 1
-# Within these magnitudes the splits and the products' error terms are exact
-# (no overflow in the split, no error term below float64's subnormal range).
-_SPLIT_MAX = 2.0**995
-_PRODUCT_MIN = 2.0**-960
-
-
-def _two_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a * b == p + e`` exactly (Dekker), for float64 in the safe range."""
-    p = a * b
-
-    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = x * _SPLITTER
-        hi = c - (c - x)
-        return hi, x - hi
-
-    ah, al = split(a)
-    bh, bl = split(b)
-    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    return p, e
-
-
-def _exact_by_fsum(
-    flat_base: torch.Tensor,
-    terms: list[BlockTerm],
-    out: torch.Tensor,
-    idx: torch.Tensor,
-    rows_i: torch.Tensor,
-    cols_j: torch.Tensor,
-) -> torch.Tensor | None:
-    """Settle elements from exact float64 pieces; positions (into idx) left for rationals."""
-    n = idx.numel()
-    base = flat_base[idx].double().reshape(n, 1)
-    summands = [base]
-    safe = torch.isfinite(base).all(1) & (base.abs() < _SPLIT_MAX).all(1)
-
-    def exact_where(p: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-        # A product is exact-split when it is far from both ends of float64's
-        # range, or a true zero (a zero factor); an underflowed one is not.
-        zero = torch.zeros_like(p, dtype=torch.bool)
-        for f in factors:
-            zero |= f == 0
-        big_ok = torch.stack([f.abs() < _SPLIT_MAX for f in factors]).all(0)
-        return (((p.abs() >= _PRODUCT_MIN) & torch.isfinite(p)) | zero) & big_ok
-
-    for t in terms:
-        if t.right is None:
-            p = t.left.reshape(-1)[idx].double().reshape(n, 1)
-            e = torch.zeros_like(p)
-            safe &= (torch.isfinite(p) & (p.abs() < _SPLIT_MAX)).all(1)
-        else:
-            lft = t.left[rows_i].double()
-            rgt = t.right[:, cols_j].double().T
-            p, e = _two_product(lft, rgt)
-            safe &= exact_where(p, lft, rgt).all(1)
-        scale = torch.full_like(p, t.scale)
-        p1, e1 = _two_product(p, scale)
-        p2, e2 = _two_product(e, scale)
-        safe &= (exact_where(p1, p, scale) & exact_where(p2, e, scale)).all(1)
-        summands += [p1, e1, p2, e2]
-    summands = torch.cat(summands, dim=1).cpu()
-    ok_list = safe.cpu().tolist()
-    precision, emin = FORMAT[out.dtype]
-    results, settled, pending = [], [], []
-    for k, row in enumerate(summands.tolist()):
-        if not ok_list[k]:
-            pending.append(k)
-            continue
-        try:
-            y = math.fsum(row)
-        except OverflowError:
-            pending.append(k)
-            continue
-        if _on_midpoint(y, precision, emin):
-            pending.append(k)
-            continue
-        settled.append(k)
-        results.append(round_exact(Fraction(y), out.dtype))
-    if settled:
-        where = idx[torch.tensor(settled, dtype=torch.long, device=idx.device)]
-        out.reshape(-1)[where] = (
-            torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
-        )
-    if not pending:
-        return None
-    return torch.tensor(pending, dtype=torch.long, device=idx.device)
-
-
-def _on_midpoint(y: float, precision: int, emin: int) -> bool:
-    """Is ``y`` exactly halfway between two neighbours of the output format?
-
-    A float64 rounded from the exact value lies on the same side of every such
-    midpoint as the exact value does, unless it lands on one.
-    """
-    if y == 0.0 or not math.isfinite(y):
-        return not math.isfinite(y)
-    _, e = math.frexp(abs(y))
-    ulp = math.ldexp(1.0, max(e, emin) - precision)
-    q = abs(y) / ulp  # exact: a power-of-two division of a float64 this size
-    return q - math.floor(q) == 0.5
-
-
-def round_exact(x: Fraction, dtype: torch.dtype) -> float:
-    """Round a rational to the nearest value of ``dtype`` (ties to even); returned as a float.
-
-    The returned float is exactly representable in ``dtype``.
-    """
-    precision, emin = FORMAT[dtype]
-    if x == 0:
-        return 0.0
-    sign = -1 if x < 0 else 1
-    mag = abs(x)
-    # Exponent e with 2^(e-1) <= mag < 2^e, as frexp would give.
-    e = mag.numerator.bit_length() - mag.denominator.bit_length()
-    if Fraction(2) ** (e - 1) > mag:
-        e -= 1
-    elif Fraction(2) ** e <= mag:
-        e += 1
-    e = max(e, emin)
-    ulp = Fraction(2) ** (e - precision)
-    q, rem = divmod(mag, ulp)
-    q = int(q)
-    if rem * 2 > ulp or (rem * 2 == ulp and q % 2 == 1):
-        q += 1
-    value = q * ulp
-    if value > Fraction(torch.finfo(dtype).max):
-        return sign * float("inf")  # at or past the overflow threshold max + ulp/2
-    return sign * float(value)
+    settle_exact(flat_base, terms, out, idx, rows_i, cols_j)
