@@ -155,9 +155,17 @@ def _shard_headers(folder: Path, shards: list[str], indexed: bool) -> dict[str, 
     headers: dict[str, Header] = {}
     for shard in shards:
         file = folder / shard
-        if file.exists() and not file.is_file():
+        try:
+            exists, regular = file.exists(), file.is_file()
+        except OSError as e:  # a name too long for the filesystem, say
+            raise InputError(
+                f"{folder / INDEX_NAME}: names shard {shown(shard)}, which cannot be opened "
+                f"({e.strerror or e}).",
+                hint="Re-download the model or re-export it.",
+            ) from None
+        if exists and not regular:
             raise not_a_regular_file(file, f"shard {shard}")
-        if not file.is_file():
+        if not regular:
             where = f"named in {folder / INDEX_NAME}" if indexed else "expected"
             raise InputError(
                 f"shard {shard} ({where}) is missing from {folder}.",
