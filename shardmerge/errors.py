@@ -7,6 +7,21 @@ here is meant to surface as a traceback.
 
 from __future__ import annotations
 
+import reprlib
+
+# Values echoed in messages come from files: a 400-digit number or a nested
+# structure must not become a megabyte of error text.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = 80
+_SHOWN.maxlong = 40
+_SHOWN.maxother = 80
+_SHOWN.maxlevel = 3
+
+
+def shown(value: object) -> str:
+    """A short repr of a value read from a file, for an error message."""
+    return _SHOWN.repr(value)
+
 
 class ShardmergeError(Exception):
     """Base class: a failure with a message meant for the user."""

@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, shown
+from .io.jsonfile import read_regular_file
 from .options import (
     CHECKED_FIELDS,
     JOB_OPTIONS,
@@ -42,6 +43,9 @@ MergeJob = MergeOptions
 
 REQUIRED_FIELDS = ("base", "adapters", "output")
 JOB_FIELDS = frozenset(REQUIRED_FIELDS) | {o.name for o in JOB_OPTIONS}
+# A job file is a screenful of YAML; anything this large is not one.
+MAX_JOB_BYTES = 1_000_000
+_LARGEST_WEIGHT = 2**1000
 _EXPECTED = {bool: "true or false", int: "a whole number", str: "text"}
 
 FieldError = Callable[[str, str], InputError]
@@ -67,7 +71,7 @@ def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeOp
         raise InputError(
             f"{source}: a job must be a mapping of fields (base, adapters, output, ...)."
         )
-    unknown = sorted(set(doc) - JOB_FIELDS)
+    unknown = sorted(set(doc) - JOB_FIELDS, key=str)
     if unknown:
         raise bad(unknown[0], f"is not a job field (known: {', '.join(sorted(JOB_FIELDS))})")
     for required in REQUIRED_FIELDS:
@@ -76,7 +80,7 @@ def job_from_dict(doc: object, source: str, root: Path | None = None) -> MergeOp
 
     def path_field(name: str, value: object) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise bad(name, f"must be a path or Hub id, not {value!r}")
+            raise bad(name, f"must be a path or Hub id, not {shown(value)}")
         return _resolve(value, root)
 
     adapters = _adapters(doc["adapters"], path_field, bad)
@@ -105,11 +109,15 @@ def _adapters(
             continue
         if not isinstance(item, dict):
             raise bad(where, "must be a path or a mapping with 'path' and 'weight'")
-        extra = sorted(set(item) - {"path", "weight"})
+        extra = sorted(set(item) - {"path", "weight"}, key=str)
         if extra:
             raise bad(f"{where}.{extra[0]}", "is not an adapter field (path, weight)")
         weight = item.get("weight", 1.0)
-        problem = weight_problem(weight)
+        # An integer beyond float range would overflow inside the check itself.
+        too_big = isinstance(weight, int) and abs(weight) > _LARGEST_WEIGHT
+        problem = (
+            f"must be a finite number, not {shown(weight)}" if too_big else weight_problem(weight)
+        )
         if problem:
             raise bad(f"{where}.weight", problem)
         adapters.append(AdapterSpec(path_field(f"{where}.path", item.get("path")), float(weight)))
@@ -126,7 +134,7 @@ def _options(doc: dict, bad: FieldError) -> dict[str, object]:
         kind = option.kind
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             expected = _EXPECTED.get(kind, "a size like 4GiB")
-            raise bad(option.name, f"must be {expected}, not {value!r}")
+            raise bad(option.name, f"must be {expected}, not {shown(value)}")
         options[option.name] = value
     for name in CHECKED_FIELDS:
         problem = OPTIONS[name].check(options[name]) if name in options else None
@@ -155,14 +163,20 @@ def load_job(path: str | Path) -> MergeOptions:
     import yaml
 
     path = Path(path)
+
+    def unusable(problem: str) -> InputError:
+        return InputError(f"cannot read job file {path}: {problem}.")
+
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, unusable, MAX_JOB_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"job file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read job file {path}: {e}.") from None
+    except UnicodeDecodeError as e:
+        raise unusable(str(e)) from None
     try:
         doc = yaml.safe_load(text)
+    except RecursionError:
+        raise unusable("it nests too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -235,8 +235,9 @@ LYCORIS_REFUSED: dict[str, Case] = {
     "ia3_target_modules_dict": (ia3(target_modules={"q": 1}), {f"{P}.ia3_l": torch.ones(HID, 1)}, ("target_modules must be a list",), ERR_INPUT, "config"),
     "ia3_feedforward_modules_int": (ia3(feedforward_modules=5), {f"{P}.ia3_l": torch.ones(HID, 1)}, ("feedforward_modules must be a list",), ERR_INPUT, "config"),
     "ia3_feedforward_modules_list_of_ints": (ia3(feedforward_modules=[1]), {f"{P}.ia3_l": torch.ones(HID, 1)}, ("feedforward_modules must be a list",), ERR_INPUT, "config"),
-    "loha_huge_r": (loha(r=10**30), loha_tensors(), ("rank 2/2", "r=" + str(10**30)), ERR_INPUT, "weights"),
-    "lokr_rank_pattern_huge": (lokr(rank_pattern={"q_proj": 2**62}), lokr_tensors(), ("r=" + str(2**62),), ERR_INPUT, "weights"),
+    # A rank no matrix can have is refused by key, before the factors are compared with it.
+    "loha_huge_r": (loha(r=10**30), loha_tensors(), ("r must be a positive integer (at most",), ERR_INPUT, "config"),
+    "lokr_rank_pattern_huge": (lokr(rank_pattern={"q_proj": 2**62}), lokr_tensors(), ("rank_pattern['q_proj'] must be a positive integer",), ERR_INPUT, "config"),
     # Factors of the wrong shape, rank, dtype or size.
     "loha_ranks_differ": ({}, {**loha_tensors(), f"{P}.hada_w1_b": _t(3, HID)}, ("ranks of its LoHa factors do not match",), ERR_INCOMPATIBLE, "folder"),
     "loha_halves_differ": ({}, {**loha_tensors(), f"{P}.hada_w2_a": _t(4, 2)}, ("8x8", "4x8"), ERR_INCOMPATIBLE, "folder"),

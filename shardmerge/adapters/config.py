@@ -6,7 +6,8 @@ import math
 import re
 from pathlib import Path
 
-from ..errors import InputError, ShardmergeError, UnsupportedAdapterError
+from ..errors import InputError, ShardmergeError, UnsupportedAdapterError, shown
+from .naming import pattern_regex
 
 USE_PEFT = (
     "Merge this adapter with PEFT instead (PeftModel.from_pretrained(...).merge_and_unload()), "
@@ -40,12 +41,22 @@ def is_standalone_tokens(cfg: dict) -> bool:
     return str(cfg.get("peft_type") or "").upper() == "TRAINABLE_TOKENS"
 
 
+# No weight matrix has a dimension this large; a bigger r is a damaged file.
+MAX_RANK = 2**31 - 1
+
+
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number usable as a float: finite, and an integer not too large to convert."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _is_rank(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RANK
 
 
 def _is_index_list(v: object) -> bool:
@@ -67,7 +78,7 @@ def unsupported_method(cfg: dict, where: Path, peft_type: str) -> ShardmergeErro
     """The refusal of a PEFT method shardmerge does not merge, by the name users know it by."""
     name = PEFT_TYPE_NAMES.get(peft_type, peft_type or "unknown")
     return UnsupportedAdapterError(
-        f"{where}: {name} adapters (peft_type {cfg.get('peft_type')!r}) are not supported; "
+        f"{where}: {name} adapters (peft_type {shown(cfg.get('peft_type'))}) are not supported; "
         "shardmerge merges LoRA adapters.",
         hint=USE_PEFT,
     )
@@ -77,28 +88,30 @@ def common_config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
     """Values of the config fields LoRA, LoHa, LoKr and IA3 share, checked before any arithmetic."""
     problems: list[str] = []
     if "r" in cfg and not _is_rank(cfg["r"]):
-        problems.append(f"r must be a positive integer, not {cfg['r']!r}")
+        problems.append(f"r must be a positive integer (at most {MAX_RANK}), not {shown(cfg['r'])}")
     if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
-        problems.append(f"lora_alpha must be a finite number, not {cfg['lora_alpha']!r}")
+        problems.append(f"lora_alpha must be a finite number, not {shown(cfg['lora_alpha'])}")
     problems += _pattern_problems(cfg)
     for field in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
         if cfg.get(field) is not None and not isinstance(cfg[field], bool):
-            problems.append(f"{field} must be true or false, not {cfg[field]!r}")
+            problems.append(f"{field} must be true or false, not {shown(cfg[field])}")
     mts = cfg.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
-        problems.append(f"modules_to_save must be a list of module names, not {mts!r}")
+        problems.append(f"modules_to_save must be a list of module names, not {shown(mts)}")
     # Not used to merge (the saved keys are), but a value PEFT cannot load means a broken file.
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
         try:
             re.compile(targets)
         except re.error as e:
-            problems.append(f"target_modules {targets!r} is not a valid regular expression ({e})")
+            problems.append(
+                f"target_modules {shown(targets)} is not a valid regular expression ({e})"
+            )
     elif targets is not None and not (
         isinstance(targets, list) and all(isinstance(t, str) for t in targets)
     ):
         problems.append(
-            f"target_modules must be a list of module names or a regular expression, not {targets!r}"
+            f"target_modules must be a list of module names or a regular expression, not {shown(targets)}"
         )
     return _input_errors(where, problems)
 
@@ -107,22 +120,30 @@ def _pattern_problems(cfg: dict) -> list[str]:
     """rank_pattern / alpha_pattern: regular expressions mapped to ranks / finite numbers."""
     problems: list[str] = []
     for field, valid, what in (
-        ("rank_pattern", _is_rank, "a positive integer"),
+        ("rank_pattern", _is_rank, f"a positive integer (at most {MAX_RANK})"),
         ("alpha_pattern", _is_number, "a finite number"),
     ):
         patterns = cfg.get(field)
         if patterns is None:
             continue
         if not isinstance(patterns, dict):
-            problems.append(f"{field} must map module-name patterns to values, not {patterns!r}")
+            problems.append(
+                f"{field} must map module-name patterns to values, not {shown(patterns)}"
+            )
             continue
         for key, value in patterns.items():
             try:
-                re.compile(key)
+                pattern_regex(key)  # exactly what PEFT compiles, so the same keys fail
             except re.error as e:
-                problems.append(f"{field} key {key!r} is not a valid regular expression ({e})")
+                # PEFT embeds the key in a larger pattern, where a leading (?i) is no longer leading.
+                scoped = (
+                    "; write an inline flag scoped, as (?i:...)" if "global flags" in str(e) else ""
+                )
+                problems.append(
+                    f"{field} key {shown(key)} is not a valid regular expression as PEFT uses it ({e}){scoped}"
+                )
             if not valid(value):
-                problems.append(f"{field}[{key!r}] must be {what}, not {value!r}")
+                problems.append(f"{field}[{shown(key)}] must be {what}, not {shown(value)}")
     return problems
 
 
@@ -138,14 +159,18 @@ def token_config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
     elif isinstance(value, dict) and not standalone:
         for key, indices in value.items():
             if not _is_index_list(indices):
-                problems.append(f"{field}[{key!r}] must be a list of integers, not {indices!r}")
+                problems.append(
+                    f"{field}[{shown(key)}] must be a list of integers, not {shown(indices)}"
+                )
     elif not _is_index_list(value):
-        problems.append(f"{field} must be a list of integers (or a dict of them), not {value!r}")
+        problems.append(
+            f"{field} must be a list of integers (or a dict of them), not {shown(value)}"
+        )
     if cfg.get("ensure_weight_tying") is not None and not isinstance(
         cfg["ensure_weight_tying"], bool
     ):
         problems.append(
-            f"ensure_weight_tying must be true or false, not {cfg['ensure_weight_tying']!r}"
+            f"ensure_weight_tying must be true or false, not {shown(cfg['ensure_weight_tying'])}"
         )
     return _input_errors(where, problems)
 
@@ -172,7 +197,7 @@ def lora_config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
     if targets and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         return [
             InputError(
-                f"{where}: target_parameters must be a list of parameter names, not {targets!r}.",
+                f"{where}: target_parameters must be a list of parameter names, not {shown(targets)}.",
                 hint=FIX_CONFIG,
             )
         ]
@@ -199,7 +224,7 @@ def _refuse_lora_variants(cfg: dict, refuse) -> None:
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         refuse(
-            f"init_lora_weights={init!r}",
+            f"init_lora_weights={shown(init)}",
             hint="This initialisation changes the base weights. Convert the adapter to plain LoRA "
             "when saving (save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
             "and merge that.",
@@ -215,7 +240,7 @@ def lycoris_config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
         if "alpha" in cfg and not _is_number(alpha):
             problems.append(
                 InputError(
-                    f"{where}: alpha must be a finite number, not {alpha!r}.", hint=FIX_CONFIG
+                    f"{where}: alpha must be a finite number, not {shown(alpha)}.", hint=FIX_CONFIG
                 )
             )
         if cfg.get("use_rslora"):
@@ -233,13 +258,13 @@ def lycoris_config_problems(cfg: dict, where: Path) -> list[ShardmergeError]:
             re.compile(ff)
         except re.error as e:
             problems.append(
-                InputError(f"{where}: feedforward_modules {ff!r} is not a valid regex ({e}).")
+                InputError(f"{where}: feedforward_modules {shown(ff)} is not a valid regex ({e}).")
             )
     elif ff is not None and not (isinstance(ff, list) and all(isinstance(m, str) for m in ff)):
         problems.append(
             InputError(
                 f"{where}: feedforward_modules must be a list of module names or a regex, "
-                f"not {ff!r}.",
+                f"not {shown(ff)}.",
                 hint=FIX_CONFIG,
             )
         )

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError, InputError
-from ..io.checkpoint import not_a_regular_file, read_json
+from ..io.checkpoint import not_a_regular_file
+from ..io.jsonfile import read_json
 from ..io.safetensors import NAME_OF, read_header
 from ..io.sources import load_torch_state
 from ..terms import TensorRef

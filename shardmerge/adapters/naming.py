@@ -17,10 +17,20 @@ def strip_key_prefix(key: str) -> str:
     return key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
 
 
+def pattern_regex(key: str) -> re.Pattern:
+    """The regex PEFT's ``get_pattern_key`` builds from a rank_pattern/alpha_pattern key.
+
+    The key is embedded as it is, so a key that is only valid on its own, such
+    as one starting with an inline flag ``(?i)``, fails here as it fails in
+    PEFT (re.error); the config checks refuse such a key by name.
+    """
+    return re.compile(rf"(.*\.)?({key})$")
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern rule: the first key matching the module name's tail."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_regex(key).match(module):
             return patterns[key]
     return default
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import InputError
+from ..errors import InputError, shown
+from .jsonfile import read_json
 from .safetensors import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,26 +53,6 @@ class Checkpoint:
         return sum(h.size for h in self.headers.values())
 
 
-def read_json(path: Path, what: str, hint: str | None = None) -> dict:
-    """Read a JSON object from ``path``; errors name the file and what it is for."""
-    if path.exists() and not path.is_file():
-        # A folder or a FIFO (which would block the reader forever).
-        raise InputError(f"{path}: {what} is not a regular file.", hint=hint)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} is missing.", hint=hint) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {what} {path}: {e}.", hint=hint) from None
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise InputError(f"{path}: {what} is not valid JSON ({e}).", hint=hint) from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{path}: {what} must be a JSON object.", hint=hint)
-    return doc
-
-
 def not_a_regular_file(path: Path, what: str) -> InputError:
     """The error for a folder or FIFO found where a weights file belongs (never opened)."""
     return InputError(
@@ -84,7 +64,7 @@ def not_a_regular_file(path: Path, what: str) -> InputError:
 def safe_relative(folder: Path, name: object, source: Path) -> str:
     """Check that ``name`` (from ``source``) names a file inside ``folder``; return it normalized."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
-        raise InputError(f"{source}: invalid file name {name!r}.")
+        raise InputError(f"{source}: invalid file name {shown(name)}.")
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts:
         raise InputError(
@@ -140,8 +120,19 @@ def _shard_list(folder: Path) -> tuple[dict | None, dict[str, str], list[str]]:
                 f"{index_path}: 'weight_map' is missing or empty.",
                 hint="Re-download the model or re-export it.",
             )
+        if not isinstance(index.get("metadata", {}), (dict, type(None))):
+            raise InputError(
+                f"{index_path}: 'metadata' must be a JSON object, not {shown(index['metadata'])}.",
+                hint="Re-download the model or re-export it.",
+            )
         shards: list[str] = []
         for tensor_name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise InputError(
+                    f"{index_path}: weight_map[{shown(tensor_name)}] must be a shard file name, "
+                    f"not {shown(shard)}.",
+                    hint="Re-download the model or re-export it.",
+                )
             shard = safe_relative(folder, shard, index_path)
             weight_map[tensor_name] = shard
             if shard not in shards:
@@ -164,9 +155,17 @@ def _shard_headers(folder: Path, shards: list[str], indexed: bool) -> dict[str, 
     headers: dict[str, Header] = {}
     for shard in shards:
         file = folder / shard
-        if file.exists() and not file.is_file():
+        try:
+            exists, regular = file.exists(), file.is_file()
+        except OSError as e:  # a name too long for the filesystem, say
+            raise InputError(
+                f"{folder / INDEX_NAME}: names shard {shown(shard)}, which cannot be opened "
+                f"({e.strerror or e}).",
+                hint="Re-download the model or re-export it.",
+            ) from None
+        if exists and not regular:
             raise not_a_regular_file(file, f"shard {shard}")
-        if not file.is_file():
+        if not regular:
             where = f"named in {folder / INDEX_NAME}" if indexed else "expected"
             raise InputError(
                 f"shard {shard} ({where}) is missing from {folder}.",

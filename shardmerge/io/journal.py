@@ -16,7 +16,8 @@ import signal
 import zlib
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, shown
+from .jsonfile import parse_json, read_regular_file
 
 WORK_DIR = ".shardmerge"
 JOURNAL_NAME = "journal.json"
@@ -82,18 +83,45 @@ class Journal:
 
     @classmethod
     def load(cls, work: Path) -> Journal | None:
-        """The journal in ``work``, or None when there is none (or it is unreadable)."""
-        j = cls(work)
+        """The journal in ``work``; None when there is none, or when it is damaged.
+
+        A damaged journal is set aside here, never trusted: every shard is
+        written again. ``check_resumable`` refuses one unless --overwrite.
+        """
         try:
-            doc = json.loads(j.path.read_text())
-        except (OSError, ValueError):
+            return cls.read(work)
+        except OutputError:
             return None
+
+    @classmethod
+    def read(cls, work: Path) -> Journal | None:
+        """The journal in ``work``, None when there is none; OutputError when it is damaged."""
+        j = cls(work)
+
+        def damaged(problem: str) -> OutputError:
+            return OutputError(
+                f"{j.path}: the resume journal is damaged ({problem}); it cannot be trusted.",
+                hint="Pass --overwrite to start this output folder over (every shard is "
+                "written again), or choose another folder.",
+            )
+
+        try:
+            raw = read_regular_file(j.path, damaged)
+        except FileNotFoundError:
+            return None
+        doc = parse_json(raw, damaged)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            return None
-        j.fingerprint = str(doc.get("fingerprint", ""))
-        j.status = str(doc.get("status", "running"))
-        shards = doc.get("shards")
-        j.shards = shards if isinstance(shards, dict) else {}
+            raise damaged(f"not a format-{FORMAT} journal object")
+        fingerprint, status, shards = doc.get("fingerprint"), doc.get("status"), doc.get("shards")
+        if not isinstance(fingerprint, str) or status not in ("running", "complete"):
+            raise damaged("its fingerprint or status has the wrong type")
+        if not isinstance(shards, dict):
+            raise damaged("'shards' is not an object")
+        for name, entry in shards.items():
+            problem = _shard_entry_problem(entry)
+            if problem:
+                raise damaged(f"shards[{shown(name)}] {problem}")
+        j.fingerprint, j.status, j.shards = fingerprint, status, shards
         return j
 
     def save(self) -> None:
@@ -134,12 +162,30 @@ class Journal:
             return False
 
 
+def _shard_entry_problem(entry: object) -> str | None:
+    """Why a journal's shard entry is not ``{"size": int, "crc32": int[, "max_delta": {}]}``."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    for key in ("size", "crc32"):
+        value = entry.get(key)
+        if type(value) is not int or value < 0:
+            return f"has no whole-number {key}"
+    deltas = entry.get("max_delta", {})
+    if not isinstance(deltas, dict) or not all(
+        isinstance(d, (int, float)) and not isinstance(d, bool) for d in deltas.values()
+    ):
+        return "has a max_delta that is not an object of numbers"
+    return None
+
+
 def check_resumable(
     out: Path, fingerprint: str, *, overwrite: bool, resume: bool
 ) -> Journal | None:
     """The journal to resume from, None for a fresh start; refuses a different job's output."""
-    journal = Journal.load(out / WORK_DIR)
-    if journal is None or overwrite:
+    if overwrite:
+        return None  # the journal, damaged or not, is set aside and rewritten
+    journal = Journal.read(out / WORK_DIR)
+    if journal is None:
         return None
     if journal.fingerprint != fingerprint:
         state = "a finished" if journal.status == "complete" else "an unfinished"

@@ -18,10 +18,11 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import CorruptFileError, InputError
+from ..errors import CorruptFileError, InputError, shown
 from .dtypes import DTYPES, ITEMSIZE
 from .dtypes import FLOAT_DTYPES as FLOAT_DTYPES
 from .dtypes import NAME_OF as NAME_OF
+from .jsonfile import parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -140,10 +141,7 @@ def parse_header(path: str, size: int, raw: bytes) -> Header:
             hint="Re-download or re-export the file.",
         )
 
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"not valid JSON ({e})") from None
+    doc = parse_json(raw, bad, object_pairs_hook=_no_duplicate_keys)
     if not isinstance(doc, dict):
         raise bad("the header is not a JSON object")
 
@@ -160,29 +158,29 @@ def parse_header(path: str, size: int, raw: bytes) -> Header:
     entries: list[TensorInfo] = []
     for name, spec in doc.items():
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+            raise bad(f"entry {shown(name)} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if dtype not in DTYPES:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise bad(f"tensor {shown(name)} has unknown dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+            raise bad(f"tensor {shown(name)} has an invalid shape {shown(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise bad(f"tensor {shown(name)} has invalid data_offsets {shown(offsets)}")
         begin, end = offsets
         expected = math.prod(shape) * ITEMSIZE[dtype]
         if end - begin != expected:
             raise bad(
-                f"tensor {name!r} spans {end - begin} bytes but shape {shape} of {dtype} "
+                f"tensor {shown(name)} spans {end - begin} bytes but shape {shown(shape)} of {dtype} "
                 f"needs {expected}"
             )
         if end > data_len:
             raise bad(
-                f"tensor {name!r} ends at byte {end} of a {data_len}-byte data area "
+                f"tensor {shown(name)} ends at byte {end} of a {data_len}-byte data area "
                 "(the file is truncated or the offsets are wrong)"
             )
         entries.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
@@ -191,9 +189,9 @@ def parse_header(path: str, size: int, raw: bytes) -> Header:
     cursor = data_start
     for t in entries:
         if t.start < cursor:
-            raise bad(f"tensor {t.name!r} overlaps the tensor before it")
+            raise bad(f"tensor {shown(t.name)} overlaps the tensor before it")
         if t.start > cursor:
-            raise bad(f"a gap of {t.start - cursor} bytes lies before tensor {t.name!r}")
+            raise bad(f"a gap of {t.start - cursor} bytes lies before tensor {shown(t.name)}")
         cursor = t.end
     if cursor != size:
         raise bad(

@@ -8,16 +8,16 @@ Untouched tensors must match the base byte for byte.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arch.config import config_value
-from ..errors import InputError
+from ..errors import InputError, shown
 from ..execute.jobs import MergePlan
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
-from ..io.journal import Journal
+from ..io.journal import WORK_DIR, Journal
+from ..io.jsonfile import parse_json, read_json
 from ..io.sources import RefLoader
 from ..options import MergeOptions
 from ..planner.build import build_plan
@@ -53,18 +53,44 @@ class VerifyReport:
 
 
 def output_provenance(out: Path) -> dict:
-    """The shardmerge record in OUT's index or single shard metadata ({} if none)."""
+    """The shardmerge record in OUT's index or single shard metadata ({} if none), shape-checked."""
     ckpt = open_checkpoint(out)
     if ckpt.index is not None:
-        record = (ckpt.index.get("metadata") or {}).get("shardmerge")
-        if isinstance(record, dict):
-            return record
-    for header in ckpt.headers.values():
-        try:
-            return json.loads(header.metadata.get("shardmerge", "{}"))
-        except ValueError:
-            return {}
-    return {}
+        where = out / INDEX_NAME
+        record = (ckpt.index.get("metadata") or {}).get("shardmerge", {})
+    else:
+        header = next(iter(ckpt.headers.values()))
+        where = Path(header.path)
+        text = header.metadata.get("shardmerge", "{}")
+        record = parse_json(text, lambda problem: _bad_record(where, problem))
+    problem = _record_problem(record)
+    if problem:
+        raise _bad_record(where, problem)
+    return record
+
+
+def _bad_record(where: Path, problem: str) -> InputError:
+    return InputError(
+        f"{where}: the shardmerge provenance record cannot be used: {problem}.",
+        hint="Give --weights and --dtype to verify against, or merge again.",
+    )
+
+
+def _record_problem(record: object) -> str | None:
+    """Why a provenance record is not shaped as planner/provenance.py writes it (None if it is)."""
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    adapters = record.get("adapters", [])
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+        return f"'adapters' must be a list of objects, not {shown(adapters)}"
+    for i, a in enumerate(adapters):
+        weight = a.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            return f"adapters[{i}].weight must be a number, not {shown(weight)}"
+    for key in ("dtype", "qlora_base"):
+        if not isinstance(record.get(key, ""), str):
+            return f"'{key}' must be text, not {shown(record[key])}"
+    return None
 
 
 def verify(
@@ -90,14 +116,14 @@ def verify(
         raise InputError(
             f"output folder {out} does not exist.", hint="Give the folder merge wrote."
         )
-    journal = Journal.load(out / ".shardmerge")
+    journal = Journal.read(out / WORK_DIR)  # a damaged one is refused, not trusted
     if journal is not None and journal.status != "complete":
         raise InputError(
             f"{out} holds an unfinished merge.", hint="Rerun the merge command to finish it first."
         )
     record = output_provenance(out)
     if weights is None:
-        recorded = [a.get("weight") for a in record.get("adapters", [])]
+        recorded = [a.get("weight", 1.0) for a in record.get("adapters", [])]
         weights = recorded if len(recorded) == len(adapters) else None
     if dtype is None:
         dtype = record.get("dtype", "auto")
@@ -130,18 +156,7 @@ def _check_layout(plan: MergePlan, out: Path, report: VerifyReport) -> None:
     except InputError as e:
         report.problems.append(str(e))
         return
-    if not (out / CONFIG_NAME).is_file():
-        report.problems.append(f"{out / CONFIG_NAME} is missing.")
-    elif plan.config_drop:
-        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
-        kept = [k for k in plan.config_drop if k in config]
-        if kept:
-            report.problems.append(f"{out / CONFIG_NAME} still has {', '.join(kept)}.")
-    if (out / CONFIG_NAME).is_file() and plan.config_update:
-        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
-        for key, value in plan.config_update:  # tie_word_embeddings, vocab_size, dtype
-            if config_value(config, key) != value:
-                report.problems.append(f"{out / CONFIG_NAME}: {key} should be {value!r}.")
+    _check_config(plan, out, report)
     if set(got.shards) != {s.name for s in plan.shards}:
         report.problems.append(
             f"shard files differ: expected {sorted(s.name for s in plan.shards)}, found {sorted(got.shards)}."
@@ -174,3 +189,19 @@ def _check_layout(plan: MergePlan, out: Path, report: VerifyReport) -> None:
                 report.problems.append(
                     f"{shard.name}: {name} is {t.dtype} {list(t.shape)}, expected {e.dtype} {list(e.shape)}."
                 )
+
+
+def _check_config(plan: MergePlan, out: Path, report: VerifyReport) -> None:
+    """OUT's config.json: present, without the keys dropped, with the keys updated."""
+    path = out / CONFIG_NAME
+    try:
+        config = read_json(path, "the merged model config (config.json)")
+    except InputError as e:
+        report.problems.append(str(e))
+        return
+    kept = [k for k in plan.config_drop if k in config]
+    if kept:
+        report.problems.append(f"{path} still has {', '.join(kept)}.")
+    for key, value in plan.config_update:  # tie_word_embeddings, vocab_size, dtype
+        if config_value(config, key) != value:
+            report.problems.append(f"{path}: {key} should be {value!r}.")
