@@ -649,6 +649,10 @@ BROKEN_BNB4 = {
         "not a JSON object",
     ),
     "state_json_list": (lambda t: t.update({STATE: _blob("[1, 2]")}), "not a JSON object"),
+    "state_deeply_nested": (
+        lambda t: t.update({STATE: _blob("[" * 30000 + "]" * 30000)}),
+        "not a JSON object",
+    ),
     "state_empty": (
         lambda t: t.update({STATE: torch.zeros(0, dtype=torch.uint8)}),
         "not a JSON object",

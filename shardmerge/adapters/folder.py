@@ -94,3 +94,12 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def duplicate_keys_error(wfile: object, duplicates: list[tuple[str, str]]) -> CorruptFileError:
+    """Two keys of one module holding the same tensor: which PEFT would load is not defined."""
+    pairs = "; ".join(f"{a} and {b}" for a, b in duplicates[:4])
+    return CorruptFileError(
+        f"{wfile}: two keys hold the same tensor of one module: {pairs}.",
+        hint="Keep one of each pair, or re-save the adapter with PeftModel.save_pretrained().",
+    )

@@ -23,7 +23,7 @@ from ..terms import Replacement, TensorEdit, TensorRef
 from . import tokens
 from .collect import CollectedEdits
 from .config import is_standalone_tokens
-from .folder import Adapter
+from .folder import Adapter, duplicate_keys_error
 from .lora_keys import LORA_ROLES, classify_lora_keys
 from .lowrank import LOW_RANK_ROLES, lora_scaling, lowrank_edits
 from .moe import expert_terms
@@ -83,13 +83,7 @@ def _grouped_keys(c: CollectedEdits) -> dict[str, dict[str, TensorRef]] | None:
         )
     if duplicates:
         # Which of the two PEFT would load is not defined: refuse rather than pick one.
-        shown = "; ".join(f"{a} and {b}" for a, b in duplicates[:4])
-        c.errors.append(
-            CorruptFileError(
-                f"{wfile}: two keys hold the same tensor of one module: {shown}.",
-                hint="Keep one of each pair, or re-save the adapter with PeftModel.save_pretrained().",
-            )
-        )
+        c.errors.append(duplicate_keys_error(wfile, duplicates))
     standalone = is_standalone_tokens(c.adapter.config)
     if standalone:
         # A TRAINABLE_TOKENS adapter holds token rows (and maybe a resized embedding), no LoRA.

@@ -29,11 +29,11 @@ import re
 from collections import Counter
 
 from ..arch.layers import is_conv1d
-from ..errors import CorruptFileError, ShardmergeError, UnsupportedAdapterError
+from ..errors import ShardmergeError, UnsupportedAdapterError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES
 from ..terms import Replacement, Scaling, TensorEdit, TensorRef, Term
-from .folder import Adapter, peft_type_of
+from .folder import Adapter, duplicate_keys_error, peft_type_of
 from .lycoris_edits import LycorisEdits
 from .naming import pattern_value, resolve_base_name, strip_key_prefix
 
@@ -100,13 +100,7 @@ def adapter_edits(
     duplicates: list[tuple[str, str]] = []
     modules, unknown = _classify(adapter, duplicates)
     if duplicates:
-        shown = "; ".join(f"{a} and {b}" for a, b in duplicates[:4])
-        c.errors.append(
-            CorruptFileError(
-                f"{adapter.weights_file}: two keys hold the same tensor of one module: {shown}.",
-                hint="Keep one of each pair, or re-save the adapter with PeftModel.save_pretrained().",
-            )
-        )
+        c.errors.append(duplicate_keys_error(adapter.weights_file, duplicates))
         return {}, Counter(), c.errors
     if unknown:
         shown = ", ".join(unknown[:8]) + (

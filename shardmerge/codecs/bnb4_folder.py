@@ -10,7 +10,6 @@ checked before anything is written; the first problem is raised.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CorruptFileError, InputError
+from ..io.jsonfile import parse_json
 from ..io.safetensors import TensorInfo, read_tensor
 from ..options import REFUSED_CHOICES
 from ..terms import TensorRef
@@ -129,10 +129,8 @@ def _read_state(ckpt: Checkpoint, key: str, where: str) -> dict:
             where,
             f"its quant_state is {blob.dtype} {list(blob.shape)}, not a short uint8 JSON blob.",
         )
-    try:
-        state = json.loads(_load(ckpt, key).numpy().tobytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise _corrupt(where, "its quant_state is not a JSON object.") from None
+    raw = _load(ckpt, key).numpy().tobytes()
+    state = parse_json(raw, lambda _: _corrupt(where, "its quant_state is not a JSON object."))
     if not isinstance(state, dict):
         raise _corrupt(where, "its quant_state is not a JSON object.")
     return state
