@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .runtime import exit_on_interrupt
+from .runtime import exit_on_interrupt, ignore_interrupt
 
 
 def entry() -> None:
@@ -10,7 +10,12 @@ def entry() -> None:
     exit_on_interrupt()  # before the CLI's imports: click now, torch later
     from .cli import main
 
-    main()
+    try:
+        main()
+    finally:
+        # The command is over and its exit status decided: a Ctrl-C while the
+        # interpreter shuts down must not turn it into a death by signal.
+        ignore_interrupt()
 
 
 if __name__ == "__main__":

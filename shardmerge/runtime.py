@@ -162,3 +162,10 @@ def raise_on_interrupt() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def ignore_interrupt() -> None:
+    """Ctrl-C is ignored from now on (the process is only exiting)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
