@@ -301,16 +301,15 @@ def weight_problem(value: object) -> str | None:
     return None
 
 
-def check_merge_args(adapters: list, weights: list[float] | None, dtype: str) -> list[float]:
-    """The argument checks a plan makes before reading anything; returns the weights."""
-    if not adapters:
+def check_merge_args(options: MergeOptions) -> None:
+    """The argument checks a plan makes before reading anything (adapters, weights, dtype)."""
+    if not options.adapters:
         raise InputError("no adapter given; name at least one adapter folder.")
-    weights = [a.weight for a in per_adapter(adapters, weights)]
+    weights, dtype = options.weights, options.dtype
     if not all(math.isfinite(w) for w in weights):
         raise InputError(f"adapter weights must be finite numbers, not {list(weights)}.")
     if dtype not in DTYPE_CHOICES:
         raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
-    return weights
 
 
 def resolve_inputs(

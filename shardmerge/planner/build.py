@@ -58,7 +58,8 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     """
     base, adapters, out = options.base, options.adapter_paths, options.output
     dtype, qlora_base, max_memory = options.dtype, options.qlora_base, options.max_memory
-    weights = check_merge_args(adapters, options.weights, dtype)
+    check_merge_args(options)
+    weights = options.weights
     budget = parse_size(max_memory) if max_memory is not None else default_budget()
     if budget <= BASELINE_BYTES:
         raise ResourceError(

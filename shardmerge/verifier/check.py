@@ -128,8 +128,6 @@ def verify(
     if dtype is None:
         dtype = record.get("dtype", "auto")
     qlora_base = record.get("qlora_base", "none")
-    if not adapters:
-        raise InputError("no adapter given; name at least one adapter folder.")
     options = MergeOptions.from_lists(
         base, list(adapters), out, weights=weights, dtype=dtype, device="cpu",
         max_memory=max_memory, qlora_base=qlora_base,
