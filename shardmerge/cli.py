@@ -307,8 +307,12 @@ def format_inspect(d: dict) -> str:
             f"{d['shards']} shard(s), {d['tensors']} tensors, {fmt_bytes(d['total_bytes'])}",
             f"dtypes: {dtypes}",
             f"tied embeddings: {d['tie_word_embeddings']}",
-            "largest tensors:",
         ]
+        if d.get("quantization"):
+            q = d["quantization"]
+            settings = ", ".join(f"{k} {v}" for k, v in q.items() if k != "quant_method")
+            lines.append(f"quantization: {q.get('quant_method', 'none')}; {settings}")
+        lines.append("largest tensors:")
         lines += [
             f"  {t['name']} {t['shape']} {t['dtype']} {fmt_bytes(t['bytes'])}"
             for t in d["largest_tensors"]
@@ -357,8 +361,13 @@ def format_plan(d: dict, *, has_out: bool) -> str:
     modules = ", ".join(f"{v} {k}" for k, v in sorted(d["modules"].items()))
     lines.append(f"adapter modules: {modules}")
     if d.get("qlora_base", "none") != "none":
-        how = {"nf4": "NF4 round-tripped", "bnb4": "dequantized from 4-bit"}[d["qlora_base"]]
-        lines.append(f"4-bit base: {d['quantized_tensors']} tensors {how} before merging")
+        how = {
+            "nf4": "NF4 round-tripped",
+            "bnb4": "dequantized from 4-bit",
+            "fp8": "dequantized from FP8",
+            "ct-fp8": "dequantized from compressed-tensors FP8",
+        }[d["qlora_base"]]
+        lines.append(f"quantized base: {d['quantized_tensors']} tensors {how} before merging")
     if d["resumable_shards"]:
         lines.append(f"resumes: {len(d['resumable_shards'])} shards already done")
     width = max(len(s["name"]) for s in d["shards"])

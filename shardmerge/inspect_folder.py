@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .adapters import CONFIG_NAME as ADAPTER_CONFIG
 from .adapters import adapter_summary
+from .codecs import quantization_summary
 from .errors import InputError
 from .io.checkpoint import open_checkpoint
 
@@ -53,5 +54,7 @@ def _inspect_model(folder: Path) -> dict:
             for t in largest
         ],
         "tie_word_embeddings": cfg.get("tie_word_embeddings"),
+        # quantization_config's settings and the FP8 tensors; None when not quantized.
+        "quantization": quantization_summary(ckpt),
         "extra_files": list(ckpt.extra_files),
     }

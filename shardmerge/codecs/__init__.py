@@ -16,15 +16,19 @@ the modules below. They see three things (protocol.py):
   (each coded tensor of its decoded shape and dtype, side tensors gone) and a
   ``StoredBase`` (per-tensor codecs, stored dtypes, side tensors).
 
-Two members exist. ``Nf4Roundtrip`` (qlora.py, with ``nf4_targets``): a
-16-bit base tensor as a QLoRA run saw it, chosen by ``--qlora-base nf4``.
+The members. ``Nf4Roundtrip`` (qlora.py, with ``nf4_targets``): a 16-bit
+base tensor as a QLoRA run saw it, chosen by ``--qlora-base nf4``.
 ``Bnb4Codec`` (bnb4.py) with the ``BNB4_FOLDER`` format (bnb4_folder.py): a
 bitsandbytes 4-bit folder, dequantized. nf4.py holds the NF4 arithmetic both
-use, bit-exact with bitsandbytes' CUDA kernels.
+use, bit-exact with bitsandbytes' CUDA kernels. ``Fp8Codec`` (fp8.py: FP8
+codes times block scales, decoded exactly to float64) with two formats:
+``FP8_FOLDER`` (fp8_folder.py, ``quant_method: "fp8"``: DeepSeek-V3, Qwen3 and
+GLM FP8, ``weight_scale_inv``) and ``CT_FP8_FOLDER`` (ct_fp8.py,
+compressed-tensors ``float-quantized``, ``weight_scale``); fp8_open.py checks
+one FP8 weight and its scale for both.
 
-Adding a stored format (FP8 ``float8_e4m3fn`` codes with float32 block scales
-in another tensor, possibly another shard; MXFP4; INT4 GPTQ/AWQ) is one new
-module here plus its tests:
+Adding a stored format (MXFP4; INT4 GPTQ/AWQ) is one new module here plus its
+tests:
 
 1. a frozen dataclass implementing ``TensorCodec`` whose ``decoder`` reads its
    side tensors through ``load`` (a ``TensorRef`` may point into any shard)
@@ -48,22 +52,27 @@ from typing import TYPE_CHECKING
 
 from .bnb4 import Bnb4Codec
 from .bnb4_folder import BNB4_FOLDER
+from .ct_fp8 import CT_FP8_FOLDER
 from .detect import find_format
+from .fp8 import Fp8Codec
+from .fp8_folder import FP8_FOLDER
 from .nf4 import nf4_roundtrip
 from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
 from .qlora import Nf4Roundtrip, nf4_targets
+from .summary import quantization_summary
 from .view import decoded_view
 
 if TYPE_CHECKING:
     from ..io.checkpoint import Checkpoint
 
 # The stored base formats shardmerge reads, tried in this order.
-BASE_FORMATS: tuple[BaseFormat, ...] = (BNB4_FOLDER,)
+BASE_FORMATS: tuple[BaseFormat, ...] = (BNB4_FOLDER, FP8_FOLDER, CT_FP8_FOLDER)
 
 __all__ = [
     "BASE_FORMATS",
     "BaseFormat",
     "Bnb4Codec",
+    "Fp8Codec",
     "Nf4Roundtrip",
     "RowDecoder",
     "StoredBase",
@@ -72,6 +81,7 @@ __all__ = [
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",
+    "quantization_summary",
 ]
 
 

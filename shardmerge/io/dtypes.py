@@ -30,6 +30,8 @@ ITEMSIZE: dict[str, int] = {
     "F8_E4M3FNUZ": 1,
     "F8_E5M2FNUZ": 1,
     "C64": 8,
+    # Power-of-two scales of FP8 checkpoints (scale_fmt "ue8m0"); read by codecs/fp8.py.
+    "F8_E8M0": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
@@ -53,6 +55,7 @@ TORCH_NAMES = {
     "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "C64": "complex64",
+    "F8_E8M0": "float8_e8m0fnu",
 }
 
 

@@ -113,9 +113,9 @@ def _assemble(
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
         config_update=schedule.config_changes(ckpt, out_dtype, settled),
-        # A dequantized 4-bit base is an ordinary model now.
+        # A dequantized 4-bit or FP8 base is an ordinary model now.
         config_drop=("quantization_config",) if bnb4 else (),
-        qlora_base="bnb4" if bnb4 else qlora_base,
+        qlora_base=bnb4.format if bnb4 else qlora_base,
         index=settled.update_index(provenance.output_index(ckpt, shards, record)),
         provenance=record,
         fingerprint=inputs.fingerprint,

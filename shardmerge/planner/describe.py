@@ -24,7 +24,8 @@ def describe(plan: MergePlan) -> dict:
         "base": plan.base,
         "out": plan.out,
         "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
-        # "nf4": these base tensors NF4 round-tripped; "bnb4": dequantized from a 4-bit folder.
+        # "nf4": these base tensors NF4 round-tripped; "bnb4", "fp8", "ct-fp8": dequantized
+        # from a stored 4-bit or FP8 (compressed-tensors FP8) folder.
         "qlora_base": plan.qlora_base,
         "quantized_tensors": sum(1 for s in plan.shards for t in s.tensors if t.quant),
         "device": plan.device,

@@ -19,6 +19,9 @@ from ..terms import TensorEdit
 from . import embeddings
 from .provenance import job_fingerprint
 
+# Base formats written only dequantized until FP8 output exists (--dtype required).
+FP8_FORMATS = ("fp8", "ct-fp8")
+
 
 @dataclass
 class Inputs:
@@ -49,7 +52,7 @@ def open_inputs(
     ckpt: Checkpoint | None = None
     bnb4: StoredBase | None = None
     try:
-        ckpt, bnb4 = open_base(base, qlora_base)
+        ckpt, bnb4 = open_base(base, qlora_base, dtype)
     except ShardmergeError as e:
         errors.append(e)
     opened = _open_adapters(adapters, errors)
@@ -98,8 +101,10 @@ def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]
     return opened
 
 
-def open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, StoredBase | None]:
-    """The base folder; a quantized one (a bitsandbytes 4-bit folder) as its decoded view."""
+def open_base(
+    base: str | os.PathLike, qlora_base: str, dtype: str = "auto"
+) -> tuple[Checkpoint, StoredBase | None]:
+    """The base folder; a quantized one (bitsandbytes 4-bit, FP8) as its decoded view."""
     check_qlora_choice(qlora_base)
     ckpt = open_checkpoint(base)
     stored_format = base_format(ckpt)
@@ -109,7 +114,16 @@ def open_base(base: str | os.PathLike, qlora_base: str) -> tuple[Checkpoint, Sto
         raise InputError(
             f"--qlora-base {qlora_base}: the base {ckpt.path} is already a {stored_format.title} "
             "model; it is dequantized exactly as stored.",
-            hint="Leave out --qlora-base for a 4-bit base folder.",
+            hint="Leave out --qlora-base for a quantized base folder.",
+        )
+    if stored_format.name in FP8_FORMATS and dtype == "auto":
+        # Keeping the base's FP8 format (requantizing touched tensors) is not built yet;
+        # raw codes must never be written without their scales.
+        raise InputError(
+            f"the base {ckpt.path} is an {stored_format.title} model; FP8 output is not built "
+            "yet, so it can only be merged into a dequantized model.",
+            hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
+            "merged and rounded once, and the scales are dropped.",
         )
     return open_base_format(ckpt, stored_format)
 

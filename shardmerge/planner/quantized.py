@@ -47,8 +47,8 @@ def quant_spec(
         if edit is not None and edit.replacement is not None:
             errors.append(
                 UnsupportedAdapterError(
-                    f"an adapter replaces {name} whole, but it is a packed 4-bit tensor of the "
-                    "base; replacing a 4-bit tensor is not supported.",
+                    f"an adapter replaces {name} whole, but it is a quantized ({bnb4.format}) "
+                    "tensor of the base; replacing a quantized tensor is not supported.",
                     hint="Merge into the original 16-bit base instead.",
                 )
             )

@@ -1,0 +1,167 @@
+"""Merging into FP8 bases with --dtype: a dequantized model, every tensor rounded once.
+
+Tiny DeepSeek-V3 (MLA attention, routed + shared experts, per-expert or
+fused 3-D layout) and Qwen3 models are quantized here (fp8_builders.py), in
+16x16 blocks over dims that are not multiples of 16, with a scale stored in
+another shard than its weight. The LoRA is trained-shape from PEFT on the
+dequantized model. Every output tensor must equal the float64 reference
+(exact dequantization + PEFT's formula) rounded once; verify re-derives it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from builders import (
+    load_model,
+    logits_of,
+    make_adapter,
+    peft_logits,
+    read_index,
+    read_tensors,
+    reference_merge,
+    round_once,
+)
+from click.testing import CliRunner
+from fp8_builders import deepseek_config, quantize_model, qwen3_config, save_tiny
+
+import shardmerge
+from shardmerge.cli import main
+from shardmerge.inspect_folder import inspect_folder
+from shardmerge.planner.describe import describe
+from shardmerge.verifier.check import verify
+
+MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """(tmp, float32 source, LoRA on MLA attention trained-shape on the dequantized base)."""
+    tmp = tmp_path_factory.mktemp("ds")
+    src = save_tiny(tmp / "src", deepseek_config(), seed=1)
+    quantize_model(src, tmp / "fp8", tmp / "deq")
+    adapter = make_adapter(tmp / "deq", tmp / "lora", target_modules=MLA, seed=2)
+    return tmp, src, adapter
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qw")
+    src = save_tiny(tmp / "src", qwen3_config(), seed=3)
+    quantize_model(src, tmp / "fp8", tmp / "deq")
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    adapter = make_adapter(tmp / "deq", tmp / "lora", target_modules=targets, seed=4)
+    return tmp, src, adapter
+
+
+def assert_exact(out, deq, adapter, dtype: torch.dtype) -> None:
+    """Every output tensor is the float64 reference (dequantized base + LoRA) rounded once."""
+    got = read_tensors(out)
+    ref = reference_merge(deq, [adapter], out_dtype=torch.float64)
+    assert set(got) == set(ref.tensors), set(got) ^ set(ref.tensors)
+    assert ref.touched
+    for name, exact in ref.tensors.items():
+        assert torch.equal(got[name], round_once(exact, dtype)), name
+
+
+def assert_dequantized_model(out, dtype: str) -> None:
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["dtype"] == dtype
+    assert not any(n.endswith(("_scale_inv", "_scale")) for n in read_tensors(out))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepseek_fp8_to_dtype_is_exact(deepseek, dtype):
+    tmp, _, adapter = deepseek
+    out = tmp / f"out-{dtype}"
+    shardmerge.merge(tmp / "fp8", [adapter], out, device="cpu", dtype=dtype)
+    assert_exact(out, tmp / "deq", adapter, DTYPES[dtype])
+    assert_dequantized_model(out, dtype)
+    assert "model.layers.0.self_attn.q_a_proj.weight_scale_inv" not in read_index(out)["weight_map"]
+    report = verify(out, tmp / "fp8", [adapter])
+    assert report.ok, report.summary()
+    assert report.tensors["convert"] > 0 and report.tensors["merge"] > 0
+
+
+def test_fused_expert_tensors_with_3d_scales(deepseek):
+    tmp, src, adapter = deepseek
+    quantize_model(src, tmp / "fused", tmp / "fused-deq", fused=True, seed=5)
+    got_names = read_tensors(tmp / "fused")
+    assert got_names["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].dim() == 3
+    out = tmp / "out-fused"
+    shardmerge.merge(tmp / "fused", [adapter], out, device="cpu", dtype="float32")
+    assert_exact(out, tmp / "fused-deq", adapter, torch.float32)
+    assert read_tensors(out)["model.layers.1.mlp.experts.down_proj"].shape == (4, 40, 24)
+    assert verify(out, tmp / "fused", [adapter]).ok
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float8_e8m0fnu, torch.float32])
+def test_ue8m0_power_of_two_scales(deepseek, scale_dtype):
+    tmp, src, adapter = deepseek
+    label = str(scale_dtype).split(".")[-1]
+    fp8, deq = tmp / f"ue8m0-{label}", tmp / f"ue8m0-{label}-deq"
+    quantize_model(src, fp8, deq, ue8m0=True, scale_dtype=scale_dtype, seed=6)
+    out = tmp / f"out-ue8m0-{label}"
+    shardmerge.merge(fp8, [adapter], out, device="cpu", dtype="bfloat16")
+    assert_exact(out, deq, adapter, torch.bfloat16)
+    assert verify(out, fp8, [adapter]).ok
+
+
+@pytest.mark.parametrize("strategy", ["block", "channel", "tensor"])
+def test_qwen3_compressed_tensors_fp8(qwen3, strategy):
+    tmp, src, adapter = qwen3
+    block = {"block": (16, 16), "channel": (1, 0), "tensor": None}[strategy]
+    fp8, deq = tmp / f"ct-{strategy}", tmp / f"ct-{strategy}-deq"
+    quantize_model(src, fp8, deq, convention="ct", block=block, scale_dtype=torch.bfloat16)
+    assert any(n.endswith(".input_scale") for n in read_tensors(fp8))
+    out = tmp / f"out-ct-{strategy}"
+    shardmerge.merge(fp8, [adapter], out, device="cpu", dtype="float32")
+    assert_exact(out, deq, adapter, torch.float32)
+    assert_dequantized_model(out, "float32")
+    assert not any(n.endswith(".input_scale") for n in read_tensors(out))
+    assert verify(out, fp8, [adapter]).ok
+
+
+def test_logits_match_the_unmerged_peft_model_on_the_dequantized_base(deepseek):
+    tmp, _, adapter = deepseek
+    out = tmp / "out-logits"
+    shardmerge.merge(tmp / "fp8", [adapter], out, device="cpu", dtype="float32")
+    # In float32 (the MoE kernels take no float64): the merged weights rounded once against
+    # the dequantized base rounded to float32 with PEFT's LoRA path beside it.
+    want = peft_logits(tmp / "deq", [adapter], dtype=torch.float32)
+    got = logits_of(load_model(out, torch.float32))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    base = logits_of(load_model(tmp / "deq", torch.float32))
+    assert not torch.allclose(base, want, rtol=1e-4, atol=1e-4)  # the adapter matters
+
+
+def test_without_dtype_is_refused_until_fp8_output_exists(deepseek):
+    tmp, _, adapter = deepseek
+    out = tmp / "out-nodtype"
+    argv = ["merge", str(tmp / "fp8"), str(adapter), "-o", str(out), "-q"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    assert "FP8 output is not built yet" in result.stderr
+    assert "--dtype bfloat16" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (out / "model.safetensors").exists()
+
+
+def test_plan_and_inspect_show_the_quantization(deepseek):
+    tmp, _, adapter = deepseek
+    plan = describe(
+        shardmerge.plan(tmp / "fp8", [adapter], tmp / "p", device="cpu", dtype="bfloat16")
+    )
+    assert plan["qlora_base"] == "fp8"
+    assert plan["quantized_tensors"] == 28
+    d = inspect_folder(tmp / "fp8")
+    q = d["quantization"]
+    assert q["quant_method"] == "fp8" and q["weight_block_size"] == [16, 16]
+    assert q["fp8_tensors"] == {"F8_E4M3": 28} and q["side_tensors"] == 28
+    assert inspect_folder(tmp / "deq")["quantization"] is None
+    result = CliRunner().invoke(main, ["inspect", str(tmp / "fp8")])
+    assert "quantization: fp8; fmt e4m3, weight_block_size [16, 16]" in result.output
