@@ -134,3 +134,55 @@ def test_row_alignment_follows_the_scale_blocks():
     assert codec.row_align((4, 24, 40)) == 1  # blocks straddle experts: rows decode anywhere
     assert Fp8Codec(ref, (40, 72)).row_align((40, 72)) == 1  # one scale: no alignment needed
     assert codec.state_bytes((40, 72)) == 9 * 16
+
+
+@pytest.mark.parametrize("code", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_verify_code_table_agrees_with_torch_on_every_code(code):
+    """verify decodes codes from their bit fields; torch's cast must give the same 256 values."""
+    from shardmerge.verifier.dequant import code_table
+
+    table = code_table(CODE_NAMES[code])
+    torch_values = torch.arange(256, dtype=torch.uint8).view(code).to(torch.float64)
+    assert torch.equal(table.isnan(), torch_values.isnan())
+    finite = ~table.isnan()
+    assert torch.equal(table[finite], torch_values[finite])
+    assert float(table[table.isfinite()].abs().max()) == torch.finfo(code).max
+
+
+@pytest.mark.parametrize("shape, block", [((40, 72), (16, 16)), ((3, 24, 40), (16, 16))])
+def test_verify_reference_decoder_equals_codec(shape, block):
+    from shardmerge.verifier.dequant import reference_decoder
+
+    codes, scale = coded(shape, block, scale_dtype=torch.float8_e8m0fnu, ue8m0=True)
+    ref = TensorRef("mem", "scale", "F8_E8M0", tuple(scale.shape))
+    codec = Fp8Codec(ref, block)
+    raw = codes.reshape(-1, shape[-1]).view(torch.uint8)
+    rows = raw.shape[0]
+    want = dequant_reference(codes, scale, block).reshape(rows, shape[-1])
+    decoder = reference_decoder(codec, shape, lambda r: scale)
+    assert torch.equal(decoder(raw[5:rows], 5, rows), want[5:])
+
+
+@pytest.mark.parametrize(
+    "shape, align",
+    [((7000, 512), 128), ((8, 1000, 512), 1), ((8, 1024, 512), 128)],
+)
+def test_planned_row_blocks_hold_whole_scale_blocks_within_the_budget(shape, align):
+    """A 7000x512 FP8 tensor in a 16 MiB working budget: blocks of whole 128-row scale blocks
+    (a partial last one), each within the budget; experts with partial blocks are not aligned."""
+    from shardmerge.planner.memory import (
+        MERGE_BYTES_PER_ELEMENT,
+        QUANT_BYTES_PER_ELEMENT,
+        tensor_block_rows,
+    )
+
+    ref = TensorRef("mem", "s", "F32", (*shape[:-2], -(-shape[-2] // 128), 4))
+    codec = Fp8Codec(ref, (128, 128))
+    assert codec.row_align(shape) == align
+    errors: list = []
+    working = 16 << 20
+    rows = tensor_block_rows("w", shape, shape, None, codec, working, errors)
+    assert not errors
+    assert rows % align == 0 and rows < shape[-2]
+    per_element = MERGE_BYTES_PER_ELEMENT + QUANT_BYTES_PER_ELEMENT
+    assert rows * shape[-1] * per_element + codec.state_bytes(shape) <= working

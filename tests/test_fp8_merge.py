@@ -26,6 +26,7 @@ from builders import (
 )
 from click.testing import CliRunner
 from fp8_builders import deepseek_config, quantize_model, qwen3_config, save_tiny
+from safetensors.torch import load_file, save_file
 
 import shardmerge
 from shardmerge.cli import main
@@ -165,3 +166,37 @@ def test_plan_and_inspect_show_the_quantization(deepseek):
     assert inspect_folder(tmp / "deq")["quantization"] is None
     result = CliRunner().invoke(main, ["inspect", str(tmp / "fp8")])
     assert "quantization: fp8; fmt e4m3, weight_block_size [16, 16]" in result.output
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.1.mlp.experts.2.up_proj.weight",  # dequantized only
+        "model.layers.1.self_attn.kv_b_proj.weight",  # dequantized and merged
+    ],
+)
+def test_verify_catches_one_changed_value(deepseek, name):
+    tmp, _, adapter = deepseek
+    out = tmp / f"out-tamper-{name.split('.')[-2]}"
+    shardmerge.merge(tmp / "fp8", [adapter], out, device="cpu", dtype="float32")
+    assert verify(out, tmp / "fp8", [adapter]).ok
+    file = out / read_index(out)["weight_map"][name]
+    tensors = load_file(str(file))
+    bits = tensors[name].view(torch.int32).clone()
+    bits.view(-1)[37] += 1  # one ulp
+    tensors[name] = bits.view(torch.float32)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    report = verify(out, tmp / "fp8", [adapter])
+    assert not report.ok
+    assert any(name in p for p in report.problems), report.problems
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_gives_the_same_bytes(deepseek):
+    tmp, _, adapter = deepseek
+    outs = {}
+    for device in ("cpu", "cuda"):
+        outs[device] = tmp / f"out-{device}"
+        shardmerge.merge(tmp / "fp8", [adapter], outs[device], device=device, dtype="bfloat16")
+    for file in sorted(p.name for p in outs["cpu"].glob("*.safetensors")):
+        assert (outs["cpu"] / file).read_bytes() == (outs["cuda"] / file).read_bytes(), file

@@ -197,7 +197,7 @@ def quant_rows_fit(
         return []
     return [
         ResourceError(
-            f"the memory budget is too small for 4-bit tensor {name} {list(shape)}: its "
+            f"the memory budget is too small for quantized tensor {name} {list(shape)}: its "
             f"quantization blocks of {quant.blocksize} values span {held} rows, which need "
             f"{fmt_bytes(need + BASELINE_BYTES)} at once; the budget is "
             f"{fmt_bytes(room + BASELINE_BYTES)}.",

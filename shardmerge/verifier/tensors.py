@@ -20,6 +20,7 @@ from ..kernel.dora_parts import parts_for
 from ..kernel.merge import FORMAT, cast
 from ..kernel.rows import RowPatch
 from ..kernel.spans import RowSpans
+from .dequant import reference_decoder
 from .dora_reference import reference_column_sums, reference_rows
 from .reference import reference_delta
 
@@ -99,7 +100,7 @@ class _Reference:
         self.vector = None
         if p.scaling is not None:
             self.vector = loader.load(p.scaling.vector).reshape(-1).to(torch.float64)
-        self.quant = t.quant.decoder(t.shape, loader.load) if p.quant else None
+        self.quant = reference_decoder(t.quant, t.shape, loader.load) if p.quant else None
         self.patch = RowPatch(p.token_rows, loader.load, CPU) if p.token_rows else None
         self.dora_parts = None
         if p.dora:  # norms down columns need every row first
@@ -114,7 +115,7 @@ class _Reference:
         """Base rows as the adapter saw them: replaced, decoded from 4 bits, or as stored."""
         if self.source is not None:
             return self.source[row0:row1] if self.source.dim() else self.source
-        if self.quant is not None:  # a 4-bit base: the values the adapter saw (quant.py)
+        if self.quant is not None:  # a quantized base: the values the adapter saw
             raw = _read_raw(self.src, self.info, row0, row1, self.in_buf, self.t)
             return self.quant(raw, row0, row1)
         return read_rows(self.src, self.info, row0, row1, self.in_buf)
