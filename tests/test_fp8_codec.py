@@ -12,6 +12,7 @@ import torch
 from fp8_builders import block_scales, dequant_reference, encode, expand
 
 from shardmerge.codecs import Fp8Codec
+from shardmerge.codecs.fp8 import decoded_dtype, scale_values
 from shardmerge.terms import TensorRef
 
 SCALE_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e8m0fnu: "F8_E8M0"}
@@ -32,14 +33,14 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, block, steps=(1, 3, 7)) -> 
     ref = TensorRef("mem", "scale", SCALE_DTYPE_NAMES[scale.dtype], tuple(scale.shape))
     shape = tuple(codes.shape)
     bm, bn = (block[0] or shape[-2], block[1] or shape[-1]) if block else shape[-2:]
-    codec = Fp8Codec(ref, (bm, bn), CODE_NAMES[codes.dtype])
+    codec = Fp8Codec(ref, (bm, bn), CODE_NAMES[codes.dtype], decoded_dtype(scale_values(scale)))
     rows = codes.reshape(-1, shape[-1])
     decoder = codec.decoder(shape, lambda r: scale)
     parts, row0, k = [], 0, 0
     while row0 < rows.shape[0]:
         row1 = min(rows.shape[0], row0 + steps[k % len(steps)])
         raw = rows[row0:row1].contiguous().view(torch.uint8).reshape(-1)
-        parts.append(decoder(raw, row0, row1))
+        parts.append(decoder(raw, row0, row1).double())  # float32 where exact (decoded_dtype)
         row0, k = row1, k + 1
     return torch.cat(parts).reshape(shape)
 
@@ -64,9 +65,24 @@ def test_decode_equals_float64_loop(shape, block):
 def test_decoded_values_need_more_than_float32():
     """The exact products keep up to 28 bits: float32 decoding would round many of them."""
     codes, scale = coded((40, 72), (16, 16))
+    assert decoded_dtype(scale_values(scale)) == "F64"
     exact = decode(codes, scale, (16, 16))
-    assert exact.dtype == torch.float64
     assert not torch.equal(exact.to(torch.float32).double(), exact)
+
+
+@pytest.mark.parametrize(
+    "scales, dtype",
+    [
+        ([0.5, 2.0**-100, 2.0**90], "F32"),  # powers of two (ue8m0)
+        ([1 + 2.0**-7, 3.0], "F32"),  # bf16 scales: 8 bits
+        ([1 + 2.0**-19], "F32"),  # 20 bits: 4-bit codes still fit 24
+        ([1 + 2.0**-20], "F64"),  # 21 bits
+        ([2.0**-111], "F64"),  # a product could be a float32 subnormal
+        ([2.0**101], "F64"),  # a product could overflow float32
+    ],
+)
+def test_decoded_dtype_is_float32_only_where_every_product_is_exact(scales, dtype):
+    assert decoded_dtype(torch.tensor(scales, dtype=torch.float64)) == dtype
 
 
 @pytest.mark.parametrize(
@@ -186,3 +202,16 @@ def test_planned_row_blocks_hold_whole_scale_blocks_within_the_budget(shape, ali
     assert rows % align == 0 and rows < shape[-2]
     per_element = MERGE_BYTES_PER_ELEMENT + QUANT_BYTES_PER_ELEMENT
     assert rows * shape[-1] * per_element + codec.state_bytes(shape) <= working
+
+
+@pytest.mark.parametrize("code", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float32_products_are_exact_at_the_edges_of_the_float32_range(code):
+    """Every code times the extreme scales decoded_dtype lets through: float32 == float64."""
+    scales = torch.tensor([2.0**-110, 2.0**-110 * (2 - 2.0**-19), 2.0**100 * (1 - 2.0**-20)])
+    scales = scales.to(torch.float64)
+    assert decoded_dtype(scales) == "F32"
+    values = torch.arange(256, dtype=torch.uint8).view(code).to(torch.float64)
+    values = values[values.isfinite()]
+    exact = values[:, None] * scales[None, :]
+    in32 = values.to(torch.float32)[:, None] * scales.to(torch.float32)[None, :]
+    assert torch.equal(in32.double(), exact)

@@ -12,7 +12,10 @@ their product needs up to 28 bits and does not fit float32. Both convert to
 float64 exactly and their product is exact there (no overflow or underflow
 is possible between 2^-158 and 2^137), so the decoder returns float64 rows
 (``dtype = "F64"``): the merge kernel then accumulates in float64 and rounds
-once to the output dtype.
+once to the output dtype. Where every scale of a tensor has at most 20
+significant bits (bf16/f16 scales, ue8m0 powers of two) in a range where no
+product is subnormal or overflows, the products are exact in float32 and the
+codec decodes to float32 (``dtype = "F32"``): the faster float32 merge path.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ REFUSED_CODE_DTYPES = {
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 # Decoding temporaries per element of a row block: the float64 values and the scale rows.
 BYTES_PER_ELEMENT = 16
+# Scales whose products with every code are exact float32 numbers: at most this many
+# significant bits (a code has at most 4), and products clear of float32's subnormals
+# (the smallest nonzero code is 2^-16, e5m2) and of its overflow (the largest is 57344).
+FLOAT32_SCALE_BITS = 20
+FLOAT32_SCALE_RANGE = (2.0**-110, 2.0**100)
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Fp8Codec:
     scale: TensorRef
     block: tuple[int, int]
     stored: str = "F8_E4M3"  # the codes' safetensors dtype
-    dtype: str = "F64"  # the decoded values: exact products need up to 28 bits
+    dtype: str = "F64"  # the decoded values: "F32" where every product fits (decoded_dtype)
     method: ClassVar[str] = "fp8"
     packed: ClassVar[bool] = True  # rows arrive as raw bytes, one code per byte
     bytes_per_element: ClassVar[int] = BYTES_PER_ELEMENT
@@ -90,13 +98,14 @@ class Fp8Rows:
         self.out, self.cols = shape[-2], shape[-1]
         self.grid_rows = -(-self.out // codec.block[0])  # scale rows per [out, in] matrix
         self.code = DTYPES[codec.stored]
-        grid = scale_values(load(codec.scale))
+        self.work = DTYPES[codec.dtype]  # exact either way (decoded_dtype)
+        grid = scale_values(load(codec.scale)).to(self.work)
         self.scale = grid.reshape(-1, -(-self.cols // codec.block[1]))
 
     def __call__(self, raw: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
-        """Rows [row0, row1) of the matrix view (experts' rows one after another), float64."""
+        """Rows [row0, row1) of the matrix view (experts' rows one after another)."""
         n, bm, bn = row1 - row0, *self.block
-        values = raw.view(self.code).view(n, self.cols).to(torch.float64)
+        values = raw.view(self.code).view(n, self.cols).to(self.work)
         rows = torch.arange(row0, row1)
         scale = self.scale[(rows // self.out) * self.grid_rows + (rows % self.out) // bm]
         full, rest = divmod(self.cols, bn)
@@ -114,6 +123,17 @@ def scale_values(stored: torch.Tensor) -> torch.Tensor:
         values = torch.ldexp(torch.ones_like(exponent), exponent - 127)
         return values.masked_fill_(exponent == 255, math.nan)
     return stored.to(torch.float64)
+
+
+def decoded_dtype(values: torch.Tensor) -> str:
+    """ "F32" when every code times every scale of ``values`` (float64) is a float32 number
+    exactly, else "F64"."""
+    lo, hi = FLOAT32_SCALE_RANGE
+    if not bool(((values >= lo) & (values <= hi)).all()):
+        return "F64"
+    mantissa, _ = torch.frexp(values)
+    whole = torch.ldexp(mantissa, torch.tensor(FLOAT32_SCALE_BITS))
+    return "F32" if bool((whole == whole.floor()).all()) else "F64"
 
 
 def scale_problem(values: torch.Tensor, power_of_two: bool) -> str | None:

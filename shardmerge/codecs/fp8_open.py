@@ -19,6 +19,7 @@ from .fp8 import (
     REFUSED_CODE_DTYPES,
     SCALE_DTYPES,
     Fp8Codec,
+    decoded_dtype,
     grid_fits,
     grid_shape,
     scale_problem,
@@ -119,7 +120,7 @@ def open_scaled(
             f"{where_of(ckpt, scale)}: {problem}; its weight cannot be dequantized.",
             hint="Re-quantize or re-download the model.",
         )
-    return Fp8Codec(ref, block, ckpt.tensor(weight).dtype)
+    return Fp8Codec(ref, block, ckpt.tensor(weight).dtype, decoded_dtype(values))
 
 
 def _grids(shape: tuple[int, ...], blocks: Sequence[Block]) -> list[tuple[int, int]]:
