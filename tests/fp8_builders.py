@@ -203,9 +203,11 @@ def quantize_model(
         codes = encode(w, scale, block)
         coded[name] = (codes, scale)
         stored[name] = codes
-        stored[scale_key(name, convention)] = (
-            scale if block or convention == "fp8" else scale.reshape(1)
-        )
+        if (
+            block is None
+        ):  # one scale: a scalar (transformers' FP8Linear) or [1] (compressed-tensors)
+            scale = scale.reshape(()) if convention == "fp8" else scale.reshape(1)
+        stored[scale_key(name, convention)] = scale
         exact[name] = dequant_reference(codes, scale, block)
     if convention == "ct":
         first = next(n for n in coded if n.endswith("q_proj.weight"))

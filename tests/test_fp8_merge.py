@@ -127,6 +127,18 @@ def test_qwen3_compressed_tensors_fp8(qwen3, strategy):
     assert verify(out, fp8, [adapter]).ok
 
 
+def test_qwen3_fp8_scalar_scale_per_tensor(qwen3):
+    """weight_block_size null: one scalar weight_scale_inv per tensor (transformers' FP8Linear)."""
+    tmp, src, adapter = qwen3
+    fp8, deq = tmp / "fp8-tensor", tmp / "fp8-tensor-deq"
+    quantize_model(src, fp8, deq, block=None, seed=9)
+    assert read_tensors(fp8)["model.layers.0.self_attn.q_proj.weight_scale_inv"].dim() == 0
+    out = tmp / "out-fp8-tensor"
+    shardmerge.merge(fp8, [adapter], out, device="cpu", dtype="float16")
+    assert_exact(out, deq, adapter, torch.float16)
+    assert verify(out, fp8, [adapter]).ok
+
+
 def test_logits_match_the_unmerged_peft_model_on_the_dequantized_base(deepseek):
     tmp, _, adapter = deepseek
     out = tmp / "out-logits"
