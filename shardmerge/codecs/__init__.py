@@ -25,7 +25,8 @@ codes times block scales, decoded exactly to float64) with two formats:
 ``FP8_FOLDER`` (fp8_folder.py, ``quant_method: "fp8"``: DeepSeek-V3, Qwen3 and
 GLM FP8, ``weight_scale_inv``) and ``CT_FP8_FOLDER`` (ct_fp8.py,
 compressed-tensors ``float-quantized``, ``weight_scale``); fp8_open.py checks
-one FP8 weight and its scale for both.
+one FP8 weight and its scale for both (``inspect_folder.py`` summarises a
+folder's quantization without torch).
 
 Adding a stored format (MXFP4; INT4 GPTQ/AWQ) is one new module here plus its
 tests:
@@ -59,7 +60,6 @@ from .fp8_folder import FP8_FOLDER
 from .nf4 import nf4_roundtrip
 from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
 from .qlora import Nf4Roundtrip, nf4_targets
-from .summary import quantization_summary
 from .view import decoded_view
 
 if TYPE_CHECKING:
@@ -81,7 +81,6 @@ __all__ = [
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",
-    "quantization_summary",
 ]
 
 
