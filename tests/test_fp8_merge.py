@@ -88,9 +88,16 @@ def test_deepseek_fp8_to_dtype_is_exact(deepseek, dtype):
     assert report.tensors["convert"] > 0 and report.tensors["merge"] > 0
 
 
-def test_fused_expert_tensors_with_3d_scales(deepseek):
-    tmp, src, adapter = deepseek
+@pytest.fixture(scope="module")
+def fused(deepseek):
+    """The DeepSeek model with transformers v5's fused 3-D expert tensors and 3-D scales."""
+    tmp, src, _ = deepseek
     quantize_model(src, tmp / "fused", tmp / "fused-deq", fused=True, seed=5)
+    return tmp / "fused", tmp / "fused-deq"
+
+
+def test_fused_expert_tensors_with_3d_scales(deepseek, fused):
+    tmp, _, adapter = deepseek
     got_names = read_tensors(tmp / "fused")
     assert got_names["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].dim() == 3
     out = tmp / "out-fused"
@@ -125,6 +132,41 @@ def test_qwen3_compressed_tensors_fp8(qwen3, strategy):
     assert_dequantized_model(out, "float32")
     assert not any(n.endswith(".input_scale") for n in read_tensors(out))
     assert verify(out, fp8, [adapter]).ok
+
+
+@pytest.fixture(scope="module")
+def expert_lora(deepseek):
+    """LoRA on the routed experts (PEFT target_parameters) and on kv_b_proj."""
+    tmp, _, _ = deepseek
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    return make_adapter(
+        tmp / "deq", tmp / "expert-lora", target_modules=["kv_b_proj"], target_parameters=targets
+    )
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_expert_lora_equals_the_merge_into_the_dequantized_base(
+    deepseek, fused, expert_lora, layout
+):
+    """Merging into the FP8 base gives the bytes of merging into its exact dequantization
+    (a float64 base, whose merges the MoE tests check against PEFT)."""
+    tmp, _, _ = deepseek
+    fp8, deq = (tmp / "fp8", tmp / "deq") if layout == "per_expert" else fused
+    outs = {}
+    for label, base in (("fp8", fp8), ("deq", deq)):
+        outs[label] = tmp / f"out-experts-{layout}-{label}"
+        shardmerge.merge(base, [expert_lora], outs[label], device="cpu", dtype="bfloat16")
+    got, want = read_tensors(outs["fp8"]), read_tensors(outs["deq"])
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    base = read_tensors(deq)
+    experts = [n for n in got if ".experts." in n and "shared" not in n]
+    assert experts and all(
+        not torch.equal(got[n], round_once(base[n], torch.bfloat16)) for n in experts
+    )
+    report = verify(outs["fp8"], fp8, [expert_lora])
+    assert report.ok and "expert" in report.max_ulp, report.summary()
 
 
 def test_qwen3_fp8_scalar_scale_per_tensor(qwen3):
