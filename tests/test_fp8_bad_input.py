@@ -219,3 +219,31 @@ def test_compressed_tensors_bad_input_refused(good, tmp_path, case):
     config, phrases = CT_CASES[case]
     edit_qc(base, config)
     assert_refused(tmp_path, base, adapter, str(base), *phrases)
+
+
+def test_compressed_tensors_stray_weight_scale_refused_other_scales_kept(good, tmp_path):
+    _, ct, adapter = good
+    base = tmp_path / "base"
+    shutil.copytree(ct, base)
+    edit_tensors(
+        base, lambda t: t.update({"model.layers.0.mlp.nothing.weight_scale": torch.ones(1)})
+    )
+    assert_refused(tmp_path, base, adapter, "nothing.weight_scale")
+
+
+def test_a_models_own_scale_parameter_is_not_taken_for_a_weight_scale(good, tmp_path):
+    """compressed-tensors scales end in .weight_scale; a model's own *_scale tensor is copied."""
+    _, ct, adapter = good
+    base = tmp_path / "base"
+    shutil.copytree(ct, base)
+    extra = torch.tensor([0.5, 0.25])
+    edit_tensors(base, lambda t: t.update({"model.layers.0.layer_scale": extra}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["merge", str(base), str(adapter), "-o", str(out), "-q", "--dtype", "float32"]
+    )
+    assert result.exit_code == 0, result.output
+    merged = {}
+    for f in out.glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    assert torch.equal(merged["model.layers.0.layer_scale"], extra)

@@ -78,7 +78,8 @@ class CtFp8Folder:
             )
         aux = {scale_name(n) for n in specs}
         aux |= {n for n in ckpt.weight_map if n.endswith(ACTIVATION_SUFFIXES)}
-        check_strays(ckpt, SCALE_SUFFIX, aux)
+        # Only ``*.weight_scale``: other names may end in "_scale" (a model's own layer_scale).
+        check_strays(ckpt, ".weight" + SCALE_SUFFIX, aux, SCALE_SUFFIX)
         shapes = {n: ckpt.tensor(n).shape for n in specs}
         storage = {n: ckpt.tensor(n).dtype for n in specs}
         return StoredBase(self.name, specs, shapes, storage, frozenset(aux))

@@ -81,7 +81,7 @@ class Fp8Folder:
                 hint="Remove quantization_config from config.json, or re-save the model.",
             )
         scales = {scale_name(n) for n in specs}
-        check_strays(ckpt, SCALE_SUFFIX, scales)
+        check_strays(ckpt, SCALE_SUFFIX, scales, SCALE_SUFFIX)
         aux = scales | {n for n in ckpt.weight_map if n.endswith(ACTIVATION_SUFFIXES)}
         shapes = {n: ckpt.tensor(n).shape for n in specs}
         storage = {n: ckpt.tensor(n).dtype for n in specs}

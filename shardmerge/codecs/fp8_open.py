@@ -129,12 +129,13 @@ def _grids(shape: tuple[int, ...], blocks: Sequence[Block]) -> list[tuple[int, i
     return [(b[0] or out, b[1] or cols) if b is not None else (out, cols) for b in blocks]
 
 
-def check_strays(ckpt: Checkpoint, suffix: str, used: set[str]) -> None:
-    """Refuse tensors named like scales that no FP8 weight uses (a 16-bit weight with a scale:
-    a half-converted checkpoint; no weight at all: a missing shard)."""
+def check_strays(ckpt: Checkpoint, suffix: str, used: set[str], added: str) -> None:
+    """Refuse tensors named like scales (ending in ``suffix``; the weight's name plus
+    ``added``) that no FP8 weight uses: a 16-bit weight with a scale is a half-converted
+    checkpoint, a scale without a weight a missing shard."""
     names = sorted(n for n in ckpt.weight_map if n.endswith(suffix) and n not in used)
     for name in names:
-        weight = name[: -len(suffix)]
+        weight = name[: -len(added)]
         if weight in ckpt.weight_map:
             check_codes(ckpt, weight, None)
     if names:
