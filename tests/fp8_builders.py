@@ -179,6 +179,7 @@ def quantize_model(
     fused: bool = False,
     extra: Callable[[dict, dict], None] | None = None,
     seed: int = 0,
+    code: torch.dtype = torch.float8_e4m3fn,
 ) -> dict:
     """Quantize the float32 model in ``src`` into ``fp8`` (two shards; the first weight's
     scale in the other shard) and write its exact dequantization to ``deq``.
@@ -200,7 +201,7 @@ def quantize_model(
             stored[name] = exact[name] = w
             continue
         scale = block_scales(w, block, scale_dtype, ue8m0, gen)
-        codes = encode(w, scale, block)
+        codes = encode(w, scale, block, code)
         coded[name] = (codes, scale)
         stored[name] = codes
         if (
@@ -213,6 +214,8 @@ def quantize_model(
         first = next(n for n in coded if n.endswith("q_proj.weight"))
         stored[first.replace(".weight", ".input_scale")] = torch.tensor([0.02])
     qc = quantization_config(convention, block, ue8m0)
+    if code == torch.float8_e5m2:
+        qc["fmt"] = "e5m2"
     if extra:
         extra(stored, qc)
     names = sorted(stored, key=lambda n: (n.split(".layers.")[-1], n))

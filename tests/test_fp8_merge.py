@@ -169,6 +169,18 @@ def test_expert_lora_equals_the_merge_into_the_dequantized_base(
     assert report.ok and "expert" in report.max_ulp, report.summary()
 
 
+def test_e5m2_codes(qwen3):
+    """fmt e5m2: float8_e5m2 codes (2 mantissa bits) with float32 block scales."""
+    tmp, src, adapter = qwen3
+    fp8, deq = tmp / "e5m2", tmp / "e5m2-deq"
+    quantize_model(src, fp8, deq, code=torch.float8_e5m2, seed=10)
+    assert read_tensors(fp8)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e5m2
+    out = tmp / "out-e5m2"
+    shardmerge.merge(fp8, [adapter], out, device="cpu", dtype="bfloat16")
+    assert_exact(out, deq, adapter, torch.bfloat16)
+    assert verify(out, fp8, [adapter]).ok
+
+
 def test_qwen3_fp8_scalar_scale_per_tensor(qwen3):
     """weight_block_size null: one scalar weight_scale_inv per tensor (transformers' FP8Linear)."""
     tmp, src, adapter = qwen3
