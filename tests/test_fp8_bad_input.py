@@ -1,7 +1,8 @@
 """Broken or unsupported FP8 bases get a clear refusal: exit 2, one message, nothing written.
 
 Each case copies a good tiny FP8 folder (Qwen3, ``fp8`` or compressed-tensors
-convention, two shards) and breaks one promise in it.
+convention, two shards) and breaks one promise in it. Also: what is not a
+weight scale is not refused, and the job fingerprint sees a shard of scales.
 """
 
 from __future__ import annotations
@@ -247,3 +248,30 @@ def test_a_models_own_scale_parameter_is_not_taken_for_a_weight_scale(good, tmp_
     for f in out.glob("*.safetensors"):
         merged.update(load_file(str(f)))
     assert torch.equal(merged["model.layers.0.layer_scale"], extra)
+
+
+def test_a_shard_of_scales_only_is_in_the_job_fingerprint(good, tmp_path):
+    """A resume must not reuse work done with other scales, even ones in a shard of their own."""
+    import shardmerge
+
+    fp8, _, adapter = good
+    base = tmp_path / "base"
+    shutil.copytree(fp8, base)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    scale = f"{Q}.weight_scale_inv"
+    old_file = base / index["weight_map"][scale]
+    rest = load_file(str(old_file))
+    value = rest.pop(scale)
+    save_file(rest, str(old_file), metadata={"format": "pt"})
+    save_file({scale: value}, str(base / "scales.safetensors"), metadata={"format": "pt"})
+    index["weight_map"][scale] = "scales.safetensors"
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def fingerprint() -> str:
+        plan = shardmerge.plan(base, [adapter], tmp_path / "out", device="cpu", dtype="bfloat16")
+        assert "scales.safetensors" not in [s.name for s in plan.shards]
+        return plan.fingerprint
+
+    before = fingerprint()
+    save_file({scale: value * 2}, str(base / "scales.safetensors"), metadata={"format": "x"})
+    assert fingerprint() != before

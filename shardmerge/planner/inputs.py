@@ -52,13 +52,14 @@ def open_inputs(
     ckpt: Checkpoint | None = None
     bnb4: StoredBase | None = None
     try:
-        ckpt, bnb4 = open_base(base, qlora_base, dtype)
+        ckpt, bnb4, as_stored = open_base(base, qlora_base, dtype)
     except ShardmergeError as e:
         errors.append(e)
     opened = _open_adapters(adapters, errors)
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
+    # The folder as stored: its shards of scales only are gone from the decoded view.
     fingerprint = (
-        job_fingerprint(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else ""
+        job_fingerprint(as_stored, opened, weights, dtype, qlora_base) if complete_inputs else ""
     )
     journal = None
     try:
@@ -103,13 +104,14 @@ def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]
 
 def open_base(
     base: str | os.PathLike, qlora_base: str, dtype: str = "auto"
-) -> tuple[Checkpoint, StoredBase | None]:
-    """The base folder; a quantized one (bitsandbytes 4-bit, FP8) as its decoded view."""
+) -> tuple[Checkpoint, StoredBase | None, Checkpoint]:
+    """The base folder as the merge sees it (a quantized one, bitsandbytes 4-bit or FP8, as
+    its decoded view), how it is stored, and the folder as stored."""
     check_qlora_choice(qlora_base)
     ckpt = open_checkpoint(base)
     stored_format = base_format(ckpt)
     if stored_format is None:
-        return ckpt, None
+        return ckpt, None, ckpt
     if qlora_base != "none":
         raise InputError(
             f"--qlora-base {qlora_base}: the base {ckpt.path} is already a {stored_format.title} "
@@ -125,7 +127,8 @@ def open_base(
             hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
             "merged and rounded once, and the scales are dropped.",
         )
-    return open_base_format(ckpt, stored_format)
+    view, stored = open_base_format(ckpt, stored_format)
+    return view, stored, ckpt
 
 
 def settle_edits(
