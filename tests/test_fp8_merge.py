@@ -193,6 +193,28 @@ def test_qwen3_fp8_scalar_scale_per_tensor(qwen3):
     assert verify(out, fp8, [adapter]).ok
 
 
+def test_untouched_tensors_equal_transformers_loading_the_fp8_folder(deepseek):
+    """transformers reads the FP8 folder itself (FineGrainedFP8Config(dequantize=True), float32:
+    one rounding of code * scale); every tensor no adapter touches must be the same. Its loader
+    needs whole blocks, so this base is quantized in 8x8 blocks, which tile every dim."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    tmp, src, adapter = deepseek
+    fp8 = tmp / "fp8-b8"
+    quantize_model(src, fp8, tmp / "fp8-b8-deq", block=(8, 8), seed=11)
+    out = tmp / "out-b8"
+    shardmerge.merge(fp8, [adapter], out, device="cpu", dtype="float32")
+    config = FineGrainedFP8Config(dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        fp8, quantization_config=config, dtype=torch.float32
+    ).state_dict()
+    ours = load_model(out, torch.float32).state_dict()
+    untouched = [k for k in theirs if not any(m in k for m in MLA)]
+    assert len(untouched) > 15 and any("experts" in k for k in untouched)
+    for name in untouched:
+        assert torch.equal(theirs[name], ours[name]), name
+
+
 def test_logits_match_the_unmerged_peft_model_on_the_dequantized_base(deepseek):
     tmp, _, adapter = deepseek
     out = tmp / "out-logits"
