@@ -185,8 +185,8 @@ def quantize_model(
     scale in the other shard) and write its exact dequantization to ``deq``.
 
     ``convention``: "fp8" (``weight_scale_inv``, quant_method fp8) or "ct"
-    (compressed-tensors ``weight_scale``, with a static ``input_scale`` on q_proj
-    and lm_head in ``ignore``). ``block`` None: a scale per tensor; (1, 0): per channel.
+    (compressed-tensors ``weight_scale``, with static ``input_scale``s and lm_head
+    in ``ignore``). ``block`` None: a scale per tensor; (1, 0): per channel.
     Returns {weight name: (codes, scale)}.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -204,15 +204,13 @@ def quantize_model(
         codes = encode(w, scale, block, code)
         coded[name] = (codes, scale)
         stored[name] = codes
-        if (
-            block is None
-        ):  # one scale: a scalar (transformers' FP8Linear) or [1] (compressed-tensors)
+        if block is None:  # one scale: a scalar (FP8Linear's) or [1] (compressed-tensors')
             scale = scale.reshape(()) if convention == "fp8" else scale.reshape(1)
         stored[scale_key(name, convention)] = scale
         exact[name] = dequant_reference(codes, scale, block)
-    if convention == "ct":
-        first = next(n for n in coded if n.endswith("q_proj.weight"))
-        stored[first.replace(".weight", ".input_scale")] = torch.tensor([0.02])
+    if convention == "ct":  # static activation scales, as llm-compressor's FP8 scheme writes
+        for name in coded:
+            stored[name.replace(".weight", ".input_scale")] = torch.tensor([0.02])
     qc = quantization_config(convention, block, ue8m0)
     if code == torch.float8_e5m2:
         qc["fmt"] = "e5m2"
@@ -250,10 +248,13 @@ def quantization_config(convention: str, block, ue8m0: bool) -> dict:
     else:
         weights = {"strategy": "block", "block_structure": list(block)}
     weights.update(num_bits=8, type="float", symmetric=True, dynamic=False)
+    inputs = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+    inputs["strategy"] = "tensor"
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs}
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "config_groups": {"group_0": group},
         "ignore": ["lm_head", "re:.*mlp\\.gate$"],
     }

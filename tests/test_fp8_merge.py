@@ -215,6 +215,32 @@ def test_untouched_tensors_equal_transformers_loading_the_fp8_folder(deepseek):
         assert torch.equal(theirs[name], ours[name]), name
 
 
+@pytest.mark.parametrize("strategy", ["block", "channel"])
+def test_untouched_tensors_equal_transformers_decompressing_compressed_tensors(qwen3, strategy):
+    """transformers with the compressed-tensors package decompresses the folder itself (in the
+    bf16 scales' dtype: one rounding of code * scale); untouched tensors must be the same."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    tmp, src, adapter = qwen3
+    block = {"block": (16, 16), "channel": (1, 0)}[strategy]
+    fp8 = tmp / f"ct-tf-{strategy}"
+    quantize_model(src, fp8, tmp / f"ct-tf-{strategy}-deq", convention="ct", block=block,
+                   scale_dtype=torch.bfloat16, seed=12)  # fmt: skip
+    out = tmp / f"out-ct-tf-{strategy}"
+    shardmerge.merge(fp8, [adapter], out, device="cpu", dtype="bfloat16")
+    config = CompressedTensorsConfig(dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        fp8, quantization_config=config, dtype=torch.float32
+    ).state_dict()
+    ours = read_tensors(out)
+    coded = {n for n, t in read_tensors(fp8).items() if t.dtype == torch.float8_e4m3fn}
+    touched = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
+    untouched = {n for n in coded if not any(m in n for m in touched)}
+    assert len(untouched) == 4  # k_proj and up_proj of both layers
+    for name in untouched:
+        assert torch.equal(theirs[name], ours[name].float()), name
+
+
 def test_logits_match_the_unmerged_peft_model_on_the_dequantized_base(deepseek):
     tmp, _, adapter = deepseek
     out = tmp / "out-logits"
