@@ -39,7 +39,7 @@ REFUSED_CODE_DTYPES = {
 }
 # Stored dtypes of scales: float ones, and E8M0 (a power of two 2^(byte - 127)).
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
-# Decoding temporaries per element of a row block: the float64 values and the scale rows.
+# Decoding temporaries per element of a row block: the values and the scale rows.
 BYTES_PER_ELEMENT = 16
 # Scales whose products with every code are exact float32 numbers: at most this many
 # significant bits (a code has at most 4), and products clear of float32's subnormals
@@ -91,7 +91,10 @@ class Fp8Codec:
 
 
 class Fp8Rows:
-    """Decoded float64 rows of one FP8 tensor (used by the worker and by verify)."""
+    """Decoded rows of one FP8 tensor (float64, or float32 where exact), for the merge.
+
+    verify decodes by its own arithmetic (verifier/dequant.py).
+    """
 
     def __init__(self, codec: Fp8Codec, shape: tuple[int, ...], load: Loader):
         self.block = codec.block
@@ -118,7 +121,7 @@ class Fp8Rows:
 
 def scale_values(stored: torch.Tensor) -> torch.Tensor:
     """A stored scale tensor as exact float64 values (E8M0 bytes as powers of two, 0xFF NaN)."""
-    if stored.dtype == torch.uint8 or stored.dtype == DTYPES.get("F8_E8M0"):
+    if stored.dtype == DTYPES.get("F8_E8M0"):
         exponent = stored.view(torch.uint8).to(torch.float64)
         values = torch.ldexp(torch.ones_like(exponent), exponent - 127)
         return values.masked_fill_(exponent == 255, math.nan)
@@ -126,8 +129,8 @@ def scale_values(stored: torch.Tensor) -> torch.Tensor:
 
 
 def decoded_dtype(values: torch.Tensor) -> str:
-    """ "F32" when every code times every scale of ``values`` (float64) is a float32 number
-    exactly, else "F64"."""
+    """The dtype a tensor with these scales (float64) decodes to: "F32" when every code
+    times every scale is a float32 number exactly, else "F64"."""
     lo, hi = FLOAT32_SCALE_RANGE
     if not bool(((values >= lo) & (values <= hi)).all()):
         return "F64"
