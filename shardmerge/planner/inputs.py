@@ -39,6 +39,7 @@ def open_inputs(
     dtype: str,
     qlora_base: str,
     out_checks: dict | None,
+    allow_nonfinite: bool = False,
 ) -> tuple[Inputs, list[ShardmergeError]]:
     """Open everything, and the problems found so far; raises PlanErrors if a folder won't open.
 
@@ -55,7 +56,9 @@ def open_inputs(
     opened = _open_adapters(adapters, errors)
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
     fingerprint = (
-        job_fingerprint(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else ""
+        job_fingerprint(ckpt, opened, weights, dtype, qlora_base, allow_nonfinite)
+        if complete_inputs
+        else ""
     )
     journal = None
     try:
