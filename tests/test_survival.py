@@ -190,3 +190,31 @@ def test_fused_expert_terms_in_blocks_that_cut_through_experts(tmp_path, monkeyp
     r = shardmerge.merge(fused, [ada], out, workers=0)
     assert any(n.endswith("experts.gate_up_proj") for n in r.survival)
     _assert_survival(r.survival, _expected(fused, [ada], out))
+
+
+def test_adapter_asking_no_change_has_no_share_and_no_warning(llama_bf16, tmp_path):
+    ada = make_adapter(
+        llama_bf16, tmp_path / "a", target_modules=["q_proj"], init_lora_weights=True
+    )
+    out = tmp_path / "out"
+    r = _cli("merge", str(llama_bf16), str(ada), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    survival = json.loads((out / ".shardmerge" / "report.json").read_text())["survival"]
+    assert len(survival) == 2
+    for entry in survival.values():  # B is zero: nothing to keep, nothing kept
+        assert entry["survived"] is None and entry["change_norm"] == 0.0
+        assert entry["elements_changed"] == 0 and entry["kept_norm"] == 0.0
+    assert "warning" not in r.stderr and "adapter change kept" not in r.stdout
+
+
+def test_separate_outputs_each_measure_their_own_adapter(llama_bf16, tmp_path):
+    tiny = make_adapter(llama_bf16, tmp_path / "tiny", b_scale=1e-5, target_modules=["q_proj"])
+    big = make_adapter(llama_bf16, tmp_path / "big", b_scale=0.5, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    r = _cli("merge", str(llama_bf16), str(tiny), str(big), "-o", str(out), "--separate")
+    assert r.returncode == 0, r.stderr
+    for name in ("tiny", "big"):
+        report = json.loads((out / name / ".shardmerge" / "report.json").read_text())
+        want = _expected(llama_bf16, [tmp_path / name], out / name)
+        _assert_survival(report["survival"], want)
+        assert bool(report["survival_below_half"]) == (name == "tiny")
