@@ -16,7 +16,8 @@ from .execute.driver import execute_many
 from .io.journal import WORK_DIR
 from .options import AdapterSpec, MergeOptions, resolve_inputs
 from .planner.build import MergePlan, build_plan
-from .report import REPORT_NAME, peak_memory_bytes, write_report
+from .planner.finite import check_adapters_finite
+from .report import REPORT_NAME, peak_memory_bytes, survival_entry, weak_tensors, write_report
 from .verifier.check import VerifyReport
 from .verifier.check import verify as verify_output
 
@@ -39,6 +40,13 @@ class MergeResult:
     adapters: tuple[dict, ...] = ()  # {"path", "label", "weight", "sha256"} each
     max_delta: dict[str, float] = field(default_factory=dict)  # per tensor kind: max |out - base|
     peak_memory_bytes: int = 0
+    # Per touched tensor: how much of the adapters' change it kept (report.survival_entry).
+    survival: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def weak(self) -> list[str]:
+        """Tensors that kept less than half of their adapters' change, worst first."""
+        return weak_tensors(self.survival)
 
     def report(self) -> dict:
         """The JSON report of this merge (what OUT/.shardmerge/report.json holds)."""
@@ -54,6 +62,8 @@ class MergeResult:
             "shards_resumed": self.shards_resumed,
             "peak_memory_bytes": self.peak_memory_bytes,
             "max_delta": dict(self.max_delta),
+            "survival": dict(self.survival),
+            "survival_below_half": self.weak,
         }
 
 
@@ -85,6 +95,7 @@ def plan(
     workers: int | None = None,
     offline: bool | None = None,
     qlora_base: str = "none",
+    allow_nonfinite: bool = False,
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
@@ -108,6 +119,7 @@ def plan(
         workers=workers,
         offline=offline,
         qlora_base=qlora_base,
+        allow_nonfinite=allow_nonfinite,
     )
     return plan_options(options)
 
@@ -151,6 +163,7 @@ def merge(
     events: EventSink | None = None,
     offline: bool | None = None,
     qlora_base: str = "none",
+    allow_nonfinite: bool = False,
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
 
@@ -166,7 +179,10 @@ def merge(
     (``{"event": "start" | "shard" | "progress" | "done", ...}``).
     ``qlora_base="nf4"`` merges into the base weights as a QLoRA run saw them
     (NF4 round trip of the quantized Linear weights); a bitsandbytes 4-bit base
-    folder is dequantized in any case.
+    folder is dequantized in any case. NaN or Inf in an adapter tensor, or made
+    by the merge (an overflow of the output dtype), is refused unless
+    ``allow_nonfinite``. ``MergeResult.survival`` says how much of the
+    adapters' change each touched tensor kept after rounding.
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -188,6 +204,7 @@ def merge(
         workers=workers,
         offline=offline,
         qlora_base=qlora_base,
+        allow_nonfinite=allow_nonfinite,
     )
     return _execute_plans(
         [plan_options(options)],
@@ -248,6 +265,8 @@ def _execute_plans(
         for c in callbacks:
             c(item)
 
+    if not plans[0].allow_nonfinite:
+        check_adapters_finite(plans)  # before anything is written
     stats: list[dict] = []
     try:
         resumed = execute_many(
@@ -277,6 +296,7 @@ def _execute_plans(
                 for a in p.adapters
             ),
             max_delta=st.get("max_delta", {}),
+            survival={k: survival_entry(r) for k, r in st.get("survival", {}).items()},
             peak_memory_bytes=peak,
         )
         for p, n, st in zip(plans, resumed, stats, strict=True)

@@ -81,11 +81,12 @@ def main() -> None:
 COMMAND_FLAGS = {
     "merge": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
-        "overwrite", "resume", "workers", "separate", "qlora_base", "verify",
+        "overwrite", "resume", "workers", "separate", "qlora_base", "allow_nonfinite",
+        "verify",
     ),
     "plan": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
-        "workers", "overwrite", "qlora_base",
+        "workers", "overwrite", "qlora_base", "allow_nonfinite",
     ),
     "verify": ("weights", "dtype", "max_memory", "offline"),
 }  # fmt: skip
@@ -146,6 +147,7 @@ def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
         "verify": flags["then_verify"],
         "offline": True if flags["offline"] else None,  # None: follow HF_HUB_OFFLINE
         "qlora_base": flags["qlora_base"],
+        "allow_nonfinite": flags["allow_nonfinite"],
     }
     # Checked like a job file's fields, so flags and job files give the same messages.
     _run_job(job_from_dict(doc, "command line"), quiet, report_path, as_json)
@@ -183,6 +185,7 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
     if as_json:
         failed = False
         for result in results:
+            _survival_lines(result, summary=False)
             if result.verify is not None:
                 ok = result.verify.ok
                 _echo_event(
@@ -210,11 +213,23 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
             f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; "
             f"adapter modules: {modules}."
         )
+        _survival_lines(result, summary=True)
         if result.verify is not None:
             click.echo(result.verify.summary())
             failed |= not result.verify.ok
     if failed:
         sys.exit(EXIT_VERIFY_FAILED)
+
+
+def _survival_lines(result, *, summary: bool) -> None:
+    """The worst tensors' survival (stdout, with ``summary``) and the warning (stderr)."""
+    from .report import survival_lines
+
+    for line in survival_lines(result.survival):
+        if line.startswith("warning:"):
+            click.echo(line, err=True)
+        elif summary:
+            click.echo(line)
 
 
 @main.command()

@@ -18,6 +18,7 @@ A job file looks like this (every key but base, adapters and output is optional)
     verify: false
     offline: false                        # true: Hub ids only from the local cache
     qlora_base: none                      # none | nf4 (merge into the NF4 weights QLoRA saw)
+    allow_nonfinite: false                # true: merge NaN/Inf instead of refusing them
 
 Relative paths in a job file are relative to the file's folder.
 """

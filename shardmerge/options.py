@@ -37,6 +37,10 @@ OFFLINE_HELP = "Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
 WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each)."
 MAX_MEMORY_HELP = "Memory budget, e.g. 4GiB (default: half the available RAM)."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+ALLOW_NONFINITE_HELP = (
+    "Merge adapters holding NaN/Inf, and write NaN/Inf the merge makes (an overflow of the "
+    "output dtype), instead of refusing them."
+)
 QLORA_BASE_HELP = (
     "For an adapter trained with QLoRA: nf4 merges into the weights as training saw them "
     "(the quantized Linear weights NF4-quantized and dequantized); none into the 16-bit weights. "
@@ -192,6 +196,14 @@ OPTIONS: Mapping[str, Option] = _table(
         {"merge": {"show_default": True, "help": QLORA_BASE_HELP}},
         _qlora_problem,
     ),
+    Option(
+        "allow_nonfinite",
+        bool,
+        False,
+        ("--allow-nonfinite",),
+        {"is_flag": True, "help": "As for merge."},
+        {"merge": {"help": ALLOW_NONFINITE_HELP}},
+    ),
     # Flags only: the job file names the output and gives weights per adapter.
     Option(
         "out",
@@ -240,6 +252,7 @@ class MergeOptions:
     verify: bool = False
     offline: bool | None = None  # Hub ids: None follows HF_HUB_OFFLINE
     qlora_base: str = "none"  # "nf4": the base weights as a QLoRA run saw them (quant.py)
+    allow_nonfinite: bool = False  # NaN/Inf in adapters or made by the merge: write, not refuse
     source: str = field(default="command line", compare=False)  # where it came from, for messages
 
     @classmethod

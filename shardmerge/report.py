@@ -8,6 +8,7 @@ whatever --max-memory, --workers or output folder a run used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shlex
@@ -17,6 +18,8 @@ from .version import __version__
 
 CARD_NAME = "README.md"
 REPORT_NAME = "report.json"
+# A tensor that kept less than this share of its adapters' change is warned about.
+WEAK_SURVIVAL = 0.5
 
 
 def _name(path: str) -> str:
@@ -101,3 +104,51 @@ def write_report(doc: dict | list, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def survival_entry(record: list) -> dict:
+    """A tensor's report entry from its journal record [kept, change, changed, numel].
+
+    ``survived`` is kept / change (None when the adapters ask for no change
+    or a norm is not finite); ``changed_share`` the share of elements whose
+    stored value changed.
+    """
+    kept, change, changed, numel = record
+    ok = change and kept is not None and math.isfinite(kept) and math.isfinite(change)
+    return {
+        "survived": kept / change if ok else None,
+        "changed_share": changed / numel if numel else 0.0,
+        "kept_norm": kept,
+        "change_norm": change,
+        "elements_changed": changed,
+        "elements": numel,
+    }
+
+
+def weak_tensors(survival: dict[str, dict]) -> list[str]:
+    """Tensors that kept less than half of their adapters' change, worst first."""
+    weak = [(e["survived"], n) for n, e in survival.items() if _below(e["survived"])]
+    return [n for _, n in sorted(weak)]
+
+
+def _below(share: float | None) -> bool:
+    return share is not None and share < WEAK_SURVIVAL
+
+
+def survival_lines(survival: dict[str, dict], worst: int = 5) -> list[str]:
+    """The end-of-merge summary: the worst tensors, and a warning naming every weak one."""
+    ranked = sorted((e["survived"], n) for n, e in survival.items() if e["survived"] is not None)
+    if not ranked:
+        return []
+    shown = ", ".join(
+        f"{n} {s:.1%} ({survival[n]['changed_share']:.0%} of elements changed)"
+        for s, n in ranked[:worst]
+    )
+    lines = [f"adapter change kept after rounding (worst first): {shown}."]
+    weak = weak_tensors(survival)
+    if weak:
+        lines.append(
+            f"warning: {len(weak)} tensor{'s' if len(weak) > 1 else ''} kept less than half of "
+            f"the adapters' change (lost to rounding to the output dtype): {', '.join(weak)}."
+        )
+    return lines

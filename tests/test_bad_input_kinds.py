@@ -487,7 +487,9 @@ def test_dora_magnitudes_that_merge(ws, magnitude, key):
     scale and no others; zero gives +0.0; the rest is within rounding of float64."""
     tensors = {**lora_tensors(), key: magnitude}
     a = write(ws, "dora", lora(use_dora=True), tensors)
-    run = ws.merge("--verify", adapters=[a])
+    # NaN/Inf in an adapter is refused unless asked for (test_nonfinite.py).
+    allow = () if bool(magnitude.isfinite().all()) else ("--allow-nonfinite",)
+    run = ws.merge("--verify", *allow, adapters=[a])
     assert run.code == 0, run.output
     got = _merged(ws, f"{Q}.weight").double()
     want = _dora_reference(ws, tensors, key)
@@ -499,11 +501,14 @@ def test_dora_magnitudes_that_merge(ws, magnitude, key):
 
 
 def test_lora_alpha_so_large_that_the_merge_overflows(ws):
-    """Values past float32's range round to inf: merged and verified (verify reported the
-    correct infinities as 'off by inf ulp')."""
+    """Values past float32's range round to inf: refused by default (test_nonfinite.py);
+    with --allow-nonfinite merged and verified (verify reported the correct infinities as
+    'off by inf ulp')."""
     tensors = lora_tensors()
     a = write(ws, "huge", lora(lora_alpha=1e308), tensors)
     run = ws.merge("--verify", adapters=[a])
+    assert run.code == 2 and "the merge made" in run.output and "Inf at index" in run.output
+    run = ws.merge("--verify", "--allow-nonfinite", "--overwrite", adapters=[a])
     assert run.code == 0, run.output
     assert "verify" in run.stdout and "OK" in run.stdout
     got = _merged(ws, f"{Q}.weight")

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from ..arch.config import apply_config_update
-from ..errors import Interrupted, ResourceError
+from ..errors import Interrupted, PlanErrors, ResourceError, ShardmergeError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
 from ..io.journal import Journal, OutputLock, check_resumable, crashpoint
 from ..io.output import OutputDir, fmt_bytes
@@ -50,8 +50,10 @@ def execute_many(
     """Write several merges of the same base at once, reading each base shard once.
 
     Each plan has its own OUT, lock and journal; returns shards resumed per plan.
-    A ``stats`` list is filled with one dict per plan: ``{"max_delta": {kind: float}}``,
-    the largest |merged - base| per tensor kind over all its shards (resumed ones included).
+    A ``stats`` list is filled with one dict per plan: ``{"max_delta": {kind: float},
+    "survival": {tensor: [kept, change, changed, numel]}}``, the largest |merged - base|
+    per tensor kind and each touched tensor's survival figures (execute/survival.py) over
+    all its shards, resumed ones included.
     """
     outs = [OutputDir(Path(p.out)) for p in plans]
     locks: list[OutputLock] = []
@@ -65,13 +67,8 @@ def execute_many(
             return _execute_locked(plans, outs, overwrite, resume, progress, current, stats)
     except KeyboardInterrupt:
         _discard(current)
-        done = [len((Journal.load(o.work) or Journal(o.work)).shards) for o in outs]
-        where = ", ".join(
-            f"{d} of {len(p.shards)} shards are finished and kept in {p.out}"
-            for d, p in zip(done, plans, strict=True)
-        )
         raise Interrupted(
-            f"interrupted; {where}, which does not look like a complete model.",
+            f"interrupted; {_kept(plans, outs)}",
             hint="Rerun the same command to resume.",
         ) from None
     except OSError as e:
@@ -89,6 +86,16 @@ def execute_many(
     finally:
         for lock in locks:
             lock.release()
+
+
+def _kept(plans: list[MergePlan], outs: list[OutputDir]) -> str:
+    """'N of M shards are finished and kept in OUT, ...': what an unfinished merge leaves."""
+    done = [len((Journal.load(o.work) or Journal(o.work)).shards) for o in outs]
+    where = ", ".join(
+        f"{d} of {len(p.shards)} shards are finished and kept in {p.out}"
+        for d, p in zip(done, plans, strict=True)
+    )
+    return f"{where}, which does not look like a complete model."
 
 
 def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> tuple[Journal, set]:
@@ -152,10 +159,20 @@ def _execute_locked(
         outs[k].commit(tmp, result.name)
         current.remove(tmp)
         crashpoint()
-        journals[k].record(result.name, result.size, result.crc32, result.max_delta)
+        journals[k].record(
+            result.name, result.size, result.crc32, result.max_delta, result.survival
+        )
         crashpoint()
 
-    executor_for(plans[0].workers).run(tasks, plans[0].device, progress, commit)
+    try:
+        executor_for(plans[0].workers).run(tasks, plans[0].device, progress, commit)
+    except ShardmergeError as e:
+        # A refusal met while merging (a non-finite output, a DoRA zero norm):
+        # OUT keeps its finished shards and never looks complete.
+        _discard(current)
+        if isinstance(e, PlanErrors):
+            raise
+        raise type(e)(f"{e.message} {_kept(plans, outs)}", hint=e.hint) from None
     for plan, out, journal in zip(plans, outs, journals, strict=True):
         if plan.index is not None:
             out.write_bytes(
@@ -165,7 +182,7 @@ def _execute_locked(
         journal.status = "complete"
         journal.save()
     if stats is not None:
-        stats[:] = [{"max_delta": _max_delta(j)} for j in journals]
+        stats[:] = [{"max_delta": _max_delta(j), "survival": _survival(j)} for j in journals]
     return [len(d) for d in dones]
 
 
@@ -175,6 +192,14 @@ def _max_delta(journal: Journal) -> dict[str, float]:
         for kind, d in (entry.get("max_delta") or {}).items():
             if kind not in out or d > out[kind] or d != d:
                 out[kind] = d
+    return dict(sorted(out.items()))
+
+
+def _survival(journal: Journal) -> dict[str, list]:
+    """Every touched tensor's [kept, change, changed, numel], from all shards' records."""
+    out: dict[str, list] = {}
+    for entry in journal.shards.values():
+        out.update(entry.get("survival") or {})
     return dict(sorted(out.items()))
 
 

@@ -63,6 +63,7 @@ class ShardJob:
     in_path: str
     tensors: tuple[TensorJob, ...]  # in file order, which is also output order
     metadata: tuple[tuple[str, str], ...]
+    allow_nonfinite: bool = False  # write non-finite values the merge makes (tensor.py)
 
     @property
     def out_entries(self) -> list[OutEntry]:
@@ -122,6 +123,7 @@ class MergePlan:
     resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
     config_drop: tuple[str, ...] = ()  # keys of config.json to remove
     qlora_base: str = "none"  # "nf4": round-tripped 16-bit base; "bnb4": a 4-bit base folder
+    allow_nonfinite: bool = False  # --allow-nonfinite: no scan of the adapters, no refusal
 
     @property
     def out_bytes(self) -> int:

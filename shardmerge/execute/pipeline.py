@@ -25,7 +25,8 @@ from ..io.safetensors import DTYPES, StreamWriter, block_shape, pread_into
 from ..io.sources import RefLoader
 from .jobs import ShardJob, TensorJob
 from .policy import reads_base
-from .tensor import TensorMerger, max_delta, read_base_rows
+from .survival import ShardStats
+from .tensor import TensorMerger, read_base_rows
 
 # Called with bytes of base processed, or with the name of the shard now started.
 Progress = Callable[[int | str], None]
@@ -48,6 +49,8 @@ class ShardResult:
     crc32: int
     # Per tensor kind (linear, conv1d, embedding, lora_bias, replaced): max |merged - base|.
     max_delta: dict[str, float] = field(default_factory=dict)
+    # Per touched tensor: [kept, change, changed, numel] (survival.py).
+    survival: dict[str, list] = field(default_factory=dict)
 
 
 def run_shards(
@@ -86,7 +89,8 @@ def run_shards(
             writer.close()
             dst.flush()
             _flush_and_drop(dst, 0, writer.pos)
-            results.append(ShardResult(job.name, dest.stat().st_size, writer.crc, delta))
+            size = dest.stat().st_size
+            results.append(ShardResult(job.name, size, writer.crc, delta.max_delta, delta.survival))
     return results
 
 
@@ -99,13 +103,13 @@ def _run_stages(
     free: queue.Queue,
     device: torch.device,
     progress: Progress | None,
-) -> list[dict[str, float]]:
-    """Reader and writer threads around the merger (this thread); each output's max_delta."""
+) -> list[ShardStats]:
+    """Reader and writer threads around the merger (this thread); what each output measured."""
     blocks: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     writes = [queue.Queue(maxsize=WRITE_BEHIND) for _ in jobs]
     stop = threading.Event()
     errors: list[BaseException] = []
-    deltas: list[dict[str, float]] = [{} for _ in jobs]
+    deltas = [ShardStats() for _ in jobs]
     reader_args = (_read_blocks, errors, stop, layout, jobs[0], src, free, blocks, stop)
     threads = [threading.Thread(target=_guard, args=reader_args, daemon=True)]
     for k, (writer, dst) in enumerate(zip(writers, outs, strict=True)):
@@ -231,11 +235,11 @@ def _merge_blocks(
     writes: list[queue.Queue],
     device: torch.device,
     stop: threading.Event,
-    deltas: list[dict[str, float]] | None = None,
+    deltas: list[ShardStats] | None = None,
 ) -> None:
     """Merger stage (calling thread): turns base blocks into each output's bytes, in order.
 
-    ``deltas[k]`` collects output k's largest |merged - base| per tensor kind.
+    ``deltas[k]`` collects what output k's merge measured (survival.py).
     """
     loader = RefLoader()
     mergers: dict[int, TensorMerger] = {}
@@ -256,7 +260,9 @@ def _merge_blocks(
                 continue
             merger = mergers.get(k)
             if merger is None:
-                merger = mergers[k] = TensorMerger(t, loader, device, job.in_path)
+                merger = mergers[k] = TensorMerger(
+                    t, loader, device, job.in_path, job.allow_nonfinite
+                )
             original = _view_rows(buf, t, row0, row1) if buf is not None else None
             delta = deltas[k] if deltas is not None else None
             merged = _merge_rows(merger, job.in_path, original, row0, row1, delta)
@@ -272,9 +278,9 @@ def _merge_rows(
     original: torch.Tensor | None,
     row0: int,
     row1: int,
-    delta: dict[str, float] | None,
+    delta: ShardStats | None,
 ) -> torch.Tensor:
-    """One block of one output merged; its largest |merged - base| noted in ``delta``."""
+    """One block of one output merged; the tensor's figures go to ``delta`` after its last block."""
     t = merger.t
     if original is not None and merger.quant is not None:
         original = merger.quant(original, row0, row1)  # as the adapter saw it (quant.py)
@@ -284,12 +290,11 @@ def _merge_rows(
         base = merger.replacement_rows(row0, row1)
         if original is None and merger.kind and delta is not None and not t.base_shape:
             original = read_base_rows(in_path, t, row0, row1)
-    merged = merger.merge(base, row0, row1)
-    # A tensor the base does not hold at this shape (resized, new) has no delta.
-    if merger.kind and delta is not None and original is not None:
-        d = max_delta(merged, original)
-        if d > delta.get(merger.kind, -1.0) or d != d:  # NaN sticks
-            delta[merger.kind] = d
+    # A tensor the base does not hold at this shape (resized, new) is not measured.
+    measure = merger.kind and delta is not None and original is not None
+    merged = merger.merge(base, row0, row1, original if measure else None)
+    if measure and row1 == t.rows:
+        delta.add(t.name, merger.kind, merger.stats)
     return merged
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-from ..errors import UnsupportedAdapterError
-from ..io.safetensors import TensorInfo, block_shape, matrix_rows, read_rows
+from ..errors import InputError, UnsupportedAdapterError
+from ..io.safetensors import DTYPES, TensorInfo, block_shape, matrix_rows, read_rows
 from ..io.sources import RefLoader
 from ..kernel.dora import DoraMerger
 from ..kernel.dora import merger_for as dora_merger_for
@@ -19,6 +20,7 @@ from ..terms import TensorRef
 from .factors import block_term, load_factors
 from .jobs import TensorJob
 from .policy import joins_dora, policy_for
+from .survival import ChangeMeter, TensorStats, compare, distance_sq
 
 RowReader = Callable[[int, int], torch.Tensor]
 
@@ -27,7 +29,12 @@ class TensorMerger:
     """The per-tensor part of merging: factors on the device, replacement source, dtypes."""
 
     def __init__(
-        self, t: TensorJob, loader: RefLoader, device: torch.device, in_path: str | None = None
+        self,
+        t: TensorJob,
+        loader: RefLoader,
+        device: torch.device,
+        in_path: str | None = None,
+        allow_nonfinite: bool = False,
     ):
         self.t = t
         self.device = device
@@ -49,6 +56,10 @@ class TensorMerger:
             self.dora = self._dora_merger(loader, in_path)
         # The kind reported in max_delta; None for a dtype conversion only.
         self.kind = p.delta_kind
+        self.allow_nonfinite = allow_nonfinite
+        self.stats = TensorStats()  # survival figures, block by block (survival.py)
+        self.meter = ChangeMeter()
+        self._measured_finite: bool | None = None
 
     def replacement_rows(self, row0: int, row1: int) -> torch.Tensor:
         return self._repl_reader(row0, row1)
@@ -85,37 +96,108 @@ class TensorMerger:
             t.block_rows, joins_dora,
         )  # fmt: skip
 
-    def merge(self, base: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
-        """Rows [row0, row1) merged and rounded to the output dtype, on the CPU."""
+    def merge(
+        self,
+        base: torch.Tensor,
+        row0: int,
+        row1: int,
+        original: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows [row0, row1) merged and rounded to the output dtype, on the CPU.
+
+        ``base`` is what the merge starts from: the stored rows as decoded, or a
+        replacement's. Given ``original`` (the stored rows as decoded), a touched
+        tensor's survival figures (survival.py) are added to ``self.stats``.
+        A non-finite output from finite inputs is refused unless allowed.
+        """
+        same = original is base
+        orig = original if self.kind else None
         if self.dora is not None:
             merged = self.dora.merge(base, row0, row1)
+            if orig is not None:
+                o = orig.to(merged.device)
+                self._measure(merged, o, lambda: distance_sq(self.dora.last_value, o))
+            self._check_finite(merged, base, row0)
             return merged.cpu() if merged.device.type != "cpu" else merged
-        base = base.to(self.device, non_blocking=True)
+        fed = base.to(self.device, non_blocking=True)
+        start = fed
         if self.patch is not None:
-            base = self.patch(base, row0, row1)
+            start = self.patch(start, row0, row1)
         if self.scaling is not None:
-            base = scale_rows(base, self.scaling, self.policy.scaling.axis, row0, row1)
+            start = scale_rows(start, self.scaling, self.policy.scaling.axis, row0, row1)
         meeting = self.spans.meeting(row0, row1)
         terms = [b for f in meeting if (b := block_term(f, row0, row1)) is not None]
-        merged = merge_block(base, terms, self.out_dtype, self.acc)
+        merged = merge_block(start, terms, self.out_dtype, self.acc)
+        if orig is not None:
+            o = fed if same else orig.to(self.device)
+            plain = start is fed and same and all(t.right is not None for t in terms)
+            change = (
+                (lambda: self.meter.lowrank_sq(terms))
+                if plain
+                else (lambda: self.meter.explicit_sq(start, o, terms))
+            )
+            self._measure(merged, o, change)
+        self._check_finite(merged, fed, row0)
         return merged.cpu() if merged.device.type != "cpu" else merged
 
+    def _measure(
+        self, merged: torch.Tensor, original: torch.Tensor, change_sq: Callable[[], float]
+    ) -> None:
+        """Add one block's survival figures; note whether its output holds non-finite values."""
+        c = compare(merged, original)
+        self.stats.add(c, change_sq(), merged.numel())
+        self._measured_finite = not c.nonfinite
 
-def max_delta(merged: torch.Tensor, base: torch.Tensor) -> float:
-    """max |merged - base| over a block.
+    def _check_finite(self, merged: torch.Tensor, start: torch.Tensor, row0: int) -> None:
+        """Refuse a non-finite output element whose input rows were finite (an overflow)."""
+        measured, self._measured_finite = self._measured_finite, None
+        if self.allow_nonfinite or measured or merged.numel() == 0:
+            return
+        if measured is None and not (self.kind or _narrows(start.dtype, merged.dtype)):
+            return  # a conversion that cannot overflow
+        out = merged.reshape(-1)
+        bad = ~torch.isfinite(out)
+        if not bool(bad.any()):
+            return
+        bad &= torch.isfinite(start.reshape(-1).to(out.device))
+        hits = bad.nonzero()
+        if hits.numel():
+            raise nonfinite_output(self.t, int(hits[0, 0]), float(out[hits[0, 0]]), row0)
 
-    Same dtypes: one fused pass (torch.dist, p=inf; for 16-bit dtypes the
-    result is rounded to that dtype). Otherwise a wide copy, exact.
-    """
-    if merged.numel() == 0:
-        return 0.0
-    if merged.dtype == base.dtype:
-        return float(torch.dist(merged, base, float("inf")))
-    wide = torch.promote_types(torch.promote_types(merged.dtype, base.dtype), torch.float32)
-    d = merged.to(wide, copy=True)
-    d.sub_(base)
-    lo, hi = torch.aminmax(d)
-    return max(float(hi), -float(lo))
+
+def value_name(value: float) -> str:
+    """NaN, Inf or -Inf as people write them."""
+    return "NaN" if value != value else ("Inf" if value > 0 else "-Inf")
+
+
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Can converting ``src`` values to ``dst`` overflow?"""
+    if not (src.is_floating_point and dst.is_floating_point):
+        return False
+    return torch.finfo(dst).max < torch.finfo(src).max
+
+
+def nonfinite_output(t: TensorJob, flat: int, value: float, row0: int) -> InputError:
+    """The refusal of an output element the merge made non-finite from finite inputs."""
+    row_numel = math.prod(t.shape) // t.rows if t.rows else 1  # rows as matrix_rows counts them
+    index = [int(i) for i in torch.unravel_index(torch.tensor(row0 * row_numel + flat), t.shape)]
+    dtype = DTYPES[t.out_dtype]
+    name = str(dtype).removeprefix("torch.")
+    why = (
+        f"beyond {name}'s range, largest {torch.finfo(dtype).max:g}"
+        if value == value
+        else "Inf - Inf in the sum"
+    )
+    return InputError(
+        f"{t.name}: the merge made {value_name(value)} at index {index} from finite inputs "
+        f"({why}); the output was not completed.",
+        hint=(
+            "Merge to a wider --dtype (bfloat16 or float32), or pass"
+            if dtype.itemsize < 4
+            else "Check the adapter's scale (lora_alpha, weights), or pass"
+        )
+        + " --allow-nonfinite to write it anyway; add --overwrite to start the output folder over.",
+    )
 
 
 def read_base_rows(path: str, t: TensorJob, row0: int, row1: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import signal
 import zlib
@@ -142,10 +143,26 @@ class Journal:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: the old journal stands
             raise
 
-    def record(self, name: str, size: int, crc: int, max_delta: dict | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        size: int,
+        crc: int,
+        max_delta: dict | None = None,
+        survival: dict | None = None,
+    ) -> None:
+        """A finished shard, with what its merge measured (kept for the report of a resume).
+
+        ``survival``: per touched tensor [kept, change, changed, numel] (execute/survival.py).
+        """
         self.shards[name] = {"size": size, "crc32": crc}
         if max_delta:
             self.shards[name]["max_delta"] = max_delta
+        if survival:
+            self.shards[name]["survival"] = {
+                k: [v if math.isfinite(v) else None for v in r[:2]] + list(r[2:])
+                for k, r in survival.items()
+            }
         self.save()
 
     def verified(self, out: Path, name: str) -> bool:
@@ -163,7 +180,8 @@ class Journal:
 
 
 def _shard_entry_problem(entry: object) -> str | None:
-    """Why a journal's shard entry is not ``{"size": int, "crc32": int[, "max_delta": {}]}``."""
+    """Why a journal's shard entry is not ``{"size": int, "crc32": int[, "max_delta": {},
+    "survival": {}]}``."""
     if not isinstance(entry, dict):
         return "is not an object"
     for key in ("size", "crc32"):
@@ -175,7 +193,21 @@ def _shard_entry_problem(entry: object) -> str | None:
         isinstance(d, (int, float)) and not isinstance(d, bool) for d in deltas.values()
     ):
         return "has a max_delta that is not an object of numbers"
+    survival = entry.get("survival", {})
+    if not isinstance(survival, dict) or not all(_survival_record_ok(r) for r in survival.values()):
+        return "has a survival entry that is not an object of [kept, change, changed, elements]"
     return None
+
+
+def _survival_record_ok(record: object) -> bool:
+    """[kept, change, changed, numel]: two norms (null if not finite), two counts."""
+    if not isinstance(record, list) or len(record) != 4:
+        return False
+    norms_ok = all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+        for v in record[:2]
+    )
+    return norms_ok and all(type(v) is int and v >= 0 for v in record[2:])
 
 
 def check_resumable(
@@ -191,7 +223,7 @@ def check_resumable(
         state = "a finished" if journal.status == "complete" else "an unfinished"
         raise OutputError(
             f"the output folder {out} holds {state} merge of a different job (other base, "
-            "adapters, weights, dtype or --qlora-base).",
+            "adapters, weights, dtype, --qlora-base or --allow-nonfinite).",
             hint="Rerun that job's own command to resume it, choose another folder, "
             "or pass --overwrite to start over.",
         )

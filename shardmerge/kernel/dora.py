@@ -81,6 +81,7 @@ class DoraMerger:
         self.tensor = tensor
         self.rows, self.cols = shape
         self.parts = list(parts)
+        self.last_value: torch.Tensor | None = None  # see merge
         self.out_dtype = out_dtype
         self.read_rows = read_rows
         self.block_rows = max(1, min(block_rows or self.rows, self.rows))
@@ -208,6 +209,9 @@ class DoraMerger:
         # Zeros are written as +0.0 whatever the float64 path's sign: bytes then
         # do not depend on the summation order.
         out.masked_fill_(out == 0, 0.0)
+        # The float64 value before rounding, for the survival figures (scratch:
+        # valid until the next block).
+        self.last_value = value
         return out
 
     def _doubt(

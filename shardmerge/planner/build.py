@@ -9,6 +9,7 @@ jobs), provenance (fingerprint, record, index) and describe.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError, PlanErrors, ResourceError
@@ -70,7 +71,8 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     device = resolve_device(options.device)
 
     out_checks = {"overwrite": options.overwrite, "resume": options.resume} if check_out else None
-    inputs, errors = open_inputs(base, adapters, out, weights, dtype, qlora_base, out_checks)
+    allow = options.allow_nonfinite
+    inputs, errors = open_inputs(base, adapters, out, weights, dtype, qlora_base, out_checks, allow)
     settled, counts = settle_edits(inputs, weights, errors)
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
@@ -84,7 +86,7 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     if errors:
         raise PlanErrors(errors)
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
-    run.update(counts=dict(counts), resources=resources)
+    run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
     plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
@@ -105,7 +107,10 @@ def _assemble(
     ckpt, bnb4 = inputs.ckpt, inputs.bnb4
     used = provenance.adapters_used(inputs.adapters, weights)
     record = provenance.provenance_record(used, dtype, qlora_base)
-    shards = [provenance.with_metadata(s, ckpt, record) for s in shards]
+    allow = run["allow_nonfinite"]
+    shards = [
+        replace(provenance.with_metadata(s, ckpt, record), allow_nonfinite=allow) for s in shards
+    ]
     return MergePlan(
         base=str(ckpt.path),
         adapters=used,

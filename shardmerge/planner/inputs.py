@@ -42,6 +42,7 @@ def open_inputs(
     dtype: str,
     qlora_base: str,
     out_checks: dict | None,
+    allow_nonfinite: bool = False,
 ) -> tuple[Inputs, list[ShardmergeError]]:
     """Open everything, and the problems found so far; raises PlanErrors if a folder won't open.
 
@@ -59,7 +60,9 @@ def open_inputs(
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
     # The folder as stored: its shards of scales only are gone from the decoded view.
     fingerprint = (
-        job_fingerprint(as_stored, opened, weights, dtype, qlora_base) if complete_inputs else ""
+        job_fingerprint(as_stored, opened, weights, dtype, qlora_base, allow_nonfinite)
+        if complete_inputs
+        else ""
     )
     journal = None
     try:

@@ -17,12 +17,13 @@ def job_fingerprint(
     weights: list[float],
     dtype: str,
     qlora_base: str = "none",
+    allow_nonfinite: bool = False,
 ) -> str:
     """A hash of everything that decides the output bytes, and nothing else.
 
     Base shards by name, size and header hash; the base config; adapters by
     weights-file hash and config; weights; dtype; our version (it is in the
-    output's metadata); --qlora-base when set. Device, memory budget and block
+    output's metadata); --qlora-base and --allow-nonfinite when set. Device, memory budget and block
     size do not change the bytes, so a resume may use other values.
     """
     doc = {
@@ -35,6 +36,8 @@ def job_fingerprint(
     }
     if qlora_base != "none":  # absent otherwise: earlier jobs keep their fingerprints
         doc["qlora_base"] = qlora_base
+    if allow_nonfinite:
+        doc["allow_nonfinite"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
