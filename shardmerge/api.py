@@ -39,9 +39,12 @@ class MergeResult:
     adapters: tuple[dict, ...] = ()  # {"path", "label", "weight", "sha256"} each
     max_delta: dict[str, float] = field(default_factory=dict)  # per tensor kind: max |out - base|
     peak_memory_bytes: int = 0
+    # --executor ray: {"executor": "ray", "nodes": [{node, ip, shards, bytes, ...}]}
+    cluster: dict = field(default_factory=dict)
 
     def report(self) -> dict:
         """The JSON report of this merge (what OUT/.shardmerge/report.json holds)."""
+        cluster = {"cluster": dict(self.cluster)} if self.cluster else {}
         return {
             "out": self.out,
             "base": self.base,
@@ -54,6 +57,7 @@ class MergeResult:
             "shards_resumed": self.shards_resumed,
             "peak_memory_bytes": self.peak_memory_bytes,
             "max_delta": dict(self.max_delta),
+            **cluster,
         }
 
 
@@ -151,6 +155,8 @@ def merge(
     events: EventSink | None = None,
     offline: bool | None = None,
     qlora_base: str = "none",
+    executor: str = "local",
+    ray_address: str = "auto",
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
 
@@ -166,7 +172,9 @@ def merge(
     (``{"event": "start" | "shard" | "progress" | "done", ...}``).
     ``qlora_base="nf4"`` merges into the base weights as a QLoRA run saw them
     (NF4 round trip of the quantized Linear weights); a bitsandbytes 4-bit base
-    folder is dequantized in any case.
+    folder is dequantized in any case. ``executor="ray"`` runs the shard jobs as
+    tasks on the Ray cluster at ``ray_address`` (inputs and OUT on storage every
+    node sees).
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -188,6 +196,8 @@ def merge(
         workers=workers,
         offline=offline,
         qlora_base=qlora_base,
+        executor=executor,
+        ray_address=ray_address,
     )
     return _execute_plans(
         [plan_options(options)],
@@ -278,6 +288,7 @@ def _execute_plans(
             ),
             max_delta=st.get("max_delta", {}),
             peak_memory_bytes=peak,
+            cluster=st.get("cluster", {}),
         )
         for p, n, st in zip(plans, resumed, stats, strict=True)
     ]

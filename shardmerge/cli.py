@@ -82,6 +82,7 @@ COMMAND_FLAGS = {
     "merge": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
         "overwrite", "resume", "workers", "separate", "qlora_base", "verify",
+        "executor", "ray_address",
     ),
     "plan": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
@@ -146,6 +147,8 @@ def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
         "verify": flags["then_verify"],
         "offline": True if flags["offline"] else None,  # None: follow HF_HUB_OFFLINE
         "qlora_base": flags["qlora_base"],
+        "executor": flags["executor"],
+        "ray_address": flags["ray_address"],
     }
     # Checked like a job file's fields, so flags and job files give the same messages.
     _run_job(job_from_dict(doc, "command line"), quiet, report_path, as_json)

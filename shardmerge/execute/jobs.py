@@ -122,6 +122,10 @@ class MergePlan:
     resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
     config_drop: tuple[str, ...] = ()  # keys of config.json to remove
     qlora_base: str = "none"  # "nf4": round-tripped 16-bit base; "bnb4": a 4-bit base folder
+    # "ray": shard jobs are Ray tasks (at most ``workers`` at once, 0: as the cluster fits),
+    # each asking Ray for ``max_memory``; never part of the fingerprint.
+    executor: str = "local"
+    ray_address: str = "auto"
 
     @property
     def out_bytes(self) -> int:
