@@ -95,7 +95,12 @@ def executor_for(plan: MergePlan) -> Executor:
                 "--executor ray needs Ray, which is not installed here.",
                 hint="pip install 'shardmerge[ray]' (on the driver and every node of the cluster).",
             ) from None
-        return RayExecutor(plan.ray_address, task_memory=plan.max_memory, in_flight=plan.workers)
+        return RayExecutor(
+            plan.ray_address,
+            task_memory=plan.max_memory,
+            in_flight=plan.workers,
+            gpu=plan.device.startswith("cuda"),
+        )
     return InProcess() if plan.workers == 0 else ProcessPool(plan.workers)
 
 

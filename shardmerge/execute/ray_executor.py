@@ -56,12 +56,15 @@ class Attempt:
 class RayExecutor:
     """Runs shard tasks on a Ray cluster; the driver commits each result."""
 
-    def __init__(self, address: str, *, task_memory: int, in_flight: int = 0):
-        self.address = address
-        self.task_memory = task_memory
-        self.in_flight = in_flight
+    def __init__(self, address: str, *, task_memory: int, in_flight: int = 0, gpu: bool = False):
+        self.task_memory, self.in_flight, self.gpu = task_memory, in_flight, gpu
         self.owned = connect(address)
         self.attempts: list[Attempt] = []
+        try:
+            check_fits(task_memory, gpu)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Disconnect from a cluster this executor connected to (and stop one it started)."""
@@ -83,8 +86,7 @@ class RayExecutor:
         ]
         for pair in pairs:
             _remove_attempts(pair.dests[0])
-        gpu = device.startswith("cuda")
-        check_fits(self.task_memory, gpu)
+        gpu = self.gpu
         sink = Sink.options(num_cpus=0).remote()
         remote = run_attempt.options(
             memory=self.task_memory,
@@ -264,7 +266,26 @@ def connect(address: str) -> bool:
     # A new local instance needs no dashboard; a cluster's own settings are its own.
     local = {"include_dashboard": False} if target == "local" else {}
     ray.init(address=target, log_to_driver=False, logging_level="WARNING", **local)
+    notices_to_stderr()
     return True
+
+
+def notices_to_stderr() -> None:
+    """Send the cluster notices Ray's driver prints (a worker died, a task is retried) to
+    stderr: it prints them to stdout, which ``--json`` keeps for JSON lines.
+
+    Ray has no setting for this; its module function is wrapped where it exists.
+    """
+    module = getattr(getattr(ray, "_private", None), "worker", None)
+    original = getattr(module, "print_to_stdstream", None)
+    if original is None or getattr(original, "to_stderr", False):
+        return
+
+    def to_stderr(data: dict, *args, **kwargs):
+        return original({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.to_stderr = True
+    module.print_to_stdstream = to_stderr
 
 
 def probe(address: str) -> None:
