@@ -249,7 +249,7 @@ def test_shard_failing_twice_stops_the_merge_naming_it(cluster, model, slow, loc
         killer.stop.set()
         killer.join()
     shard = killer.shard.replace("__", "/")
-    assert f"shard {shard} failed twice on the Ray cluster" in str(err.value)
+    assert f"shard {shard} of {out} failed twice on the Ray cluster" in str(err.value)
     assert not (out / INDEX).exists()
     assert journal(out)["status"] == "running"
     assert partials(out) == []

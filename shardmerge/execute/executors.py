@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import queue
 import signal
+from pathlib import Path
 
 import torch
 
@@ -20,8 +21,14 @@ from ..errors import InputError
 from ..io.journal import set_crash_parent
 from ..runtime import cap_torch_threads, threads_per_worker, user_threads
 from .jobs import MergePlan
-from .pipeline import Progress, ShardResult
-from .tasks import Commit, Executor, ShardTask, run_task
+from .pipeline import Progress, ShardResult, run_shards
+from .tasks import Commit, Executor, ShardTask
+
+
+def run_task(task: ShardTask, device: str, progress: Progress | None) -> list[ShardResult]:
+    """A task's shard jobs, run here (reading the base shard once for all outputs)."""
+    dests = [Path(d) for d in task.dests]
+    return run_shards(list(task.jobs), dests, torch.device(device), progress)
 
 
 class Local:

@@ -1,10 +1,10 @@
 """Shard tasks as Ray tasks, on a cluster whose nodes all see the inputs and OUT.
 
 Imported only for ``--executor ray``: the rest of shardmerge never imports
-ray. Each task runs ``executors.run_task`` on some node and writes its shard
-to a file of its own attempt (``<temporary name>.<attempt>.partial`` in OUT's
-work folder), so a retried task never shares a file with the attempt it
-replaces, however long that one lingers. Back in the driver's process the
+ray. Each task runs the pipeline for one output and one base shard on some
+node and writes the shard to a file of its own attempt
+(``<temporary name>.<attempt>.partial`` in OUT's work folder), so a retried
+task never shares a file with the attempt it replaces, however long that one lingers. Back in the driver's process the
 finished attempt's file is renamed to the shard's temporary name and handed
 to ``commit``: renames, the journal and the index stay with the driver, and
 the bytes are those of a local run. A task that fails is retried once by
@@ -20,16 +20,17 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import ray.exceptions
+import torch
 
 from ..errors import InputError, ResourceError, ShardmergeError
 from ..io.output import fmt_bytes
-from .pipeline import Progress, ShardResult
-from .tasks import Commit, ShardTask, run_task
+from .pipeline import Progress, ShardResult, run_shards
+from .tasks import Commit, ShardTask
 
 # How long a cluster address may take to accept a TCP connection.
 PROBE_SECONDS = 3.0
@@ -119,7 +120,8 @@ class RayExecutor:
 
     def _finish(self, pair: ShardTask, ref: ray.ObjectRef, commit: Commit) -> None:
         """Take a finished task's result (or its second failure), rename its file, commit."""
-        attempt = fetch(ref, pair.jobs[0].name)
+        out = Path(pair.dests[0]).parent.parent  # the temporary name is in OUT/.shardmerge
+        attempt = fetch(ref, f"{pair.jobs[0].name} of {out}")
         self.attempts.append(attempt)
         os.replace(attempt.files[0], pair.dests[0])
         _remove_attempts(pair.dests[0])  # a lingering earlier attempt's file
@@ -162,7 +164,9 @@ def run_attempt(task: ShardTask, device: str, sink, key: int) -> Attempt:
     sink.start.remote(task.jobs[0].name)
     report = _Reporter(sink, key)
     try:
-        results = run_task(replace(task, dests=files), device, report)
+        results = run_shards(
+            list(task.jobs), [Path(f) for f in files], torch.device(device), report
+        )
     except BaseException:
         for f in files:
             Path(f).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Shard tasks: what every executor runs, and the protocol an executor implements.
+"""Shard tasks: what every executor runs (plain data), and the protocol an executor implements.
 
 A task is one base shard and the outputs still needing it; running it writes
 each output's shard to the temporary path it is given and returns one
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from .jobs import ShardJob
-from .pipeline import Progress, ShardResult, run_shards
+from .pipeline import Progress, ShardResult
 
 
 @dataclass(frozen=True)
@@ -45,9 +42,3 @@ class Executor(Protocol):
 
     def stats(self) -> dict:
         """Where the work ran, for the report (empty: this machine)."""
-
-
-def run_task(task: ShardTask, device: str, progress: Progress | None) -> list[ShardResult]:
-    """A task's shard jobs, run here (reading the base shard once for all outputs)."""
-    dests = [Path(d) for d in task.dests]
-    return run_shards(list(task.jobs), dests, torch.device(device), progress)
