@@ -48,8 +48,12 @@ class MergeResult:
         """Tensors that kept less than half of their adapters' change, worst first."""
         return weak_tensors(self.survival)
 
+    # --executor ray: {"executor": "ray", "nodes": [{node, ip, shards, bytes, ...}]}
+    cluster: dict = field(default_factory=dict)
+
     def report(self) -> dict:
         """The JSON report of this merge (what OUT/.shardmerge/report.json holds)."""
+        cluster = {"cluster": dict(self.cluster)} if self.cluster else {}
         return {
             "out": self.out,
             "base": self.base,
@@ -64,6 +68,7 @@ class MergeResult:
             "max_delta": dict(self.max_delta),
             "survival": dict(self.survival),
             "survival_below_half": self.weak,
+            **cluster,
         }
 
 
@@ -164,6 +169,8 @@ def merge(
     offline: bool | None = None,
     qlora_base: str = "none",
     allow_nonfinite: bool = False,
+    executor: str = "local",
+    ray_address: str = "auto",
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
 
@@ -183,6 +190,9 @@ def merge(
     by the merge (an overflow of the output dtype), is refused unless
     ``allow_nonfinite``. ``MergeResult.survival`` says how much of the
     adapters' change each touched tensor kept after rounding.
+    folder is dequantized in any case. ``executor="ray"`` runs the shard jobs as
+    tasks on the Ray cluster at ``ray_address`` (inputs and OUT on storage every
+    node sees).
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -205,6 +215,8 @@ def merge(
         offline=offline,
         qlora_base=qlora_base,
         allow_nonfinite=allow_nonfinite,
+        executor=executor,
+        ray_address=ray_address,
     )
     return _execute_plans(
         [plan_options(options)],
@@ -298,6 +310,7 @@ def _execute_plans(
             max_delta=st.get("max_delta", {}),
             survival={k: survival_entry(r) for k, r in st.get("survival", {}).items()},
             peak_memory_bytes=peak,
+            cluster=st.get("cluster", {}),
         )
         for p, n, st in zip(plans, resumed, stats, strict=True)
     ]

@@ -82,7 +82,7 @@ COMMAND_FLAGS = {
     "merge": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
         "overwrite", "resume", "workers", "separate", "qlora_base", "allow_nonfinite",
-        "verify",
+        "verify", "executor", "ray_address",
     ),
     "plan": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
@@ -148,6 +148,8 @@ def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
         "offline": True if flags["offline"] else None,  # None: follow HF_HUB_OFFLINE
         "qlora_base": flags["qlora_base"],
         "allow_nonfinite": flags["allow_nonfinite"],
+        "executor": flags["executor"],
+        "ray_address": flags["ray_address"],
     }
     # Checked like a job file's fields, so flags and job files give the same messages.
     _run_job(job_from_dict(doc, "command line"), quiet, report_path, as_json)

@@ -19,6 +19,8 @@ A job file looks like this (every key but base, adapters and output is optional)
     offline: false                        # true: Hub ids only from the local cache
     qlora_base: none                      # none | nf4 (merge into the NF4 weights QLoRA saw)
     allow_nonfinite: false                # true: merge NaN/Inf instead of refusing them
+    executor: local                       # local | ray (shard jobs as tasks on a Ray cluster)
+    ray_address: auto                     # with executor ray: host:port, ray://host:port or auto
 
 Relative paths in a job file are relative to the file's folder.
 """

@@ -22,6 +22,8 @@ DTYPES = tuple(DTYPE_CHOICES)
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 QLORA_BASE_CHOICES = ("none", "nf4")
+# Where shard jobs run: worker processes here, or tasks on a Ray cluster (execute/ray_executor.py).
+EXECUTOR_CHOICES = ("local", "ray")
 # Asked for often; refused with the reason (see the README).
 REFUSED_CHOICES = {
     "nf4-dq": "double quantization stores each block's absmax as 8 bits around a float32 mean "
@@ -76,6 +78,16 @@ def _qlora_problem(value: str) -> str | None:
 
 def _workers_problem(value: int) -> str | None:
     return "must be 0 or more" if value < 0 else None
+
+
+def _executor_problem(value: str) -> str | None:
+    if value in EXECUTOR_CHOICES:
+        return None
+    return f"must be one of {', '.join(EXECUTOR_CHOICES)}, not {value!r}"
+
+
+def _address_problem(value: str) -> str | None:
+    return None if value.strip() else "must be auto, host:port or ray://host:port, not empty"
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,34 @@ OPTIONS: Mapping[str, Option] = _table(
         ("--verify", "then_verify"),
         {"is_flag": True, "help": "Verify the output after merging."},
     ),
+    Option(
+        "executor",
+        str,
+        "local",
+        ("--executor",),
+        {
+            "choices": EXECUTOR_CHOICES,
+            "default": "local",
+            "show_default": True,
+            "help": "Where shard jobs run: local worker processes, or tasks on a Ray cluster "
+            "(inputs and OUT on a filesystem every node sees; pip install 'shardmerge[ray]').",
+        },
+        check=_executor_problem,
+    ),
+    Option(
+        "ray_address",
+        str,
+        "auto",
+        ("--ray-address",),
+        {
+            "default": "auto",
+            "show_default": True,
+            "help": "With --executor ray: the cluster's head, host:port or ray://host:port; auto "
+            "is the cluster this process is attached to (RAY_ADDRESS, or one started on this "
+            "machine), else a new local one.",
+        },
+        check=_address_problem,
+    ),
     Option("offline", bool, None, ("--offline",), {"is_flag": True, "help": OFFLINE_HELP}),
     Option(
         "qlora_base",
@@ -220,7 +260,7 @@ OPTIONS: Mapping[str, Option] = _table(
 )
 JOB_OPTIONS = tuple(o for o in OPTIONS.values() if o.kind is not None)
 # Job-file value checks run after every type check, in this order (that of their messages).
-CHECKED_FIELDS = ("dtype", "qlora_base", "workers")
+CHECKED_FIELDS = ("dtype", "qlora_base", "workers", "executor", "ray_address")
 
 
 @dataclass(frozen=True)
@@ -253,6 +293,8 @@ class MergeOptions:
     offline: bool | None = None  # Hub ids: None follows HF_HUB_OFFLINE
     qlora_base: str = "none"  # "nf4": the base weights as a QLoRA run saw them (quant.py)
     allow_nonfinite: bool = False  # NaN/Inf in adapters or made by the merge: write, not refuse
+    executor: str = "local"  # "ray": shard jobs as tasks on a Ray cluster
+    ray_address: str = "auto"  # the Ray cluster (executor "ray" only)
     source: str = field(default="command line", compare=False)  # where it came from, for messages
 
     @classmethod
@@ -323,6 +365,10 @@ def check_merge_args(options: MergeOptions) -> None:
         raise InputError(f"adapter weights must be finite numbers, not {list(weights)}.")
     if dtype not in DTYPE_CHOICES:
         raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+    if options.executor not in EXECUTOR_CHOICES:
+        raise InputError(
+            f"unknown executor {options.executor!r}; use one of {', '.join(EXECUTOR_CHOICES)}."
+        )
 
 
 def resolve_inputs(

@@ -16,9 +16,10 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
 from ..io.journal import Journal, OutputLock, check_resumable, crashpoint
 from ..io.output import OutputDir, fmt_bytes
 from ..report import CARD_NAME, model_card
-from .executors import ShardTask, executor_for
+from .executors import executor_for
 from .jobs import MergePlan
 from .pipeline import Progress, ShardResult
+from .tasks import Executor, ShardTask
 
 
 def execute(
@@ -58,13 +59,17 @@ def execute_many(
     outs = [OutputDir(Path(p.out)) for p in plans]
     locks: list[OutputLock] = []
     current: list[Path] = []
+    # Before anything is written: a cluster that cannot be reached is refused here.
+    executor = executor_for(plans[0])
     try:
         for out in outs:
             out.create()
             locks.append(OutputLock(out.work))
             locks[-1].acquire()
         with _sigterm_as_interrupt():
-            return _execute_locked(plans, outs, overwrite, resume, progress, current, stats)
+            return _execute_locked(
+                plans, outs, (overwrite, resume), executor, progress, current, stats
+            )
     except KeyboardInterrupt:
         _discard(current)
         raise Interrupted(
@@ -84,6 +89,7 @@ def execute_many(
             hint="Free some space and rerun the same command: finished shards are kept.",
         ) from None
     finally:
+        executor.close()
         for lock in locks:
             lock.release()
 
@@ -100,6 +106,10 @@ def _kept(plans: list[MergePlan], outs: list[OutputDir]) -> str:
 
 def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> tuple[Journal, set]:
     """Journal checks, then the non-weight files; returns the journal and the shards done."""
+    # Temporary files of a run that died (a killed driver's, or its cluster tasks'):
+    # we hold the lock, so nothing else writes them now.
+    for tmp in out.work.glob("*.partial"):
+        tmp.unlink(missing_ok=True)
     journal = Journal.load(out.work)
     if journal is not None and journal.fingerprint != plan.fingerprint and not overwrite:
         # The plan checked this too; another job may have started since.
@@ -136,12 +146,13 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
 def _execute_locked(
     plans: list[MergePlan],
     outs: list[OutputDir],
-    overwrite: bool,
-    resume: bool,
+    start_over: tuple[bool, bool],
+    executor: Executor,
     progress: Progress | None,
     current: list[Path],
     stats: list[dict] | None = None,
 ) -> list[int]:
+    overwrite, resume = start_over
     prepared = [_prepare(p, o, overwrite, resume) for p, o in zip(plans, outs, strict=True)]
     journals = [j for j, _ in prepared]
     dones = [d for _, d in prepared]
@@ -165,7 +176,7 @@ def _execute_locked(
         crashpoint()
 
     try:
-        executor_for(plans[0].workers).run(tasks, plans[0].device, progress, commit)
+        executor.run(tasks, plans[0].device, progress, commit)
     except ShardmergeError as e:
         # A refusal met while merging (a non-finite output, a DoRA zero norm):
         # OUT keeps its finished shards and never looks complete.
@@ -182,7 +193,8 @@ def _execute_locked(
         journal.status = "complete"
         journal.save()
     if stats is not None:
-        stats[:] = [{"max_delta": _max_delta(j), "survival": _survival(j)} for j in journals]
+        ran = executor.stats()
+        stats[:] = [{"max_delta": _max_delta(j), "survival": _survival(j), **ran} for j in journals]
     return [len(d) for d in dones]
 
 

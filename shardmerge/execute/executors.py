@@ -1,12 +1,10 @@
-"""Executors: where shard tasks run. The one place a new executor (Ray, say) plugs in.
+"""Executors: where shard tasks run. The one place a new executor plugs in (``executor_for``).
 
-A task is one base shard and the outputs still needing it; running it writes
-each output's shard to the temporary path it is given and returns one
-ShardResult per output. An executor runs tasks in any order and on any
-machine that sees the paths, and hands each result to ``commit`` in the
-driver's process: the driver alone renames files into place, records the
-journal and writes the index, so the output bytes and the resume story do
-not depend on the executor.
+Local ones are here (this process, or spawned worker processes); the Ray
+executor is execute/ray_executor.py, imported only when a plan asks for it.
+Every executor runs the tasks of execute/tasks.py and hands each result to
+``commit`` in the driver's process, so the output bytes and the resume
+story do not depend on the executor.
 """
 
 from __future__ import annotations
@@ -15,37 +13,16 @@ import contextlib
 import multiprocessing
 import queue
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
+from ..errors import InputError
 from ..io.journal import set_crash_parent
 from ..runtime import cap_torch_threads, threads_per_worker, user_threads
-from .jobs import ShardJob
+from .jobs import MergePlan
 from .pipeline import Progress, ShardResult, run_shards
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One base shard, planned for each output (by index) still needing it."""
-
-    outputs: tuple[int, ...]
-    jobs: tuple[ShardJob, ...]  # the same base shard, one job per output
-    dests: tuple[str, ...]  # where each output's shard is written before its commit
-
-
-# Called in the driver's process with an output's index and that output's result.
-Commit = Callable[[int, ShardResult], None]
-
-
-class Executor(Protocol):
-    def run(
-        self, tasks: list[ShardTask], device: str, progress: Progress | None, commit: Commit
-    ) -> None:
-        """Run every task; commit each result; raise the first task's failure."""
+from .tasks import Commit, Executor, ShardTask
 
 
 def run_task(task: ShardTask, device: str, progress: Progress | None) -> list[ShardResult]:
@@ -54,7 +31,17 @@ def run_task(task: ShardTask, device: str, progress: Progress | None) -> list[Sh
     return run_shards(list(task.jobs), dests, torch.device(device), progress)
 
 
-class InProcess:
+class Local:
+    """What the local executors share: nothing to let go of, nothing to report."""
+
+    def close(self) -> None:
+        return None
+
+    def stats(self) -> dict:
+        return {}
+
+
+class InProcess(Local):
     """Tasks one after another in this process (small models, the smallest budgets)."""
 
     def run(
@@ -68,7 +55,7 @@ class InProcess:
                 commit(k, result)
 
 
-class ProcessPool:
+class ProcessPool(Local):
     """Tasks in spawned worker processes, ``workers`` at a time; commits in the parent."""
 
     def __init__(self, workers: int):
@@ -99,9 +86,29 @@ class ProcessPool:
                 raise
 
 
-def executor_for(workers: int) -> Executor:
-    """The executor a plan's worker count asks for (0: this process)."""
-    return InProcess() if workers == 0 else ProcessPool(workers)
+def executor_for(plan: MergePlan) -> Executor:
+    """The executor a plan asks for: a Ray cluster, or its worker count (0: this process).
+
+    Ray is imported only here, only when asked for; connecting refuses an
+    unreachable cluster before anything is written.
+    """
+    if plan.executor == "ray":
+        try:
+            from .ray_executor import RayExecutor
+        except ModuleNotFoundError as e:
+            if e.name != "ray":
+                raise
+            raise InputError(
+                "--executor ray needs Ray, which is not installed here.",
+                hint="pip install 'shardmerge[ray]' (on the driver and every node of the cluster).",
+            ) from None
+        return RayExecutor(
+            plan.ray_address,
+            task_memory=plan.max_memory,
+            in_flight=plan.workers,
+            gpu=plan.device.startswith("cuda"),
+        )
+    return InProcess() if plan.workers == 0 else ProcessPool(plan.workers)
 
 
 def _forward(updates, progress: Progress | None, timeout: float) -> None:

@@ -124,6 +124,10 @@ class MergePlan:
     config_drop: tuple[str, ...] = ()  # keys of config.json to remove
     qlora_base: str = "none"  # "nf4": round-tripped 16-bit base; "bnb4": a 4-bit base folder
     allow_nonfinite: bool = False  # --allow-nonfinite: no scan of the adapters, no refusal
+    # "ray": shard jobs are Ray tasks (at most ``workers`` at once, 0: as the cluster fits),
+    # each asking Ray for ``max_memory``; never part of the fingerprint.
+    executor: str = "local"
+    ray_address: str = "auto"
 
     @property
     def out_bytes(self) -> int:

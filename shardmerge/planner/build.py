@@ -77,8 +77,14 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
     errors.extend(memory.budget_problems(budget, max_memory, resources))
-    workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
-    working = memory.working_memory(budget, workers, outputs, device, resources)
+    if options.executor == "ray":
+        # Each Ray task is one process with the whole budget, for one output (the
+        # (adapter, shard) pairs of --separate are tasks of their own); workers caps those in flight.
+        workers = options.workers or 0
+        working = memory.working_memory(budget, 0, 1, device, resources)
+    else:
+        workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
+        working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
     shards = schedule.shard_jobs(
         ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors
@@ -87,6 +93,7 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
         raise PlanErrors(errors)
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
+    run.update(executor=options.executor, ray_address=options.ray_address)
     plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
