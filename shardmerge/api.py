@@ -42,14 +42,13 @@ class MergeResult:
     peak_memory_bytes: int = 0
     # Per touched tensor: how much of the adapters' change it kept (report.survival_entry).
     survival: dict[str, dict] = field(default_factory=dict)
+    # --executor ray: {"executor": "ray", "nodes": [{node, ip, shards, bytes, ...}]}
+    cluster: dict = field(default_factory=dict)
 
     @property
     def weak(self) -> list[str]:
         """Tensors that kept less than half of their adapters' change, worst first."""
         return weak_tensors(self.survival)
-
-    # --executor ray: {"executor": "ray", "nodes": [{node, ip, shards, bytes, ...}]}
-    cluster: dict = field(default_factory=dict)
 
     def report(self) -> dict:
         """The JSON report of this merge (what OUT/.shardmerge/report.json holds)."""
