@@ -5,7 +5,7 @@ checkpoint layout), with PEFT LoRA on the expert parameters
 (``target_parameters``) and on attention: GraniteMoE's fused
 ``block_sparse_moe.input_linear`` (renamed to ``experts.gate_up_proj``),
 Jamba's and LFM2-MoE's per-expert ``feed_forward.experts.N.*``, NemotronH's
-``backbone.`` prefix (``model.`` once loaded) with non-gated experts. The
+``backbone.`` prefix (``model.`` once loaded) with non-gated experts, DeepSeek-V4's and Kimi-Linear's renamed attention. The
 merge is compared, loaded by transformers, with PEFT's merge_and_unload and
 with the float64 reference rounded once.
 """
@@ -52,18 +52,34 @@ def _config(model_type: str):
             mamba_head_dim=8, ssm_state_size=8, n_groups=1, head_dim=8,
             moe_shared_expert_intermediate_size=16,
         ),
+        "deepseek_v4": dict(
+            _ATTN, num_hidden_layers=2, num_key_value_heads=1, head_dim=16, q_lora_rank=16,
+            o_lora_rank=16, o_groups=2, index_n_heads=2, index_head_dim=16, index_topk=4,
+            qk_rope_head_dim=8, moe_intermediate_size=16, n_routed_experts=EXPERTS, hc_mult=2,
+            sliding_window=8, num_nextn_predict_layers=0,
+        ),
+        "kimi_linear": dict(
+            _ATTN, num_hidden_layers=2, num_key_value_heads=4, pad_token_id=0, bos_token_id=0,
+            eos_token_id=1, num_experts=EXPERTS, num_experts_per_token=2, kv_lora_rank=16,
+            qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, linear_head_dim=8,
+            linear_num_heads=4, head_dim=8, moe_intermediate_size=16, intermediate_size=32,
+        ),
     }[model_type]  # fmt: skip
     return AutoConfig.for_model(model_type, num_experts_per_tok=2, **kwargs)
 
 
-# model type -> (the experts module's path in a layer, its expert parameters)
+# model type -> (the experts module's path in a layer, its expert parameters, Linear targets)
 FAMILIES = {
-    "granitemoe": ("block_sparse_moe.experts", ("gate_up_proj", "down_proj")),
-    "granitemoeshared": ("block_sparse_moe.experts", ("gate_up_proj", "down_proj")),
-    "granitemoehybrid": ("block_sparse_moe.experts", ("gate_up_proj", "down_proj")),
-    "jamba": ("feed_forward.experts", ("gate_up_proj", "down_proj")),
-    "lfm2_moe": ("feed_forward.experts", ("gate_up_proj", "down_proj")),
-    "nemotron_h": ("mixer.experts", ("up_proj", "down_proj")),
+    "granitemoe": ("block_sparse_moe.experts", ("gate_up_proj", "down_proj"), ["q_proj"]),
+    "granitemoeshared": ("block_sparse_moe.experts", ("gate_up_proj", "down_proj"), ["q_proj"]),
+    "granitemoehybrid": ("block_sparse_moe.experts", ("gate_up_proj", "down_proj"), ["q_proj"]),
+    "jamba": ("feed_forward.experts", ("gate_up_proj", "down_proj"), ["q_proj"]),
+    "lfm2_moe": ("feed_forward.experts", ("gate_up_proj", "down_proj"), ["q_proj"]),
+    "nemotron_h": ("mixer.experts", ("up_proj", "down_proj"), ["q_proj"]),
+    # Attention renamed at load: DeepSeek-V4's attn.wq_a is self_attn.q_a_proj, Kimi-Linear's
+    # self_attn.f_a_proj is self_attn.forget_gate.f_a_proj.
+    "deepseek_v4": ("mlp.experts", ("gate_up_proj", "down_proj"), ["q_a_proj"]),
+    "kimi_linear": ("mlp.experts", ("gate_up_proj", "down_proj"), ["q_proj", "f_a_proj"]),
 }
 
 
@@ -72,9 +88,9 @@ def family(request, tmp_path_factory):
     model_type = request.param
     root = tmp_path_factory.mktemp(model_type)
     base = build_base(root / "base", _config(model_type), dtype=torch.bfloat16, seed=3)
-    experts, params = FAMILIES[model_type]
+    experts, params, linear = FAMILIES[model_type]
     adapter = make_lora(
-        base, root / "adapter", seed=4, target_modules=["q_proj"],
+        base, root / "adapter", seed=4, target_modules=linear,
         target_parameters=[f"{experts}.{p}" for p in params],
     )  # fmt: skip
     return model_type, root, base, adapter
@@ -85,7 +101,9 @@ def test_family_merges_as_peft_does(family, tmp_path):
     out = tmp_path / "out"
     shardmerge.merge(base, [adapter], out)
     ref = param_reference(base, adapter, torch.bfloat16)
-    assert any(".experts." in n for n in ref.touched) and any("q_proj" in n for n in ref.touched)
+    linear = FAMILIES[model_type][2]
+    assert any(".experts." in n for n in ref.touched)
+    assert all(any(f"{m}.weight" in n for n in ref.touched) for m in linear)
     got = loaded_state(out)
     assert_matches_reference(got, ref)
     assert_close_to_oracle(got, peft_merged(base, adapter), ref)
@@ -95,15 +113,18 @@ def test_family_merges_as_peft_does(family, tmp_path):
         n: (t.dtype, t.shape) for n, t in base_raw.items()
     }
     changed = {n for n in base_raw if got_raw[n].data != base_raw[n].data}
-    # Only expert tensors (per expert, or GraniteMoE's fused input/output_linear) and q_proj.
-    touched = re.compile(r"\.experts\.\d+\.|block_sparse_moe\.(input|output)_linear|q_proj")
+    # Only expert tensors (per expert, or GraniteMoE's fused input/output_linear) and the
+    # Linear targets, by their stored names.
+    touched = re.compile(
+        r"\.experts\.\d+\.|block_sparse_moe\.(input|output)_linear|q_proj|wq_a|f_a_proj"
+    )
     assert changed and all(touched.search(n) for n in changed), changed
 
 
 def test_family_counts_and_verify(family, tmp_path):
     model_type, root, base, adapter = family
     p = shardmerge.plan(base, [adapter], tmp_path / "out")
-    experts, params = FAMILIES[model_type]
+    experts, params, _ = FAMILIES[model_type]
     fused = [n for n in loaded_state(base) if n.endswith(tuple(f"{experts}.{q}" for q in params))]
     assert fused and p.counts["expert"] == len(fused) * EXPERTS
     assert p.counts["linear"] >= 1
@@ -120,16 +141,16 @@ def _fused_copy(base: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model_type", ["jamba", "nemotron_h"])
+@pytest.mark.parametrize("model_type", ["jamba", "nemotron_h", "deepseek_v4"])
 def test_loaded_layout_merges_to_the_same_values(model_type, tmp_path):
     """The checkpoint in the loaded model's own layout (fused experts, ``model.`` prefix) merges
     to the same values as the layout transformers writes by default."""
     base = build_base(tmp_path / "base", _config(model_type), dtype=torch.bfloat16, seed=5)
     fused = _fused_copy(base, tmp_path / "fused")
-    experts, params = FAMILIES[model_type]
+    experts, params, linear = FAMILIES[model_type]
     assert set(read_raw(fused)) != set(read_raw(base))
     adapter = make_lora(
-        base, tmp_path / "adapter", seed=6, target_modules=["q_proj"],
+        base, tmp_path / "adapter", seed=6, target_modules=linear,
         target_parameters=[f"{experts}.{p}" for p in params],
     )  # fmt: skip
     shardmerge.merge(base, [adapter], tmp_path / "a")
@@ -137,3 +158,19 @@ def test_loaded_layout_merges_to_the_same_values(model_type, tmp_path):
     a, b = loaded_state(tmp_path / "a"), loaded_state(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_family_plans_the_same_from_the_builtin_snapshot(family, tmp_path, monkeypatch):
+    """Without transformers' rules (the snapshot instead), the plan is the same."""
+    from shardmerge.arch import rules
+
+    model_type, root, base, adapter = family
+    live = shardmerge.plan(base, [adapter], tmp_path / "out")
+    monkeypatch.setattr(rules, "live_table", lambda: None)
+    rules.rule_table.cache_clear()
+    try:
+        snap = shardmerge.plan(base, [adapter], tmp_path / "out")
+    finally:
+        rules.rule_table.cache_clear()
+    assert snap.counts == live.counts and live.counts["expert"] > 0
+    assert [s.tensors for s in snap.shards] == [s.tensors for s in live.shards]

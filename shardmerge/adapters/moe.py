@@ -25,7 +25,10 @@ its kin ``mlp.experts.N.gate_proj/up_proj`` and ``down_proj``. Both layouts are
 mapped here: one term per (expert, base tensor), the factors being parts of
 A and B (``TensorRef.part``) and, for a fused base tensor, the term covering
 that expert's rows of it (``Term.rows``, the tensor viewed as a matrix).
-Where the base keeps each parameter is arch/experts.py's knowledge.
+Where the base keeps each parameter is arch/experts.py's knowledge (from
+transformers' conversion rules, arch/keymap.py); a parameter transformers
+builds by an operation that cannot be inverted (an interleave, a split) is
+refused by name with that operation.
 """
 
 from __future__ import annotations

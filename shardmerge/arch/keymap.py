@@ -148,6 +148,21 @@ def _guard(rule: Rule, name: str) -> bool:
     return found is not None and _branch(found[2]) == 0
 
 
+def converter_layout(rule: Rule) -> str:
+    """What a converter makes, by its operations alone: "experts" (stacks per-expert tensors,
+    concatenating several parts along the rows), "transposed" (swaps a fused tensor's last two
+    dimensions) or "refused" (anything else: splits, interleaving, permutations...)."""
+    ops = tuple(name for name, _ in rule.ops)
+    args = [dict(a) for _, a in rule.ops]
+    if len(rule.targets) != 1:
+        return "refused"
+    if ops == _STACK or (ops == _STACK_CONCAT and args[1].get("dim") == 1):
+        return "experts" if args[0].get("dim") == 0 else "refused"
+    if ops == ("Transpose",) and {args[0].get("dim0"), args[0].get("dim1")} == {1, 2}:
+        return "transposed"
+    return "refused"
+
+
 def _converted(
     rule: Rule,
     disk: str,
@@ -157,19 +172,14 @@ def _converted(
     experts: dict[str, dict[int, tuple[str, str]]],
 ) -> None:
     """Record what converter ``rule`` makes of stored tensor ``disk`` (loaded name ``new``)."""
-    ops = tuple(name for name, _ in rule.ops)
-    args = dict(rule.ops[0][1])
+    layout = converter_layout(rule)
     m = NUMBERED_WEIGHT.match(disk)
-    stacked = ops == _STACK or (ops == _STACK_CONCAT and dict(rule.ops[1][1]).get("dim") == 1)
-    if stacked and m and len(rule.targets) == 1 and args.get("dim") == 0:
+    if layout == "experts" and m:
         experts.setdefault(new, {})[branch] = (m[1], m[3])
         return
-    if (
-        ops == ("Transpose",)
-        and len(rule.targets) == 1
-        and {args.get("dim0"), args.get("dim1")} == {1, 2}
-    ):
-        origins[new] = Origin("transposed", disk=disk, by_shape=bool(args.get("check_dims")))
+    if layout == "transposed":
+        check = bool(dict(rule.ops[0][1]).get("check_dims"))
+        origins[new] = Origin("transposed", disk=disk, by_shape=check)
         return
     origins[new] = _refused(disk, new, rule)
     # A one-to-many converter names its other outputs by the other targets.

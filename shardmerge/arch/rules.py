@@ -80,19 +80,17 @@ class Rule:
 _OP_ARGS = ("dim", "dim0", "dim1", "check_dims")
 
 
+def _op_args(op) -> tuple[tuple[str, object], ...]:
+    return tuple(
+        sorted(
+            (k, getattr(op, k)) for k in _OP_ARGS if isinstance(getattr(op, k, None), (int, bool))
+        )
+    )
+
+
 def translate(transform) -> Rule:
     """A transformers WeightTransform as a Rule (no scope)."""
-    ops = tuple(
-        (
-            type(op).__name__,
-            tuple(
-                (k, getattr(op, k))
-                for k in _OP_ARGS
-                if isinstance(getattr(op, k, None), (int, bool))
-            ),
-        )
-        for op in getattr(transform, "operations", ())
-    )
+    ops = tuple((type(op).__name__, _op_args(op)) for op in getattr(transform, "operations", ()))
     kind = type(transform).__name__
     return Rule(
         transform.compiled_sources.pattern,

@@ -1,0 +1,151 @@
+"""transformers' checkpoint conversion rules as shardmerge reads them, and its built-in snapshot.
+
+The snapshot (shardmerge/arch/conversion_rules.json) is what a merge uses
+without transformers: it must equal the pinned transformers' rules, so a
+transformers that renames or fuses a model type the snapshot lacks fails
+here. The rules collected for a config.json must be the ones transformers
+collects for the model it builds, and every expert conversion transformers
+ships is either mapped or refused by name.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardmerge.arch import rules as rules_mod
+from shardmerge.arch.experts import TRANSPOSED
+from shardmerge.arch.keymap import build_key_map, converter_layout
+from shardmerge.arch.rules import Rule, builtin_table, live_table, rules_for, translate
+
+# Expert conversions shardmerge cannot fold a delta back through (model type -> operation).
+REFUSED = {
+    "ernie4_5_vl_moe": "ErnieFuseAndSplitTextVisionExperts",
+    "inkling2_text": "Interleave",
+    "inkling_mm_model": "Interleave",
+    "step3p7": "Concatenate",
+}
+
+
+def test_snapshot_equals_the_pinned_transformers_rules():
+    import transformers
+
+    assert transformers.__version__ == "5.23.0"
+    live, snapshot = live_table(), builtin_table()
+    missing = sorted(set(live) - set(snapshot))
+    differ = sorted(n for n in set(live) & set(snapshot) if live[n] != snapshot[n])
+    assert not missing and not differ and set(snapshot) == set(live), (
+        f"transformers renames model types the snapshot lacks ({missing}) or differently "
+        f"({differ}): run scripts/conversion_rules.py"
+    )
+
+
+def test_every_expert_conversion_is_mapped_or_refused_by_name():
+    refused = {}
+    for name, rules in builtin_table().items():
+        for rule in rules:
+            about_experts = re.search("expert", rule.pattern + " ".join(rule.targets))
+            if rule.converts and about_experts and converter_layout(rule) == "refused":
+                refused[name] = rule.ops[0][0]
+    assert refused == REFUSED
+
+
+def test_refused_conversion_names_the_operation():
+    (rule,) = [r for r in builtin_table()["inkling2_text"] if "w13_weight(" in r.pattern]
+    names = ["model.layers.0.mlp.experts.w13_weight", "model.layers.0.mlp.experts.w2_weight"]
+    km = build_key_map(names, [rule])
+    origin = km.origin("model.layers.0.mlp.experts.gate_up_proj")
+    assert origin.kind == "refused" and "Interleave(dim=1)" in origin.reason
+    assert origin.disk == names[0] and km.origin(names[1]).kind == "tensor"
+
+
+def test_transposed_experts_table_matches_transformers_sources():
+    """Model types whose experts hold parameters [E, in, out] (is_transposed=True)."""
+    import transformers
+
+    models = Path(transformers.__file__).parent / "models"
+    found = {
+        p.parent.name
+        for p in models.glob("*/modeling_*.py")
+        if "is_transposed=True" in p.read_text(encoding="utf-8")
+    }
+    assert found and found <= TRANSPOSED
+    assert TRANSPOSED - found == {"aria_text"}  # aria's text model, in aria's module
+
+
+def test_mixtral_per_expert_names_stack_in_part_order():
+    names = [
+        f"model.layers.0.block_sparse_moe.experts.{e}.{p}.weight"
+        for e in range(2)
+        for p in ("w1", "w2", "w3")
+    ] + ["model.layers.0.self_attn.q_proj.weight"]
+    km = build_key_map(names, rules_for({"model_type": "mixtral"}))
+    up = km.origin("model.layers.0.mlp.experts.gate_up_proj")
+    assert (up.kind, up.module, up.parts) == (
+        "experts", "model.layers.0.block_sparse_moe.experts", ("w1", "w3"),
+    )  # fmt: skip
+    assert km.origin("model.layers.0.mlp.experts.down_proj").parts == ("w2",)
+    assert km.origin("layers.0.self_attn.q_proj.weight").disk == names[-1]
+
+
+# Architectures whose collected rules are compared with transformers' own (a model built on
+# the meta device from the default config): VLMs with nested sub-models, and MoE families.
+ARCHITECTURES = [
+    ("llava", "LlavaForConditionalGeneration"),
+    ("gemma3", "Gemma3ForConditionalGeneration"),
+    ("mllama", "MllamaForConditionalGeneration"),
+    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    ("mistral3", "Mistral3ForConditionalGeneration"),
+    ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration"),
+    ("nemotron_h", "NemotronHForCausalLM"),
+    ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
+    ("deepseek_v4", "DeepseekV4ForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "arch"), ARCHITECTURES)
+def test_collected_rules_are_the_ones_transformers_collects(model_type, arch):
+    import transformers
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    config = AutoConfig.for_model(model_type)
+    config.architectures = [arch]
+    with torch.device("meta"):
+        model = getattr(transformers, arch)._from_config(config)
+    want = [
+        Rule(r.pattern, r.targets, r.ops, r.group, r.offset, t.scope_prefix)
+        for t in get_model_conversion_mapping(model)
+        for r in [translate(t)]
+    ]
+    assert rules_for(config.to_dict()) == want
+
+
+def test_without_transformers_the_snapshot_is_used(tmp_path, monkeypatch):
+    """A plan in a process where transformers cannot be imported maps NemotronH's names
+    (``backbone.`` stored, ``model.`` loaded) from the snapshot."""
+    monkeypatch.setattr(rules_mod, "live_table", lambda: None)
+    rules_mod.rule_table.cache_clear()
+    try:
+        names = ["backbone.layers.0.mixer.q_proj.weight", "backbone.embeddings.weight"]
+        km = build_key_map(names, rules_for({"model_type": "nemotron_h"}))
+        assert km.origin("model.layers.0.mixer.q_proj.weight").disk == names[0]
+    finally:
+        rules_mod.rule_table.cache_clear()
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from shardmerge.arch.rules import rule_table, builtin_table\n"
+        "assert rule_table() == builtin_table()\n"
+        "print('snapshot', len(rule_table()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("snapshot"), done.stderr
