@@ -149,3 +149,75 @@ def test_without_transformers_the_snapshot_is_used(tmp_path, monkeypatch):
         cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.startswith("snapshot"), done.stderr
+
+
+def _folder(path: Path, config: dict, tensors: dict[str, torch.Tensor], name: str) -> Path:
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / ("config.json" if name == "model" else "adapter_config.json")).write_text(
+        json.dumps(config)
+    )
+    save_file(tensors, str(path / f"{name}.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _plan_error(base: Path, adapter: Path, out: Path) -> str:
+    import shardmerge
+    from shardmerge.errors import ShardmergeError
+
+    with pytest.raises(ShardmergeError) as info:
+        shardmerge.plan(base, [adapter], out)
+    return str(info.value)
+
+
+def test_lora_on_interleaved_experts_is_refused_by_name(tmp_path):
+    """Inkling2 stores gate and up interleaved (w13_weight): LoRA on gate_up_proj is refused."""
+    e, i, h, r = 2, 8, 16, 2
+    base = _folder(
+        tmp_path / "base",
+        {"model_type": "inkling2_text", "architectures": ["Inkling2ForCausalLM"]},
+        {
+            "model.layers.0.mlp.experts.w13_weight": torch.zeros(e, 2 * i, h),
+            "model.layers.0.mlp.experts.w2_weight": torch.zeros(e, h, i),
+        },
+        "model",
+    )
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    adapter = _folder(
+        tmp_path / "adapter",
+        {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": [],
+         "target_parameters": ["mlp.experts.gate_up_proj"]},
+        {f"{prefix}.lora_A.weight": torch.ones(r * e, h),
+         f"{prefix}.lora_B.weight": torch.ones(2 * i, r * e)},
+        "adapter_model",
+    )  # fmt: skip
+    text = _plan_error(base, adapter, tmp_path / "out")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in text and "Interleave(dim=1)" in text
+    assert "w13_weight" in text and not (tmp_path / "out").exists()
+
+
+def test_lora_on_a_split_fused_projection_is_refused_by_name(tmp_path):
+    """Nomic-BERT stores attn.Wqkv, which transformers chunks into q/k/v_proj at load."""
+    h, r = 16, 2
+    base = _folder(
+        tmp_path / "base",
+        {"model_type": "nomic_bert"},
+        {"encoder.layers.0.attn.Wqkv.weight": torch.zeros(3 * h, h),
+         "encoder.layers.0.attn.out_proj.weight": torch.zeros(h, h)},
+        "model",
+    )  # fmt: skip
+    adapter = _folder(
+        tmp_path / "adapter",
+        {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["k_proj", "o_proj"]},
+        {"base_model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.ones(r, h),
+         "base_model.model.layers.0.self_attn.k_proj.lora_B.weight": torch.ones(h, r),
+         "base_model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.ones(r, h),
+         "base_model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.ones(h, r)},
+        "adapter_model",
+    )  # fmt: skip
+    text = _plan_error(base, adapter, tmp_path / "out")
+    assert "builds layers.0.self_attn.k_proj.weight from" in text and "Chunk(dim=0)" in text
+    assert "attn.Wqkv" in text and "o_proj" not in text  # the renamed out_proj matched

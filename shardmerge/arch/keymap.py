@@ -184,7 +184,8 @@ def _converted(
     origins[new] = _refused(disk, new, rule)
     # A one-to-many converter names its other outputs by the other targets.
     for target in rule.targets[1:]:
-        origins.setdefault(new.replace(rule.targets[0], target, 1), _refused(disk, new, rule))
+        other = new.replace(rule.targets[0], target, 1)
+        origins.setdefault(other, _refused(disk, other, rule))
 
 
 def _refused(disk: str, new: str, rule: Rule) -> Origin:
