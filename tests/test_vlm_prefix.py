@@ -119,7 +119,9 @@ def test_vlm_merges_either_prefix_convention(vlm, layout, tmp_path):
     got = loaded_state(outs["new"], "vlm")
     assert_matches_reference(got, ref)
     assert_close_to_oracle(got, peft_merged(base, adapters["new"], "vlm"), ref)
-    # The output keeps the base's layout.
+    # The output keeps the base's layout, and verify re-derives it from the old-named adapter.
     assert set(read_raw(outs["new"])) == set(read_raw(base))
+    report = shardmerge.verify(outs["old"], base, [adapters["old"]])
+    assert report.ok and report.max_ulp["linear"] <= 0.5, report.summary()
     card = json.loads((outs["new"] / "config.json").read_text())
     assert card["model_type"] == model_type
