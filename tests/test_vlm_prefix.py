@@ -9,6 +9,7 @@ layout transformers writes or in its loaded layout
 (``save_original_format=False``), the adapter from PEFT on the loaded model
 or renamed to the old convention. The merge is compared, loaded by
 transformers, with PEFT's merge_and_unload and the float64 reference.
+Kimi-K2.5 adds MoE experts inside a VLM and a chain of renamings.
 """
 
 from __future__ import annotations
@@ -125,3 +126,41 @@ def test_vlm_merges_either_prefix_convention(vlm, layout, tmp_path):
     assert report.ok and report.max_ulp["linear"] <= 0.5, report.summary()
     card = json.loads((outs["new"] / "config.json").read_text())
     assert card["model_type"] == model_type
+
+
+def test_kimi_k25_experts_inside_a_vlm_and_renamed_vision_layers(tmp_path):
+    """Kimi-K2.5 as transformers writes it: ``language_model.model.blocks.N`` with per-expert
+    DeepSeek-V3 experts, and a vision tower whose ``mlp.fc0``/``fc1`` load as ``fc1``/``fc2``
+    (a renaming chain): LoRA on attention, on the experts and on the loaded ``fc1``."""
+    from transformers import AutoConfig
+
+    text = dict(
+        _TEXT, model_type="deepseek_v3", num_hidden_layers=2, num_key_value_heads=4,
+        moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, n_group=1,
+        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
+    )  # fmt: skip
+    vision = dict(
+        _VISION, model_type="kimi_k25_vision", patch_size=8, pos_emb_height=4, pos_emb_width=4,
+        pos_emb_time=2,
+    )  # fmt: skip
+    config = AutoConfig.for_model("kimi_k25", text_config=text, vision_config=vision)
+    base = build_base(tmp_path / "base", config, "vlm", dtype=torch.bfloat16)
+    stored = read_raw(base)
+    assert "language_model.model.blocks.1.mlp.experts.3.up_proj.weight" in stored
+    assert "vision_tower.encoder.blocks.0.mlp.fc0.weight" in stored
+    adapter = make_lora(
+        base, tmp_path / "adapter", "vlm", target_modules=["q_a_proj", "fc1"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    out = tmp_path / "out"
+    shardmerge.merge(base, [adapter], out)
+    ref = param_reference(base, adapter, torch.bfloat16, "vlm")
+    assert "model.vision_tower.layers.0.mlp.fc1.weight" in ref.touched
+    assert "model.language_model.layers.1.mlp.experts.gate_up_proj" in ref.touched
+    got = loaded_state(out, "vlm")
+    assert_matches_reference(got, ref)
+    assert_close_to_oracle(got, peft_merged(base, adapter, "vlm"), ref)
+    changed = {n for n, t in read_raw(out).items() if t.data != stored[n].data}
+    assert "vision_tower.encoder.blocks.0.mlp.fc0.weight" in changed
+    assert "vision_tower.encoder.blocks.0.mlp.fc1.weight" not in changed
