@@ -28,7 +28,6 @@ REFUSED = {
     "ernie4_5_vl_moe": "ErnieFuseAndSplitTextVisionExperts",
     "inkling2_text": "Interleave",
     "inkling_mm_model": "Interleave",
-    "step3p7": "Concatenate",
 }
 
 
@@ -106,6 +105,8 @@ ARCHITECTURES = [
     ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
     ("deepseek_v4", "DeepseekV4ForCausalLM"),
     ("mixtral", "MixtralForCausalLM"),
+    ("step3p7", "Step3p7ForConditionalGeneration"),
+    ("kimi_k25", "Kimi_K25ForConditionalGeneration"),
 ]
 
 
@@ -124,7 +125,7 @@ def test_collected_rules_are_the_ones_transformers_collects(model_type, arch):
         for t in get_model_conversion_mapping(model)
         for r in [translate(t)]
     ]
-    assert rules_for(config.to_dict()) == want
+    assert rules_for(config.to_dict(), names=list(model.state_dict())) == want
 
 
 def test_without_transformers_the_snapshot_is_used(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from moe_oracle import build_base, loaded_state, make_lora, param_reference, pef
 from safetensors.torch import load_file, save_file
 
 import shardmerge
+from shardmerge.errors import ShardmergeError
 
 _TEXT = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -164,3 +165,45 @@ def test_kimi_k25_experts_inside_a_vlm_and_renamed_vision_layers(tmp_path):
     changed = {n for n, t in read_raw(out).items() if t.data != stored[n].data}
     assert "vision_tower.encoder.blocks.0.mlp.fc0.weight" in changed
     assert "vision_tower.encoder.blocks.0.mlp.fc1.weight" not in changed
+
+
+def test_step3p7_stacked_gate_and_up_concatenated_at_load(tmp_path):
+    """Step3p7 stores each MoE layer's experts stacked, gate and up apart (``moe.gate_proj.weight``
+    [E, I, H]); transformers concatenates them along each expert's rows into
+    ``mlp.experts.gate_up_proj``: LoRA on it lands on both stored tensors, expert by expert."""
+    from transformers import AutoConfig
+
+    text = dict(
+        _TEXT, model_type="step3p5", num_hidden_layers=2, head_dim=8, pad_token_id=1,
+        num_experts_per_tok=2, n_routed_experts=4, mlp_layer_types=["dense", "sparse"],
+        layer_types=["full_attention", "full_attention"], moe_intermediate_size=16,
+        share_expert_dim=16, num_sliding_attention_heads=4, query_pre_attn_scalar=8,
+    )  # fmt: skip
+    vision = dict(
+        _VISION, model_type="step3p5_vision", intermediate_size=32, image_size=28,
+        patch_size=14, max_position_embeddings=16,
+    )  # fmt: skip
+    config = AutoConfig.for_model("step3p7", text_config=text, vision_config=vision)
+    base = build_base(tmp_path / "base", config, "vlm", dtype=torch.bfloat16)
+    stored = read_raw(base)
+    assert stored["model.layers.1.moe.gate_proj.weight"].shape == (4, 16, 32)
+    adapter = make_lora(
+        base, tmp_path / "adapter", "vlm", target_modules=r".*language_model.*\.q_proj",
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    out = tmp_path / "out"
+    shardmerge.merge(base, [adapter], out)
+    ref = param_reference(base, adapter, torch.bfloat16, "vlm")
+    assert "model.language_model.layers.1.mlp.experts.gate_up_proj" in ref.touched
+    got = loaded_state(out, "vlm")
+    assert_matches_reference(got, ref)
+    assert_close_to_oracle(got, peft_merged(base, adapter, "vlm"), ref)
+    changed = {n for n, t in read_raw(out).items() if t.data != stored[n].data}
+    moe = {f"model.layers.1.moe.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert moe <= changed
+    assert shardmerge.verify(out, base, [adapter]).ok
+    # The vision model's q_proj is a chunk of a fused in_proj_weight: refused by name.
+    everywhere = make_lora(base, tmp_path / "everywhere", "vlm", target_modules=["q_proj"])
+    with pytest.raises(ShardmergeError) as info:
+        shardmerge.plan(base, [everywhere], tmp_path / "out2")
+    assert "attn.in_proj_weight" in str(info.value) and "Chunk(dim=0)" in str(info.value)

@@ -343,7 +343,10 @@ def _one_expert(
             rows=(e * out_f, (e + 1) * out_f),
         )  # fmt: skip
         return [(place.fused, term)]
-    return [
-        (name, Term("expert", label, module, _part(b, (first, stop, 1), cols), a_e, scale))
-        for name, first, stop in place.experts[e]
-    ]
+    made = []
+    for name, first, stop in place.experts[e]:
+        # A stacked tensor [E, rows, cols] holds expert e at rows e*rows.. of its matrix view.
+        rows = (e * (stop - first), (e + 1) * (stop - first)) if place.stacked else None
+        b_e = _part(b, (first, stop, 1), cols)
+        made.append((name, Term("expert", label, module, b_e, a_e, scale, rows=rows)))
+    return made

@@ -54,13 +54,16 @@ class ParamPlace:
     problem: str = ""  # why the per-expert tensors cannot make the parameter
     base_fault: bool = False  # the problem is a damaged base (expert tensors missing)
     refused: bool = False  # transformers converts it in a way shardmerge cannot invert
+    stacked: bool = False  # ``experts`` name 3-D stacked tensors: expert e is their slice e
     # The fused tensor is stored with its last two dimensions swapped ("always"),
     # or only when its shape says so ("by_shape"): transformers' Transpose(1, 2).
     flipped: str = ""
 
     @property
     def names(self) -> list[str]:
-        return [self.fused] if self.fused else [n for e in self.experts for n, _, _ in e]
+        if self.fused:
+            return [self.fused]
+        return list(dict.fromkeys(n for e in self.experts for n, _, _ in e))
 
 
 def module_candidates(owner: str) -> list[str]:
@@ -144,8 +147,26 @@ def _place_of(
         return ParamPlace(
             tuple(info.shape), frozenset([info.dtype]), fused=origin.disk, flipped=flipped
         )
+    if origin.kind == "parts":
+        return _stacked_parts_place(ckpt, origin.parts)
     numbers = expert_numbers(ckpt) if numbers is None else numbers
     return _per_expert(ckpt, origin.module, origin.parts, numbers)
+
+
+def _stacked_parts_place(ckpt: Checkpoint, parts: tuple[str, ...]) -> ParamPlace:
+    """The parameter stacked tensors [E, rows_i, cols] make, concatenated along the rows."""
+    infos = [ckpt.tensor(p) for p in parts]
+    if any(len(i.shape) != 3 for i in infos) or len({(i.shape[0], i.shape[2]) for i in infos}) != 1:
+        shapes = ", ".join(f"{p} {list(i.shape)}" for p, i in zip(parts, infos, strict=True))
+        return ParamPlace((), frozenset(), problem=f"the stacked tensors differ in shape: {shapes}")
+    rows, first = [], 0
+    for p, info in zip(parts, infos, strict=True):
+        rows.append((p, first, first + info.shape[1]))
+        first += info.shape[1]
+    experts = tuple(tuple(rows) for _ in range(infos[0].shape[0]))
+    shape = (infos[0].shape[0], first, infos[0].shape[2])
+    dtypes = frozenset(i.dtype for i in infos)
+    return ParamPlace(shape, dtypes, experts=experts, stacked=True)
 
 
 def _per_expert(

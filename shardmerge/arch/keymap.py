@@ -30,7 +30,9 @@ class Origin:
     two dimensions swapped; ``by_shape``: only when its shape differs from
     the parameter's, transformers' ``Transpose(check_dims=True)``), "experts"
     (the tensors ``module.N.part.weight``, stacked over N and concatenated
-    over ``parts`` in this order) or "refused" (``reason`` says why).
+    over ``parts`` in this order), "parts" (the stored stacked tensors
+    ``parts``, [E, rows, cols] each, concatenated along the rows) or
+    "refused" (``reason`` says why).
     """
 
     kind: str
@@ -123,23 +125,23 @@ def build_key_map(names: list[str], rules: list[Rule]) -> KeyMap:
     # GroupWeightRename applies its dependent renamings only in a checkpoint that has its guard.
     active = {id(r) for r in renamings if r.group and any(_guard(r, n) for n in names)}
     origins: dict[str, Origin] = {}
-    experts: dict[
-        str, dict[int, tuple[str, str]]
-    ] = {}  # loaded name -> part index -> (module, part)
+    # loaded name -> source pattern index -> (module, part) of per-expert tensors,
+    # or ("", stored tensor) of stacked tensors concatenated whole
+    pending: dict[str, dict[int, tuple[str, str]]] = {}
     trivial = True
     for disk in sorted(names):
         key = apply_renamings(disk, renamings, active)
         for rule in converters:
             new, branch = apply_rule(rule, key, active)
             if branch is not None:
-                _converted(rule, disk, new, branch, origins, experts)
+                _converted(rule, disk, new, branch, origins, pending)
                 trivial = False
                 break
         else:
             trivial = trivial and key == disk
             origins.setdefault(key, Origin("tensor", disk=disk))
-    for name, parts in experts.items():
-        origins[name] = _experts_origin(name, parts)
+    for name, parts in pending.items():
+        origins[name] = _pending_origin(name, parts)
     return KeyMap(origins, renamings, trivial)
 
 
@@ -150,8 +152,9 @@ def _guard(rule: Rule, name: str) -> bool:
 
 def converter_layout(rule: Rule) -> str:
     """What a converter makes, by its operations alone: "experts" (stacks per-expert tensors,
-    concatenating several parts along the rows), "transposed" (swaps a fused tensor's last two
-    dimensions) or "refused" (anything else: splits, interleaving, permutations...)."""
+    concatenating several parts along the rows), "parts" (concatenates stacked expert tensors
+    along each expert's rows), "transposed" (swaps a fused tensor's last two dimensions) or
+    "refused" (anything else: splits, interleaving, permutations...)."""
     ops = tuple(name for name, _ in rule.ops)
     args = [dict(a) for _, a in rule.ops]
     if len(rule.targets) != 1:
@@ -160,6 +163,8 @@ def converter_layout(rule: Rule) -> str:
         return "experts" if args[0].get("dim") == 0 else "refused"
     if ops == ("Transpose",) and {args[0].get("dim0"), args[0].get("dim1")} == {1, 2}:
         return "transposed"
+    if ops == ("Concatenate",) and args[0].get("dim") == 1:
+        return "parts"  # stacked [E, rows, cols] tensors concatenated along each expert's rows
     return "refused"
 
 
@@ -169,13 +174,16 @@ def _converted(
     new: str,
     branch: int,
     origins: dict[str, Origin],
-    experts: dict[str, dict[int, tuple[str, str]]],
+    pending: dict[str, dict[int, tuple[str, str]]],
 ) -> None:
     """Record what converter ``rule`` makes of stored tensor ``disk`` (loaded name ``new``)."""
     layout = converter_layout(rule)
     m = NUMBERED_WEIGHT.match(disk)
     if layout == "experts" and m:
-        experts.setdefault(new, {})[branch] = (m[1], m[3])
+        pending.setdefault(new, {})[branch] = (m[1], m[3])
+        return
+    if layout == "parts":
+        pending.setdefault(new, {})[branch] = ("", disk)
         return
     if layout == "transposed":
         check = bool(dict(rule.ops[0][1]).get("check_dims"))
@@ -198,9 +206,14 @@ def _refused(disk: str, new: str, rule: Rule) -> Origin:
     )
 
 
-def _experts_origin(name: str, parts: dict[int, tuple[str, str]]) -> Origin:
+def _pending_origin(name: str, parts: dict[int, tuple[str, str]]) -> Origin:
+    """The origin of a parameter a converter builds from several stored tensors."""
     modules = {module for module, _ in parts.values()}
     order = [parts[i][1] for i in sorted(parts)]
+    if modules == {""}:
+        if sorted(parts) != list(range(len(parts))) or len(parts) < 2:
+            return Origin("refused", reason=f"the base lacks a stored part of {name}")
+        return Origin("parts", parts=tuple(order))
     if len(modules) != 1 or len(set(order)) != len(order):
         return Origin(
             "refused", reason=f"the stored per-expert tensors of {name} do not form one stack"
@@ -221,7 +234,8 @@ def key_map(ckpt: Checkpoint, *, builtin: bool = False) -> KeyMap:
     if hit is not None and hit[0] is ckpt:
         return hit[1]
     table = builtin_table() if builtin else rule_table()
-    km = build_key_map(list(ckpt.weight_map), rules_for(ckpt.config, table))
+    names = list(ckpt.weight_map)
+    km = build_key_map(names, rules_for(ckpt.config, table, names))
     if len(_CACHE) >= 8:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[(id(ckpt), builtin)] = (ckpt, km)

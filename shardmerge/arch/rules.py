@@ -154,15 +154,19 @@ def _scoped(rules: tuple[Rule, ...], scope: str) -> list[Rule]:
     return [Rule(r.pattern, r.targets, r.ops, r.group, r.offset, scope) for r in rules]
 
 
-def rules_for(config: dict, table: dict[str, tuple[Rule, ...]] | None = None) -> list[Rule]:
+def rules_for(
+    config: dict, table: dict[str, tuple[Rule, ...]] | None = None, names: list[str] = ()
+) -> list[Rule]:
     """The rules transformers applies when it loads a checkpoint of this config.json.
 
     As ``get_model_conversion_mapping`` collects them over the model's
     sub-models, with the sub-models read from config.json: the task model
     (its class name, else its model_type), the base model under ``model``
     (by class name), the language model under ``model.language_model``
-    (text_config's model_type), the vision tower under ``model.vision_tower``
-    (vision_config's class), and transformers' "legacy" renamings last.
+    (text_config's model_type), the vision model (vision_config's class, else
+    its model_type) under ``model.vision_tower``, ``model.vision_model`` or
+    ``model.visual``, whichever the tensor ``names`` use, and transformers'
+    "legacy" renamings last.
     """
     table = rule_table() if table is None else table
     model_type = config.get("model_type")
@@ -183,17 +187,29 @@ def rules_for(config: dict, table: dict[str, tuple[Rule, ...]] | None = None) ->
     text_type = text.get("model_type") if isinstance(text, dict) else None
     if isinstance(text_type, str) and text_type in table and text_type not in seen:
         rules += _scoped(table[text_type], "language_model")
-    vision = _vision_class(config.get("vision_config"), table)
+    vision = _vision_rules(config.get("vision_config"), table)
     if vision:
-        rules += _scoped(table[vision], "vision_tower")
+        rules += _scoped(vision, _vision_scope(names))
     return rules + list(table.get("legacy", ()))
 
 
-def _vision_class(vision: object, table: dict[str, tuple[Rule, ...]]) -> str | None:
-    """The class transformers builds for vision_config, when it has rules (``clip_vision_model``
-    is CLIPVisionModel), found by name without transformers."""
+# Where VLMs keep their vision model (under ``model.`` once loaded).
+_VISION_SCOPES = ("vision_tower", "vision_model", "visual")
+
+
+def _vision_rules(vision: object, table: dict[str, tuple[Rule, ...]]) -> tuple[Rule, ...]:
+    """The rules of the model transformers builds for vision_config: by its class
+    (``clip_vision_model`` is CLIPVisionModel, found by name), else its model_type."""
     kind = vision.get("model_type") if isinstance(vision, dict) else None
     if not isinstance(kind, str):
-        return None
+        return ()
     wanted = kind.replace("_", "").lower()
-    return next((name for name in table if name.lower() == wanted), None)
+    by_class = next((name for name in table if name.lower() == wanted), None)
+    return table[by_class] if by_class else table.get(kind, ())
+
+
+def _vision_scope(names: list[str]) -> str:
+    for scope in _VISION_SCOPES:
+        if any(n.startswith((f"{scope}.", f"{BASE_MODEL_PREFIX}.{scope}.")) for n in names):
+            return scope
+    return _VISION_SCOPES[0]
