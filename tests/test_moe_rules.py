@@ -107,6 +107,9 @@ ARCHITECTURES = [
     ("mixtral", "MixtralForCausalLM"),
     ("step3p7", "Step3p7ForConditionalGeneration"),
     ("kimi_k25", "Kimi_K25ForConditionalGeneration"),
+    ("molmo2", "Molmo2ForConditionalGeneration"),
+    ("gemma3_text", "Gemma3ForCausalLM"),
+    ("dots3_note_text", "Dots3NoteForCausalLM"),
 ]
 
 

@@ -162,34 +162,33 @@ def rules_for(
     As ``get_model_conversion_mapping`` collects them over the model's
     sub-models, with the sub-models read from config.json: the task model
     (its class name, else its model_type), the base model under ``model``
-    (by class name), the language model under ``model.language_model``
-    (text_config's model_type), the vision model (vision_config's class, else
-    its model_type) under ``model.vision_tower``, ``model.vision_model`` or
-    ``model.visual``, whichever the tensor ``names`` use, and transformers'
-    "legacy" renamings last.
+    (by class name), the language model under ``model.language_model`` and
+    the vision model under ``model.vision_tower``, ``model.vision_model`` or
+    ``model.visual``, whichever the tensor ``names`` use (each by its
+    config's class, else model_type), and transformers' "legacy" renamings
+    last.
     """
     table = rule_table() if table is None else table
     model_type = config.get("model_type")
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    text = config.get("text_config")
     rules: list[Rule] = []
-    seen: set[str] = set()
     if arch and arch in table:
         rules += table[arch]
     elif isinstance(model_type, str) and model_type in table:
         rules += table[model_type]
-        seen.add(model_type)
     if arch and arch.endswith(_TASK_SUFFIXES):
-        inner = arch[: -len(next(s for s in _TASK_SUFFIXES if arch.endswith(s)))] + "Model"
-        if inner in table:
-            rules += _scoped(table[inner], "")
-    text = config.get("text_config")
+        # A multimodal task model holds XModel; a text-only one XModel or XTextModel, and
+        # only the latter can be told apart by name (Gemma3ForCausalLM's is Gemma3TextModel).
+        stem = arch[: -len(next(s for s in _TASK_SUFFIXES if arch.endswith(s)))]
+        inner = f"{stem}Model" if isinstance(text, dict) else f"{stem}TextModel"
+        rules += _scoped(table.get(inner, ()), "")
     text_type = text.get("model_type") if isinstance(text, dict) else None
-    if isinstance(text_type, str) and text_type in table and text_type not in seen:
-        rules += _scoped(table[text_type], "language_model")
-    vision = _vision_rules(config.get("vision_config"), table)
-    if vision:
-        rules += _scoped(vision, _vision_scope(names))
+    if text_type != model_type:
+        rules += _scoped(_sub_model_rules(text, table), "language_model")
+    vision = _sub_model_rules(config.get("vision_config"), table)
+    rules += _scoped(vision, _vision_scope(names))
     return rules + list(table.get("legacy", ()))
 
 
@@ -197,14 +196,15 @@ def rules_for(
 _VISION_SCOPES = ("vision_tower", "vision_model", "visual")
 
 
-def _vision_rules(vision: object, table: dict[str, tuple[Rule, ...]]) -> tuple[Rule, ...]:
-    """The rules of the model transformers builds for vision_config: by its class
-    (``clip_vision_model`` is CLIPVisionModel, found by name), else its model_type."""
-    kind = vision.get("model_type") if isinstance(vision, dict) else None
+def _sub_model_rules(sub: object, table: dict[str, tuple[Rule, ...]]) -> tuple[Rule, ...]:
+    """The rules of the model transformers builds for a sub-config: by its class, found by
+    name (``clip_vision_model`` is CLIPVisionModel, ``molmo2_text`` Molmo2TextModel), else
+    by its model_type."""
+    kind = sub.get("model_type") if isinstance(sub, dict) else None
     if not isinstance(kind, str):
         return ()
-    wanted = kind.replace("_", "").lower()
-    by_class = next((name for name in table if name.lower() == wanted), None)
+    wanted = {kind.replace("_", "").lower(), kind.replace("_", "").lower() + "model"}
+    by_class = next((name for name in table if name.lower() in wanted), None)
     return table[by_class] if by_class else table.get(kind, ())
 
 
