@@ -225,3 +225,17 @@ def test_lora_on_a_split_fused_projection_is_refused_by_name(tmp_path):
     text = _plan_error(base, adapter, tmp_path / "out")
     assert "builds layers.0.self_attn.k_proj.weight from" in text and "Chunk(dim=0)" in text
     assert "attn.Wqkv" in text and "o_proj" not in text  # the renamed out_proj matched
+
+
+def test_a_damaged_snapshot_is_a_clear_error(tmp_path, monkeypatch):
+    from shardmerge.errors import CorruptFileError
+
+    broken = tmp_path / "conversion_rules.json"
+    broken.write_text('{"mixtral": [' * 100)
+    monkeypatch.setattr(rules_mod, "TABLE", broken)
+    rules_mod.builtin_table.cache_clear()
+    try:
+        with pytest.raises(CorruptFileError, match="conversion_rules.json"):
+            builtin_table()
+    finally:
+        rules_mod.builtin_table.cache_clear()

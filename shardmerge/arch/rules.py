@@ -108,13 +108,16 @@ def live_table() -> dict[str, tuple[Rule, ...]] | None:
 
         # The identifiers get_checkpoint_conversion_mapping knows (no public list exists).
         names = sorted(conversion_mapping._build_checkpoint_conversion_mapping())
-    except (ImportError, AttributeError):
-        return None  # no transformers, or one without v5's conversion rules: the snapshot
-    table = {}
-    for name in names:
-        transforms = conversion_mapping.get_checkpoint_conversion_mapping(name) or []
-        table[name] = tuple(translate(t) for t in transforms)
-    return table
+        return {
+            name: tuple(
+                translate(t)
+                for t in conversion_mapping.get_checkpoint_conversion_mapping(name) or []
+            )
+            for name in names
+        }
+    except (ImportError, AttributeError, TypeError):
+        # No transformers, or one whose rules are not v5's as read here: the snapshot.
+        return None
 
 
 def table_as_json(table: dict[str, tuple[Rule, ...]]) -> str:
@@ -132,9 +135,13 @@ def table_as_json(table: dict[str, tuple[Rule, ...]]) -> str:
 @functools.lru_cache(maxsize=1)
 def builtin_table() -> dict[str, tuple[Rule, ...]]:
     """The snapshot shipped with shardmerge (conversion_rules.json)."""
+    from ..errors import CorruptFileError
     from ..io.jsonfile import parse_json
 
-    raw = parse_json(TABLE.read_bytes(), TABLE)
+    def damaged(what: str) -> CorruptFileError:
+        return CorruptFileError(f"{TABLE}: {what}.", hint="Reinstall shardmerge.")
+
+    raw = parse_json(TABLE.read_bytes(), damaged)
     table: dict[str, tuple[Rule, ...]] = {}
     for name, value in raw.items():
         if isinstance(value, dict):
