@@ -174,3 +174,49 @@ def test_family_plans_the_same_from_the_builtin_snapshot(family, tmp_path, monke
         rules.rule_table.cache_clear()
     assert snap.counts == live.counts and live.counts["expert"] > 0
     assert [s.tensors for s in snap.shards] == [s.tensors for s in live.shards]
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "lfm2_moe"])
+def test_per_expert_linear_lora_without_target_parameters(family_bases, model_type, tmp_path):
+    """An adapter on the per-expert Linear modules as transformers 4 built them (no
+    target_parameters; ``feed_forward.experts.N.gate_proj``, by hand) merges into them."""
+    import json
+
+    from builders import KEY_PREFIX, read_tensors, reference_merge
+    from safetensors.torch import save_file
+
+    base = family_bases(model_type)
+    g = torch.Generator().manual_seed(43)
+    tensors = {}
+    for name, t in read_raw(base).items():
+        if re.search(r"\.experts\.\d+\.", name):
+            out_f, in_f = t.shape
+            module = name.removesuffix(".weight")
+            tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = torch.randn(2, in_f, generator=g)
+            tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = torch.randn(out_f, 2, generator=g) / 20
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    parts = sorted({k.split(".experts.")[1].split(".")[1] for k in tensors})
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": parts}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    p = shardmerge.plan(base, [adapter], tmp_path / "out")
+    assert p.counts == {"expert": len(tensors) // 2}
+    shardmerge.merge(base, [adapter], tmp_path / "out")
+    ref = reference_merge(base, [adapter])
+    assert len(ref.touched) == len(tensors) // 2
+    assert_matches_reference(read_tensors(tmp_path / "out"), ref)
+
+
+@pytest.fixture(scope="module")
+def family_bases(tmp_path_factory):
+    """Tiny bases by model type, built once per module."""
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            root = tmp_path_factory.mktemp(f"{model_type}_base")
+            made[model_type] = build_base(root, _config(model_type), dtype=torch.bfloat16, seed=7)
+        return made[model_type]
+
+    return get
