@@ -239,3 +239,31 @@ def test_a_damaged_snapshot_is_a_clear_error(tmp_path, monkeypatch):
             builtin_table()
     finally:
         rules_mod.builtin_table.cache_clear()
+
+
+def _sample_names(pattern: str, expert: int) -> list[str]:
+    """Stored names a converter's source branches match, for one expert (under a layer)."""
+    names = []
+    for branch in re.findall(r"\(\?P<g\d+>(.*?)\)(?=\||$)", pattern):
+        plain = branch.replace("(?!\\w)", "").replace("..*\\.", f".{expert}.").replace("\\.", ".")
+        names.append("model.layers.0." + plain.lstrip(".^"))
+    return names
+
+
+def test_every_expert_stacking_in_the_table_maps_to_one_fused_parameter():
+    """For each model type whose rules stack per-expert tensors, stored names of two experts
+    map to fused parameters whose parts follow the rule's order."""
+    checked = set()
+    table = builtin_table()
+    for model_type, rules in table.items():
+        for rule in rules:
+            if not rule.converts or converter_layout(rule) != "experts":
+                continue
+            names = [n for e in range(2) for n in _sample_names(rule.pattern, e)]
+            km = build_key_map(names, [r for r in rules_for({"model_type": model_type}, table)])
+            stacks = [o for o in km.origins.values() if o.kind == "experts"]
+            assert len(stacks) == 1, (model_type, rule.pattern, names, km.origins)
+            assert len(stacks[0].parts) == len(_sample_names(rule.pattern, 0)), model_type
+            checked.add(model_type)
+    assert {"mixtral", "qwen2_moe", "jamba", "lfm2_moe", "nemotron_h", "deepseek_v4"} <= checked
+    assert len(checked) > 40
