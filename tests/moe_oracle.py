@@ -89,21 +89,27 @@ def param_reference(
 
     ParamWrapper (expert parameters): delta[e] = scale * B.reshape(out, r, E)[..., e]
     @ A.reshape(E, r, in)[e] (``einsum("o r e, e r i -> e o i")``, transposed where
-    the model stores [E, in, out]); lora.Linear: scale * B @ A.
+    the model stores [E, in, out]); lora.Linear: scale * B @ A; lora.Embedding:
+    scale * (B @ A).T.
     """
-    from peft.tuners.lora.layer import Linear, ParamWrapper
+    from peft.tuners.lora.layer import Embedding, Linear, ParamWrapper
 
     pm = peft_model(base, adapter, kind)
     state = {k: v.detach().double() for k, v in load(base, kind).state_dict().items()}
     ref = Reference(base=state, max_rank=1)
     for name, mod in pm.named_modules():
-        if not isinstance(mod, (ParamWrapper, Linear)):
+        if not isinstance(mod, (ParamWrapper, Linear, Embedding)):
             continue
-        a = mod.lora_A["a0"].weight.detach().double()
-        b = mod.lora_B["a0"].weight.detach().double()
         scale = mod.scaling["a0"]
         owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        if isinstance(mod, ParamWrapper):
+        if isinstance(mod, Embedding):
+            a = mod.lora_embedding_A["a0"].detach().double()  # [r, vocab]
+            b = mod.lora_embedding_B["a0"].detach().double()  # [dim, r]
+            key, delta, bound = f"{owner}.weight", (b @ a).T, (b.abs() @ a.abs()).T
+            ref.max_rank = max(ref.max_rank, a.shape[0])
+        elif isinstance(mod, ParamWrapper):
+            a = mod.lora_A["a0"].weight.detach().double()
+            b = mod.lora_B["a0"].weight.detach().double()
             key = f"{owner}.{mod.parameter_name}"
             e = mod.num_experts
             a3, b3 = a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e)
@@ -114,6 +120,8 @@ def param_reference(
             bound = torch.einsum(pattern, b3.abs(), a3.abs())
             ref.max_rank = max(ref.max_rank, a3.shape[1])
         else:
+            a = mod.lora_A["a0"].weight.detach().double()
+            b = mod.lora_B["a0"].weight.detach().double()
             key = f"{owner}.weight"
             delta, bound = b @ a, b.abs() @ a.abs()
             ref.max_rank = max(ref.max_rank, a.shape[0])

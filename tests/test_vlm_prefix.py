@@ -207,3 +207,21 @@ def test_step3p7_stacked_gate_and_up_concatenated_at_load(tmp_path):
     with pytest.raises(ShardmergeError) as info:
         shardmerge.plan(base, [everywhere], tmp_path / "out2")
     assert "attn.in_proj_weight" in str(info.value) and "Chunk(dim=0)" in str(info.value)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl"])
+def test_vlm_embedding_and_head_lora(model_type, tmp_path):
+    """LoRA on the language model's embedding and lm_head of a VLM stored as transformers writes
+    it (``language_model.model.embed_tokens``, ``language_model.lm_head`` for Llava) matches PEFT."""
+    base = build_base(tmp_path / "base", _config(model_type), "vlm")
+    adapter = make_lora(
+        base, tmp_path / "adapter", "vlm", target_modules=["embed_tokens", "lm_head"]
+    )
+    out = tmp_path / "out"
+    shardmerge.merge(base, [adapter], out)
+    ref = param_reference(base, adapter, torch.float32, "vlm")
+    heads = {n for n in ref.touched if n.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    assert len(heads) == 2 and heads == ref.touched
+    got = loaded_state(out, "vlm")
+    assert_matches_reference(got, ref)
+    assert_close_to_oracle(got, peft_merged(base, adapter, "vlm"), ref)
