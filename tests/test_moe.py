@@ -29,13 +29,12 @@ from builders import (
     make_adapter,
     make_base,
     peft_merged_state,
-    peft_model,
     read_adapter,
     read_raw,
     read_tensors,
     reference_merge,
-    round_once,
 )
+from moe_oracle import param_reference
 from safetensors.torch import load_file, save_file
 
 import shardmerge
@@ -53,44 +52,8 @@ def _merge(base, adapters, out, **kwargs) -> Path:
 
 
 def _param_reference(base: Path, adapter: Path, dtype: torch.dtype) -> Reference:
-    """The merge in float64 from the live PEFT model's LoRA weights and PEFT's formulas.
-
-    Names and values are transformers' in-memory ones (fused experts), so
-    both disk layouts compare against the same reference. ParamWrapper:
-    delta[e] = scale * B.reshape(out, r, E)[..., e] @ A.reshape(E, r, in)[e]
-    (``einsum("o r e, e r i -> e o i")``, transposed where the model stores
-    [E, in, out]); lora.Linear: scale * B @ A.
-    """
-    from peft.tuners.lora.layer import Linear, ParamWrapper
-
-    pm = peft_model(base, [adapter])
-    state = {k: v.detach().double() for k, v in load_model(base).state_dict().items()}
-    ref = Reference(base=state, max_rank=RANK)
-    for name, mod in pm.named_modules():
-        if not isinstance(mod, (ParamWrapper, Linear)):
-            continue
-        a = mod.lora_A["a0"].weight.detach().double()
-        b = mod.lora_B["a0"].weight.detach().double()
-        scale = mod.scaling["a0"]
-        owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        if isinstance(mod, ParamWrapper):
-            key = f"{owner}.{mod.parameter_name}"
-            e = mod.num_experts
-            a3, b3 = a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e)
-            # PEFT swaps in/out for [E, out, in] parameters (not is_transposed).
-            swapped = mod._did_swap_in_out_features
-            pattern = "o r e, e r i -> e o i" if swapped else "o r e, e r i -> e i o"
-            delta = torch.einsum(pattern, b3, a3)
-            bound = torch.einsum(pattern, b3.abs(), a3.abs())
-        else:
-            key = f"{owner}.weight"
-            delta, bound = b @ a, b.abs() @ a.abs()
-        w = state[key]
-        ref.exact[key] = w + scale * delta
-        ref.magnitude[key] = w.abs() + abs(scale) * bound
-        ref.tensors[key] = round_once(ref.exact[key], dtype)
-        ref.touched.add(key)
-    return ref
+    """The float64 merge from the live PEFT model (moe_oracle.param_reference), in-memory names."""
+    return param_reference(base, adapter, dtype)
 
 
 def _in_memory(folder: Path) -> dict[str, torch.Tensor]:

@@ -23,7 +23,13 @@ from ..io.safetensors import FLOAT_DTYPES, TensorInfo
 from ..terms import TensorRef, Term
 from .collect import CollectedEdits
 from .config import USE_PEFT
-from .naming import base_tensor, pattern_value, resolve_base_name, resolve_lora_target
+from .naming import (
+    base_tensor,
+    conversion_refusal,
+    pattern_value,
+    resolve_base_name,
+    resolve_lora_target,
+)
 
 LOW_RANK_ROLES = ("lora_A", "lora_B", "emb_A", "emb_B")
 
@@ -50,7 +56,16 @@ def lowrank_edits(
     scaling = lora_scaling(alpha, a.shape[0], bool(cfg.get("use_rslora", False)))
     base_name = resolve_lora_target(module, "weight", ckpt)
     if base_name is None:
-        c.unmatched.append(f"{module}.weight")
+        refusal = conversion_refusal(module, "weight", ckpt)
+        if refusal:
+            c.errors.append(
+                UnsupportedAdapterError(
+                    f"{wfile}: LoRA on {module}: {refusal}.",
+                    hint="Merge this adapter with PEFT (merge_and_unload).",
+                )
+            )
+        else:
+            c.unmatched.append(f"{module}.weight")
         return False
     w = base_tensor(ckpt, base_name)
     if w.dtype not in FLOAT_DTYPES:

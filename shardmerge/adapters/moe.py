@@ -25,7 +25,10 @@ its kin ``mlp.experts.N.gate_proj/up_proj`` and ``down_proj``. Both layouts are
 mapped here: one term per (expert, base tensor), the factors being parts of
 A and B (``TensorRef.part``) and, for a fused base tensor, the term covering
 that expert's rows of it (``Term.rows``, the tensor viewed as a matrix).
-Where the base keeps each parameter is arch/experts.py's knowledge.
+Where the base keeps each parameter is arch/experts.py's knowledge (from
+transformers' conversion rules, arch/keymap.py); a parameter transformers
+builds by an operation that cannot be inverted (an interleave, a split) is
+refused by name with that operation.
 """
 
 from __future__ import annotations
@@ -35,15 +38,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..arch.experts import (
-    FAMILIES,
     PARAM_ORDER,
     TRANSPOSED,
-    TRANSPOSED_IF_SHAPE_SAYS,
     ParamPlace,
     expert_numbers,
     locate_param,
 )
-from ..errors import CorruptFileError, IncompatibleAdapterError, ShardmergeError
+from ..errors import (
+    CorruptFileError,
+    IncompatibleAdapterError,
+    ShardmergeError,
+    UnsupportedAdapterError,
+)
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES
 from ..terms import TensorRef, Term
@@ -102,20 +108,17 @@ def expert_terms(
     parameter wrappers are left alone (not in ``claimed``).
     """
     out = ExpertEdits()
-    model_type = str(ckpt.config.get("model_type", ""))
-    family = FAMILIES.get(model_type)
-    transposed = model_type in TRANSPOSED
-    by_shape = model_type in TRANSPOSED_IF_SHAPE_SAYS
+    transposed = str(ckpt.config.get("model_type", "")) in TRANSPOSED
     by_owner: dict[str, dict[int, str]] = {}
     for module in modules:
         owner, depth = _owner(module)
         if _targeted(owner, targets):
             by_owner.setdefault(owner, {})[depth] = module
 
-    numbers = expert_numbers(ckpt) if family and by_owner else {}
+    numbers = expert_numbers(ckpt) if by_owner else {}
     for owner, wrappers in sorted(by_owner.items()):
         params = _targeted(owner, targets)
-        places = {p: locate_param(owner, p, ckpt, family, numbers) for p in params}
+        places = {p: locate_param(owner, p, ckpt, numbers) for p in params}
         present = [p for p in params if places[p] is not None]
         if not present and list(wrappers) == [0] and _plain_linear(owner, ckpt):
             continue  # an ordinary Linear target (owner.weight): the plain LoRA path takes it
@@ -147,7 +150,7 @@ def expert_terms(
             out.terms.extend(
                 _param_terms(
                     label, wfile, module, key, modules[module], places[param], weight,
-                    transposed, by_shape, rank_of(key), scale_of, out,
+                    transposed, rank_of(key), scale_of, out,
                 )
             )  # fmt: skip
     return out
@@ -185,7 +188,6 @@ def _param_terms(
     place: ParamPlace,
     weight: float,
     transposed: bool,
-    by_shape: bool,
     r: int,
     scale_of: Callable[[str, int], float],
     out: ExpertEdits,
@@ -196,7 +198,7 @@ def _param_terms(
     if pair is None:
         return []
     a, b = pair
-    layout = _expert_layout(w, place, a, b, transposed, by_shape, r)
+    layout = _expert_layout(w, place, a, b, transposed, r)
     if layout is None:
         return []
     experts, out_f, in_f, transposed = layout
@@ -222,6 +224,15 @@ def _checked_pair(
             CorruptFileError(
                 f"LoRA on {w.key} ({w.wfile}): {place.problem}",
                 hint="Re-download the base model; merging would leave these experts unmerged.",
+            )
+        )
+        return None
+    if place.refused:
+        w.out.errors.append(
+            UnsupportedAdapterError(
+                f"{w.wfile}: LoRA on {w.key} (module {w.module}): {place.problem}.",
+                hint="Merge this adapter with PEFT (merge_and_unload), or re-save the base "
+                "with save_pretrained(save_original_format=False) and merge into that.",
             )
         )
         return None
@@ -258,16 +269,21 @@ def _expert_layout(
     a: TensorRef,
     b: TensorRef,
     transposed: bool,
-    by_shape: bool,
     r: int,
 ) -> tuple[int, int, int, bool] | None:
-    """(experts, out features, in features, stored transposed) of the parameter, checked against A and B."""
+    """(experts, out features, in features, stored transposed) of the parameter, checked against A and B.
+
+    ``transposed``: the model holds the parameter [E, in, out] (is_transposed).
+    """
     shape = place.shape
     # Per-expert tensors are nn.Linear weights [out, in] whatever the fused layout.
     transposed = transposed and place.fused is not None
-    if by_shape and place.fused and len(shape) == 3:
-        # Stored as the parameter [E, out, in] unless the shape differs (then [E, in, out]).
-        transposed = shape[1:] != (b.shape[0], a.shape[1])
+    if place.flipped == "always":
+        transposed = not transposed  # transformers swaps the stored tensor's last two dimensions
+    elif place.flipped == "by_shape" and len(shape) == 3:
+        # As the parameter unless the shape differs (then swapped): transformers' check_dims.
+        stored = (b.shape[0], a.shape[1]) if not transposed else (a.shape[1], b.shape[0])
+        transposed = transposed != (shape[1:] != stored)
     names = ", ".join(place.names[:2]) + (", ..." if len(place.names) > 2 else "")
     if len(shape) == 2:
         experts, out_f, in_f = 1, shape[0], shape[1]
@@ -327,7 +343,10 @@ def _one_expert(
             rows=(e * out_f, (e + 1) * out_f),
         )  # fmt: skip
         return [(place.fused, term)]
-    return [
-        (name, Term("expert", label, module, _part(b, (first, stop, 1), cols), a_e, scale))
-        for name, first, stop in place.experts[e]
-    ]
+    made = []
+    for name, first, stop in place.experts[e]:
+        # A stacked tensor [E, rows, cols] holds expert e at rows e*rows.. of its matrix view.
+        rows = (e * (stop - first), (e + 1) * (stop - first)) if place.stacked else None
+        b_e = _part(b, (first, stop, 1), cols)
+        made.append((name, Term("expert", label, module, b_e, a_e, scale, rows=rows)))
+    return made

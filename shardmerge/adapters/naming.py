@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from ..arch.embeddings import find_embeddings, is_vocab_tensor
+from ..arch.keymap import key_map, renamed
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import TensorInfo
 
@@ -38,10 +39,18 @@ def pattern_value(patterns: dict, module: str, default):
 def resolve_base_name(module: str, suffix: str, ckpt: Checkpoint) -> str | None:
     """The base tensor for ``module.suffix``, allowing the prefix differences checkpoints carry.
 
+    Where transformers renames the checkpoint's keys at load (NemotronH's
+    ``backbone.``, a VLM's ``language_model.model.``: arch/keymap.py), the
+    adapter names the loaded model: its rules find the stored tensor, for
+    adapters named by the loaded model and by an older transformers alike.
     A checkpoint saved from a bare backbone lacks the ``model.``/``transformer.``
     the adapter's module names start with, and old GPT-2 checkpoints do too.
     """
     name = f"{module}.{suffix}"
+    if renamed(ckpt):
+        origin = key_map(ckpt).origin(name)
+        if origin is not None:
+            return origin.disk if origin.kind == "tensor" else None
     if name in ckpt.weight_map:
         return name
     parts = module.split(".")
@@ -49,7 +58,24 @@ def resolve_base_name(module: str, suffix: str, ckpt: Checkpoint) -> str | None:
         stripped = ".".join(parts[1:]) + f".{suffix}"
         if stripped in ckpt.weight_map:
             return stripped
-    return None
+    # An adapter named the way an older transformers named the modules
+    # (``language_model.model.``): renamed by the same rules.
+    km = key_map(ckpt)
+    origin = km.origin(km.canonical(name))
+    return origin.disk if origin is not None and origin.kind == "tensor" else None
+
+
+def conversion_refusal(module: str, suffix: str, ckpt: Checkpoint) -> str | None:
+    """Why ``module.suffix`` cannot be merged into the checkpoint when transformers builds it
+    from stored tensors by an operation shardmerge does not invert (a split, a permutation)."""
+    km = key_map(ckpt)
+    name = f"{module}.{suffix}"
+    origin = km.origin(name) or km.origin(km.canonical(name))
+    if origin is None or origin.kind == "tensor":
+        return None
+    if origin.kind == "refused":
+        return origin.reason
+    return f"transformers builds {name} from the stored tensors of {origin.disk or origin.module} at load"
 
 
 def resolve_lora_target(module: str, suffix: str, ckpt: Checkpoint) -> str | None:

@@ -2,11 +2,12 @@
 
 transformers v5 holds an MoE layer's experts as fused parameters
 (``mlp.experts.gate_up_proj``, ``[E, 2I, H]``) but saves checkpoints per
-expert by default and fuses at load (transformers/conversion_mapping.py): for
-Mixtral ``block_sparse_moe.experts.N.w1/w3`` are concatenated along the rows
-into ``mlp.experts.gate_up_proj[N]`` and ``w2`` is ``down_proj[N]``; for
-Qwen2-MoE and its kin ``mlp.experts.N.gate_proj/up_proj`` and ``down_proj``.
-``locate_param`` finds a fused parameter in either layout.
+expert by default and fuses at load, by its conversion rules (arch/rules.py,
+arch/keymap.py): for Mixtral ``block_sparse_moe.experts.N.w1/w3`` are
+concatenated along the rows into ``mlp.experts.gate_up_proj[N]`` and ``w2``
+is ``down_proj[N]``; for Qwen2-MoE and its kin ``mlp.experts.N.gate_proj/up_proj``
+and ``down_proj``; GraniteMoE's fused ``input_linear`` is only renamed.
+``locate_param`` finds a fused parameter in any of these layouts.
 """
 
 from __future__ import annotations
@@ -15,87 +16,16 @@ import re
 from dataclasses import dataclass
 
 from ..io.checkpoint import Checkpoint
-
-
-@dataclass(frozen=True)
-class ExpertFamily:
-    """How a model family's checkpoints store fused expert parameters one expert at a time."""
-
-    # (in-memory fragment, on-disk fragment) of module paths.
-    renames: tuple[tuple[str, str], ...]
-    # fused parameter -> the per-expert Linear modules concatenated along its rows.
-    parts: dict[str, tuple[str, ...]]
-
-
-_MIXTRAL = ExpertFamily(
-    renames=((".mlp.", ".block_sparse_moe."),),
-    parts={"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
-)
-_QWEN2_MOE = ExpertFamily(
-    renames=(),
-    parts={"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
-)
-
-# Model types whose per-expert checkpoints transformers 5.23 fuses with the
-# Mixtral or Qwen2-MoE rules (conversion_mapping.py: _MODEL_TO_CONVERSION_PATTERN
-# and the mappings copied from "mixtral"/"qwen2_moe").
-FAMILIES: dict[str, ExpertFamily] = {
-    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2", "phimoe")},
-    **{
-        t: _QWEN2_MOE
-        for t in (
-            "qwen2_moe",
-            "qwen3_moe",
-            "qwen3_next",
-            "qwen3_5_moe_text",
-            "qwen3_omni_moe",
-            "qwen3_omni_moe_thinker",
-            "qwen3_omni_moe_text",
-            "olmoe",
-            "flex_olmo",
-            "deepseek_v2",
-            "deepseek_v3",
-            "deepseek_v32",
-            "dots1",
-            "ernie4_5_moe",
-            "glm4_moe",
-            "glm4_moe_lite",
-            "glm_moe_dsa",
-            "glm4v_moe",
-            "longcat_flash",
-            "solar_open",
-            "mellum",
-            "beam",
-            "hunyuan_v1_moe",
-            "exaone_moe",
-            "cohere2_moe",
-            "afmoe",
-            "kimi_k25",
-            "bailing_hybrid",
-            "kolibri1",
-            "mimo_v2_flash",
-            "flint",
-            "hy_v3",
-            "laguna",
-            "axk1",
-        )
-    },
-}
+from .keymap import NUMBERED_WEIGHT, Origin, key_map, renamed
 
 # A module of one expert where experts are separate modules (Mixtral as saved,
 # Switch Transformers, NLLB-MoE: ``experts.3.w1``, ``experts.expert_3.wi``).
 EXPERT_MODULE = re.compile(r"\.experts\.(?:expert_)?\d+\.")
-# A per-expert tensor of a fused parameter on disk: (module path).(expert).(part).weight.
-_NUMBERED_WEIGHT = re.compile(r"^(.+)\.(\d+)\.([^.]+)\.weight$")
 # config.json keys for the experts of one MoE layer (transformers' MoE configs).
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 # Model types whose experts store parameters [E, in, out] (use_experts_implementation(is_transposed=True)).
 TRANSPOSED = frozenset({"gpt_oss", "openai_privacy_filter", "aria", "aria_text"})
-# Model types whose fused expert tensors transformers transposes at load when
-# their shape differs from the parameter's (conversion_mapping.py:
-# Transpose(1, 2, check_dims=True)): the disk shape decides, as it does there.
-TRANSPOSED_IF_SHAPE_SAYS = frozenset({"qwen3_vl_moe"})
 
 # The order experts modules register their parameters in (transformers' MoE
 # classes): it decides which nested ParamWrapper holds which parameter.
@@ -123,32 +53,30 @@ class ParamPlace:
     experts: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     problem: str = ""  # why the per-expert tensors cannot make the parameter
     base_fault: bool = False  # the problem is a damaged base (expert tensors missing)
+    refused: bool = False  # transformers converts it in a way shardmerge cannot invert
+    stacked: bool = False  # ``experts`` name 3-D stacked tensors: expert e is their slice e
+    # The fused tensor is stored with its last two dimensions swapped ("always"),
+    # or only when its shape says so ("by_shape"): transformers' Transpose(1, 2).
+    flipped: str = ""
 
     @property
     def names(self) -> list[str]:
-        return [self.fused] if self.fused else [n for e in self.experts for n, _, _ in e]
+        if self.fused:
+            return [self.fused]
+        return list(dict.fromkeys(n for e in self.experts for n, _, _ in e))
 
 
-def module_candidates(owner: str, family: ExpertFamily | None) -> list[str]:
-    """On-disk paths of a module: as named, renamed as the family saves it, without the first component."""
-    names = [owner]
-    if family:
-        for mem, disk in family.renames:
-            renamed = f"{owner}.".replace(mem, disk)[:-1]
-            if renamed not in names:
-                names.append(renamed)
-    for name in list(names):
-        parts = name.split(".")
-        if len(parts) > 1:
-            names.append(".".join(parts[1:]))
-    return names
+def module_candidates(owner: str) -> list[str]:
+    """On-disk paths of a module: as named, and without its first component."""
+    parts = owner.split(".")
+    return [owner, ".".join(parts[1:])] if len(parts) > 1 else [owner]
 
 
 def expert_numbers(ckpt: Checkpoint) -> dict[tuple[str, str], set[int]]:
     """(module path, part) -> the numbers N of the base's ``path.N.part.weight`` tensors."""
     found: dict[tuple[str, str], set[int]] = {}
     for name in ckpt.weight_map:
-        m = _NUMBERED_WEIGHT.match(name)
+        m = NUMBERED_WEIGHT.match(name)
         if m:
             found.setdefault((m[1], m[3]), set()).add(int(m[2]))
     return found
@@ -184,52 +112,106 @@ def locate_param(
     owner: str,
     param: str,
     ckpt: Checkpoint,
-    family: ExpertFamily | None,
     numbers: dict[tuple[str, str], set[int]] | None = None,
 ) -> ParamPlace | None:
     """The base tensor(s) of parameter ``owner.param``, or None when the base has none.
 
-    ``numbers``: ``expert_numbers(ckpt)``, for per-expert layouts.
+    Where transformers renames or converts the checkpoint at load, its rules
+    say (the loaded name first, then the name as an older transformers gave
+    it); otherwise the tensor is looked up as named. ``numbers``:
+    ``expert_numbers(ckpt)``, for per-expert layouts.
     """
-    candidates = module_candidates(owner, family)
-    for c in candidates:
-        name = f"{c}.{param}"
-        if name in ckpt.weight_map:
-            info = ckpt.tensor(name)
-            return ParamPlace(tuple(info.shape), frozenset([info.dtype]), fused=name)
-    parts = family.parts.get(param) if family else None
-    if not parts:
-        return None
-    numbers = expert_numbers(ckpt) if numbers is None else numbers
-    for c in candidates:
-        stored = set().union(*(numbers.get((c, p), set()) for p in parts))
-        if not stored:
-            continue
-        # Every expert up to the highest stored one, and up to config.json's count,
-        # must have all its parts: a gap would leave an expert without its LoRA.
-        count = max(stored) + 1
-        declared = config_experts(ckpt.config)
-        missing, total = _missing_experts(
-            c, parts, numbers, max(count, declared[1] if declared else 0)
+    name = f"{owner}.{param}"
+    if renamed(ckpt):
+        origin = key_map(ckpt).origin(name)
+        if origin is not None:
+            return _place_of(origin, ckpt, numbers)
+    for c in module_candidates(owner):
+        if f"{c}.{param}" in ckpt.weight_map:
+            info = ckpt.tensor(f"{c}.{param}")
+            return ParamPlace(tuple(info.shape), frozenset([info.dtype]), fused=f"{c}.{param}")
+    km = key_map(ckpt)
+    origin = km.origin(km.canonical(name))
+    return None if origin is None else _place_of(origin, ckpt, numbers)
+
+
+def _place_of(
+    origin: Origin, ckpt: Checkpoint, numbers: dict[tuple[str, str], set[int]] | None
+) -> ParamPlace | None:
+    """The ParamPlace of a loaded parameter stored as ``origin`` says."""
+    if origin.kind == "refused":
+        return ParamPlace((), frozenset(), problem=origin.reason, refused=True)
+    if origin.kind in ("tensor", "transposed"):
+        info = ckpt.tensor(origin.disk)
+        flipped = "" if origin.kind == "tensor" else ("by_shape" if origin.by_shape else "always")
+        return ParamPlace(
+            tuple(info.shape), frozenset([info.dtype]), fused=origin.disk, flipped=flipped
         )
-        if total:
-            said = (
-                f"config.json says {declared[0]} = {declared[1]}"
-                if declared and declared[1] > count
-                else f"experts 0 to {count - 1} are stored"
-            )
-            more = f" and {total - len(missing)} more" if total > len(missing) else ""
-            return ParamPlace(
-                (),
-                frozenset(),
-                problem=f"{ckpt.path}: the base lacks {total} expert tensor(s) of {c} "
-                f"({said}): {', '.join(missing)}{more}.",
-                base_fault=True,
-            )
-        place = _per_expert_place(ckpt, c, parts, count)
-        if place is not None:
-            return place
-    return None
+    if origin.kind == "parts":
+        return _stacked_parts_place(ckpt, origin.parts)
+    numbers = expert_numbers(ckpt) if numbers is None else numbers
+    return _per_expert(ckpt, origin.module, origin.parts, numbers)
+
+
+def _stacked_parts_place(ckpt: Checkpoint, parts: tuple[str, ...]) -> ParamPlace:
+    """The parameter stacked tensors [E, rows_i, cols] make, concatenated along the rows."""
+    infos = [ckpt.tensor(p) for p in parts]
+    if any(len(i.shape) != 3 for i in infos) or len({(i.shape[0], i.shape[2]) for i in infos}) != 1:
+        shapes = ", ".join(f"{p} {list(i.shape)}" for p, i in zip(parts, infos, strict=True))
+        return ParamPlace((), frozenset(), problem=f"the stacked tensors differ in shape: {shapes}")
+    rows, first = [], 0
+    for p, info in zip(parts, infos, strict=True):
+        rows.append((p, first, first + info.shape[1]))
+        first += info.shape[1]
+    experts = tuple(tuple(rows) for _ in range(infos[0].shape[0]))
+    shape = (infos[0].shape[0], first, infos[0].shape[2])
+    dtypes = frozenset(i.dtype for i in infos)
+    return ParamPlace(shape, dtypes, experts=experts, stacked=True)
+
+
+def _per_expert(
+    ckpt: Checkpoint, c: str, parts: tuple[str, ...], numbers: dict[tuple[str, str], set[int]]
+) -> ParamPlace | None:
+    """The parameter the tensors ``c.E.part.weight`` stack into, every expert checked present."""
+    stored = set().union(*(numbers.get((c, p), set()) for p in parts))
+    if not stored:
+        return None
+    # Every expert up to the highest stored one, and up to config.json's count,
+    # must have all its parts: a gap would leave an expert without its LoRA.
+    count = max(stored) + 1
+    declared = config_experts(ckpt.config)
+    missing, total = _missing_experts(c, parts, numbers, max(count, declared[1] if declared else 0))
+    if total:
+        said = (
+            f"config.json says {declared[0]} = {declared[1]}"
+            if declared and declared[1] > count
+            else f"experts 0 to {count - 1} are stored"
+        )
+        more = f" and {total - len(missing)} more" if total > len(missing) else ""
+        return ParamPlace(
+            (),
+            frozenset(),
+            problem=f"{ckpt.path}: the base lacks {total} expert tensor(s) of {c} "
+            f"({said}): {', '.join(missing)}{more}.",
+            base_fault=True,
+        )
+    return _per_expert_place(ckpt, c, parts, count)
+
+
+def fused_expert_tensors(ckpt: Checkpoint) -> set[str]:
+    """The stored per-expert tensors transformers stacks into fused parameters at load."""
+    if not renamed(ckpt):
+        return set()
+    stacks = {
+        (o.module, p)
+        for o in key_map(ckpt).origins.values()
+        if o.kind == "experts"
+        for p in o.parts
+    }
+    return {
+        n for n in ckpt.weight_map
+        if (m := NUMBERED_WEIGHT.match(n)) and (m[1], m[3]) in stacks
+    }  # fmt: skip
 
 
 def _per_expert_place(

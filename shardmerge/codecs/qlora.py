@@ -77,22 +77,17 @@ def nf4_targets(ckpt: Checkpoint, edits: dict | None = None) -> list[str]:
     Embeddings, lm_head, biases and norms are never quantized. Nor are the
     per-expert tensors of models whose experts transformers 5 fuses into 3-D
     parameters at load (``experts.N.w1`` of Mixtral, ``experts.N.gate_proj`` of
-    Qwen2-MoE...: adapters/moe.py FAMILIES): no nn.Linear holds them. Unless
+    Qwen2-MoE...: arch/experts.fused_expert_tensors): no nn.Linear holds them. Unless
     ``edits`` (base tensor -> TensorEdit) has LoRA on one of them as a Linear
     module rather than a parameter: such an adapter was trained with
     transformers 4, whose experts were nn.Linear modules, quantized like the rest.
     """
-    from ..arch.experts import EXPERT_MODULE, FAMILIES
+    from ..arch.experts import fused_expert_tensors
 
-    family = FAMILIES.get(str(ckpt.config.get("model_type", "")))
-    fused = {p for parts in family.parts.values() for p in parts} if family else set()
+    fused = fused_expert_tensors(ckpt)
     if fused and edits:
         expert_modules = [
-            n
-            for n, e in edits.items()
-            if n.removesuffix(".weight").rsplit(".", 1)[-1] in fused and EXPERT_MODULE.search(n)
-            for t in e.terms
-            if t.kind != "expert"
+            n for n, e in edits.items() if n in fused for t in e.terms if t.kind != "expert"
         ]
         if expert_modules:
             fused = set()
@@ -106,7 +101,7 @@ def nf4_targets(ckpt: Checkpoint, edits: dict | None = None) -> list[str]:
             continue
         if _NOT_LINEAR.search(module.rsplit(".", 1)[-1]):
             continue
-        if module.rsplit(".", 1)[-1] in fused and EXPERT_MODULE.search(module + "."):
+        if name in fused:
             continue
         out.append(name)
     return sorted(out)
