@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import IncompatibleAdapterError, ShardmergeError
 from ..terms import Replacement, TensorEdit, Term
 from .folder import Adapter
+from .mismatch import missing, shape_differs
 
 
 @dataclass
@@ -28,6 +29,16 @@ class CollectedEdits:
                 hint="Is this adapter made for this base model?",
             )
         )
+
+    def shape_differs(
+        self, module: str, base_name: str, want: tuple[int, ...], have: tuple[int, ...]
+    ) -> None:
+        """``module``'s delta has another shape than its base tensor (summarised per adapter)."""
+        self.errors.append(shape_differs(self.adapter.path, module, base_name, want, have))
+
+    def report_unmatched(self) -> None:
+        """One problem per key that matched no base tensor (mismatch.summarise folds them)."""
+        self.errors.extend(missing(self.adapter.path, name) for name in self.unmatched)
 
     def add(self, base: str, *, term: Term | None = None, repl: Replacement | None = None) -> None:
         old = self.edits.get(base, TensorEdit())

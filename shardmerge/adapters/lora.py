@@ -50,13 +50,7 @@ def adapter_edits(
         adapter, modules, c.edits, weight, ckpt,
         lambda module, suffix: resolve_lora_target(module, suffix, ckpt), c.counts, c.errors,
     )  # fmt: skip
-    if c.unmatched:
-        shown = ", ".join(c.unmatched[:12]) + (
-            f" and {len(c.unmatched) - 12} more" if len(c.unmatched) > 12 else ""
-        )
-        c.incompatible(
-            f"{len(c.unmatched)} of its module(s) match no tensor of the base model: {shown}."
-        )
+    c.report_unmatched()
     if not c.edits and not c.errors:
         c.incompatible("it holds no LoRA weights that apply to the base model.")
     return c.edits, c.counts, c.errors

@@ -63,10 +63,7 @@ def lowrank_edits(
         w = TensorInfo(w.name, w.dtype, saved_base.shape, w.start, w.end)  # resized
     kind, transposed, expect = _layout(cfg, ckpt, module, embedding, w, a, b)
     if w.shape != expect:
-        c.incompatible(
-            f"target {module}: the LoRA delta has shape {list(expect)} but base tensor "
-            f"{base_name} has shape {list(w.shape)}."
-        )
+        c.shape_differs(module, base_name, tuple(expect), tuple(w.shape))
         return False
     magnitude = None
     if cfg.get("use_dora"):

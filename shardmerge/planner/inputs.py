@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import Adapter, adapter_edits, open_adapter
+from ..adapters.mismatch import summarise
 from ..codecs import StoredBase, base_format, open_base_format
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import dora_problems
@@ -125,7 +126,8 @@ def settle_edits(
     counts: Counter = Counter()
     for adapter, weight in zip(inputs.adapters, weights, strict=True):
         adapter_edit, adapter_counts, adapter_errors = adapter_edits(adapter, weight, inputs.ckpt)
-        errors.extend(adapter_errors)
+        applied = sum(n for kind, n in adapter_counts.items() if kind != "lora_bias")
+        errors.extend(summarise(adapter, adapter_errors, applied, inputs.ckpt))
         counts.update(adapter_counts)
         for name, edit in adapter_edit.items():
             errors.extend(combine(edits, name, edit))
