@@ -122,6 +122,7 @@ class MergePlan:
     resumable: tuple[str, ...] = ()  # shards an earlier run of this job recorded as finished
     config_drop: tuple[str, ...] = ()  # keys of config.json to remove
     qlora_base: str = "none"  # "nf4": round-tripped 16-bit base; "bnb4": a 4-bit base folder
+    job: dict = field(default_factory=dict)  # what the fingerprint covers, readable (journal)
 
     @property
     def out_bytes(self) -> int:

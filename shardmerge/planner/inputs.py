@@ -18,7 +18,7 @@ from ..io.output import check_output_dir
 from ..options import check_qlora_choice
 from ..terms import TensorEdit
 from . import embeddings
-from .provenance import job_fingerprint
+from .provenance import job_description, job_fingerprint
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Inputs:
     adapters: list[Adapter]
     fingerprint: str
     journal: Journal | None
+    job: dict  # the fingerprint's parts, readable (provenance.job_description)
 
 
 def open_inputs(
@@ -58,6 +59,7 @@ def open_inputs(
     fingerprint = (
         job_fingerprint(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else ""
     )
+    job = job_description(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else {}
     journal = None
     try:
         if out_checks is not None:
@@ -66,13 +68,14 @@ def open_inputs(
                 Path(base),
                 [Path(p) for p in adapters],
                 fingerprint=fingerprint,
+                job=job,
                 **out_checks,
             )
     except ShardmergeError as e:
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
         raise PlanErrors(errors)
-    return Inputs(ckpt, bnb4, opened, fingerprint, journal), errors
+    return Inputs(ckpt, bnb4, opened, fingerprint, journal, job), errors
 
 
 def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]) -> list[Adapter]:
