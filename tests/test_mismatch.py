@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import shardmerge
 from shardmerge.errors import PlanErrors, ShardmergeError
@@ -128,3 +128,17 @@ def test_one_adapter_of_two_is_summarised_alone(tmp_path):
         shardmerge.plan(base, [good, bad], tmp_path / "out")
     text = str(info.value)
     assert f"{bad}: 8 of its 8 modules" in text and str(good) not in text
+
+
+def test_an_inconsistent_adapter_is_not_asked_about_its_base(tmp_path):
+    """lora_A and lora_B of different ranks fit no base: a re-save is the advice, not the question."""
+    base = write_base(tmp_path / "base", llama_modules(1))
+    adapter = write_adapter(tmp_path / "lora", llama_modules(1))
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = f"base_model.model.{llama_modules(1)[0]}.lora_B.weight"
+    tensors[key] = torch.zeros(8, 3)
+    save_file(tensors, path)
+    error, text = refusal(base, adapter, tmp_path)
+    assert "lora_A has rank 2 but lora_B has 3" in text
+    assert QUESTION not in str(error) and "re-save the adapter" in (error.hint or "")

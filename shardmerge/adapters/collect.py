@@ -22,13 +22,16 @@ class CollectedEdits:
     # Keys that match no base tensor, reported together (so a dropped module is never silent).
     unmatched: list[str] = field(default_factory=list)
 
-    def incompatible(self, msg: str) -> None:
-        self.errors.append(
-            IncompatibleAdapterError(
-                f"{self.adapter.path}: {msg}",
-                hint="Is this adapter made for this base model?",
-            )
+    def incompatible(self, msg: str, *, ask: bool = True) -> None:
+        """A problem of fit; ``ask=False`` when the adapter's own tensors disagree (no base
+        can fit it: asking whether it was made for this base would mislead)."""
+        hint = (
+            "Is this adapter made for this base model?"
+            if ask
+            else "Its weights file is inconsistent; re-save the adapter with "
+            "PeftModel.save_pretrained()."
         )
+        self.errors.append(IncompatibleAdapterError(f"{self.adapter.path}: {msg}", hint=hint))
 
     def shape_differs(
         self, module: str, base_name: str, want: tuple[int, ...], have: tuple[int, ...]

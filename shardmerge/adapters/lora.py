@@ -140,9 +140,11 @@ def _module_edits(
         if not lowrank_edits(c, module, roles, weight, ckpt):
             return
     elif "lora_B_bias" in roles:
-        c.incompatible(f"module {module} has lora_B.bias without LoRA factors.")
+        c.incompatible(f"module {module} has lora_B.bias without LoRA factors.", ask=False)
     elif "dora" in roles:
-        c.incompatible(f"module {module} has a DoRA magnitude vector without LoRA factors.")
+        c.incompatible(
+            f"module {module} has a DoRA magnitude vector without LoRA factors.", ask=False
+        )
     for role, ref in roles.items():
         _saved_tensor(c, module, role, ref, weight, ckpt)
 
@@ -191,7 +193,7 @@ def _saved_tensor(
         )
         return
     if c.edits.get(base_name, TensorEdit()).replacement is not None:
-        c.incompatible(f"it saves {base_name} twice.")
+        c.incompatible(f"it saves {base_name} twice.", ask=False)
         return
     c.add(base_name, repl=Replacement(c.adapter.label, kind, ref))
     c.counts[kind] += 1

@@ -24,6 +24,7 @@ from .folder import Adapter
 EXAMPLES = 3  # examples shown per kind of mismatch
 PASS_THROUGH = 3  # this many plain problems (no mismatch) are shown as they are
 QUESTION = "Is this adapter made for this base model?"
+INSPECT = "`shardmerge inspect` on the adapter and the base shows what each holds."
 _NUMBER = re.compile(r"^\d+$")
 
 
@@ -129,10 +130,13 @@ def _summary(
     if cause is not None:
         lines.append(f"Likely cause: {cause.text}")
     if named:
-        lines.append(f"Evidence: {named}")
-    ask = cause.ask if cause is not None else bool(named) or not mismatches
-    hint = QUESTION + " Merge it into the base it was trained on." if ask else None
-    return IncompatibleAdapterError("\n".join(lines), hint=hint or (cause and cause.hint))
+        lines.append(named)
+    ask = cause.ask if cause is not None else bool(named)
+    if ask:
+        hint = QUESTION + " Merge it into the base it was trained on."
+    else:
+        hint = cause.hint if cause is not None else INSPECT
+    return IncompatibleAdapterError("\n".join(lines), hint=hint)
 
 
 def _examples(items: list[str]) -> str:
@@ -161,10 +165,7 @@ def _named_base(adapter: Adapter, ckpt: Checkpoint) -> str | None:
     given = _base_label(ckpt)
     if _short(named) == _short(given):
         return None
-    return (
-        f"{adapter.path / 'adapter_config.json'} says it was trained on {named!r}; "
-        f"the base given is {given!r}."
-    )
+    return f"Its adapter_config.json says it was trained on {named!r}; the base given is {given!r}."
 
 
 def _short(name: str) -> str:
