@@ -142,3 +142,17 @@ def test_an_inconsistent_adapter_is_not_asked_about_its_base(tmp_path):
     error, text = refusal(base, adapter, tmp_path)
     assert "lora_A has rank 2 but lora_B has 3" in text
     assert QUESTION not in str(error) and "re-save the adapter" in (error.hint or "")
+
+
+def test_many_other_problems_are_summarised_without_a_module_count(tmp_path):
+    base = write_base(tmp_path / "base", llama_modules(2))
+    adapter = write_adapter(tmp_path / "lora", llama_modules(2))
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for m in llama_modules(2):  # every module's B of another rank than its A
+        tensors[f"base_model.model.{m}.lora_B.weight"] = torch.zeros(8, 3)
+    save_file(tensors, path)
+    error, text = refusal(base, adapter, tmp_path)
+    assert text.startswith(f"{adapter}: it does not fit the base {base} (model_type llama):")
+    assert "8 other problems: " in text and "and 5 more" in text
+    assert QUESTION not in str(error) and len(text.splitlines()) <= 10

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IncompatibleAdapterError, ShardmergeError, count
+from ..errors import IncompatibleAdapterError, ShardmergeError, count, shown
 from ..io.checkpoint import Checkpoint
 from ..io.hub import hub_id_of
 from .folder import Adapter
@@ -104,11 +104,13 @@ def _summary(
     gone = [m for m in mismatches if m.kind == "missing"]
     shapes = [m for m in mismatches if m.kind == "shape"]
     model_type = ckpt.config.get("model_type") or "unknown"
-    lines = [
-        f"{adapter.path}: {len(mismatches)} of its {count(len(mismatches) + applied, 'module')} "
-        f"{'does' if len(mismatches) == 1 else 'do'} not fit the base {_base_label(ckpt)} "
-        f"(model_type {model_type}):"
-    ]
+    n = len(mismatches)
+    which = (
+        f"{n} of its {count(n + applied, 'module')} {'does' if n == 1 else 'do'} not fit"
+        if n
+        else "it does not fit"
+    )
+    lines = [f"{adapter.path}: {which} the base {_base_label(ckpt)} (model_type {model_type}):"]
     if gone:
         lines.append(
             f"  {len(gone)} {'matches' if len(gone) == 1 else 'match'} no tensor of the base: "
@@ -165,7 +167,10 @@ def _named_base(adapter: Adapter, ckpt: Checkpoint) -> str | None:
     given = _base_label(ckpt)
     if _short(named) == _short(given):
         return None
-    return f"Its adapter_config.json says it was trained on {named!r}; the base given is {given!r}."
+    return (
+        f"Its adapter_config.json says it was trained on {shown(named)}; "
+        f"the base given is {given!r}."
+    )
 
 
 def _short(name: str) -> str:
