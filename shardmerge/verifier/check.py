@@ -129,8 +129,7 @@ def verify(
         raise InputError(
             f"{out} is not a shardmerge output: it has no shardmerge record in its "
             f"{'index' if (out / INDEX_NAME).exists() else 'shard metadata'} and no "
-            f"{WORK_DIR}/ journal.",
-            hint="Give verify the folder `shardmerge merge` wrote.",
+            f"{WORK_DIR}/ journal; give verify the folder `shardmerge merge` wrote."
         )
     record = record or {}
     if weights is None:
