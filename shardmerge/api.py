@@ -11,10 +11,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .execute.driver import execute_many
-from .io.journal import WORK_DIR
-from .options import AdapterSpec, MergeOptions, resolve_inputs
+from .io.journal import WORK_DIR, refuse_if_locked
+from .options import AdapterSpec, MergeOptions, output_folders, resolve_inputs
 from .planner.build import MergePlan, build_plan
 from .planner.finite import check_adapters_finite
 from .report import REPORT_NAME, peak_memory_bytes, survival_entry, weak_tensors, write_report
@@ -30,7 +31,7 @@ class MergeResult:
 
     out: str
     seconds: float
-    bytes_written: int
+    bytes_written: int  # shard bytes this run wrote (resumed shards are not written again)
     tensors: dict[str, int]  # per action: merge, replace, copy, convert
     modules: dict[str, int]  # adapter modules applied, per kind
     shards: int = 0
@@ -44,6 +45,7 @@ class MergeResult:
     survival: dict[str, dict] = field(default_factory=dict)
     # --executor ray: {"executor": "ray", "nodes": [{node, ip, shards, bytes, ...}]}
     cluster: dict = field(default_factory=dict)
+    already_complete: bool = False  # an earlier run of this job finished OUT; nothing was written
 
     @property
     def weak(self) -> list[str]:
@@ -171,7 +173,7 @@ def merge(
     executor: str = "local",
     ray_address: str = "auto",
 ) -> MergeResult:
-    """Merge LoRA adapters into a base model folder and write a new model folder.
+    """Merge PEFT adapters (LoRA, DoRA, LoHa, LoKr, IA3, ...) into a base model folder, writing a new one.
 
     ``weights`` gives one factor per adapter (default 1.0 each):
     ``W + sum_i weights[i] * delta_i``. ``dtype`` is "auto" (keep each
@@ -217,6 +219,7 @@ def merge(
         executor=executor,
         ray_address=ray_address,
     )
+    check_not_locked(options)
     return _execute_plans(
         [plan_options(options)],
         start,
@@ -296,7 +299,7 @@ def _execute_plans(
         MergeResult(
             out=p.out,
             seconds=seconds,
-            bytes_written=p.out_bytes,
+            bytes_written=st.get("bytes_written", p.out_bytes),
             tensors=p.summary,
             modules=dict(p.counts),
             shards=len(p.shards),
@@ -310,6 +313,7 @@ def _execute_plans(
             survival={k: survival_entry(r) for k, r in st.get("survival", {}).items()},
             peak_memory_bytes=peak,
             cluster=st.get("cluster", {}),
+            already_complete=st.get("already_complete", False),
         )
         for p, n, st in zip(plans, resumed, stats, strict=True)
     ]
@@ -340,6 +344,7 @@ def run_job(
     >>> shardmerge.run_job(load_job("configs/batch-adapters.yaml"))   # doctest: +SKIP
     [MergeResult(out='merged/support', ...), ...]
     """
+    check_not_locked(job)
     names = separate_outputs(job) if job.separate else None
     start = time.perf_counter()
     local = job.resolved()  # after separate_outputs: names come from the ids
@@ -368,15 +373,13 @@ def run_job(
 
 def separate_outputs(job: MergeOptions) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
     """OUT/<adapter folder name> for each adapter (names made unique); name for org/name@rev."""
-    seen: dict[str, int] = {}
-    outputs = []
-    for a in job.adapters:
-        name = os.path.basename(os.path.normpath(a.path.split("@")[0])) or "adapter"
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            name = f"{name}-{seen[name]}"
-        outputs.append((os.path.join(job.output, name), (a,)))
-    return outputs
+    return [(out, (a,)) for out, a in zip(output_folders(job), job.adapters, strict=True)]
+
+
+def check_not_locked(job: MergeOptions) -> None:
+    """Refuse a job whose OUT another shardmerge is writing, before any slow work."""
+    for out in output_folders(job):
+        refuse_if_locked(Path(out))
 
 
 def verify(

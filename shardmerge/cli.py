@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import click
 
-from .errors import ShardmergeError
-from .options import OPTIONS, MergeOptions, parse_weights, per_adapter
+from .errors import ShardmergeError, count
+from .options import COMMAND_LINE, OPTIONS, MergeOptions, parse_weights, per_adapter
 from .runtime import EXIT_INTERRUPTED, raise_on_interrupt
 from .version import __version__
 
@@ -152,7 +152,7 @@ def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
         "ray_address": flags["ray_address"],
     }
     # Checked like a job file's fields, so flags and job files give the same messages.
-    _run_job(job_from_dict(doc, "command line"), quiet, report_path, as_json)
+    _run_job(job_from_dict(doc, COMMAND_LINE), quiet, report_path, as_json)
 
 
 @main.command()
@@ -174,6 +174,14 @@ def _echo_event(event: dict) -> None:
 
 
 def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
+    from pathlib import Path
+
+    from .io.journal import refuse_if_locked
+    from .options import output_folders
+
+    # Before importing torch, resolving Hub ids or reading any input: a busy OUT is refused at once.
+    for out in output_folders(job):
+        refuse_if_locked(Path(out))
     from .api import run_job
 
     # Merging writes OUT: from here Ctrl-C unwinds (locks released, OUT marked incomplete).
@@ -204,17 +212,7 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
         return
     failed = False
     for result in results:
-        modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
-        tensors = ", ".join(f"{n} {k}" for k, n in sorted(result.tensors.items()))
-        if result.shards_resumed:
-            click.echo(
-                f"resumed: {result.shards_resumed} of {result.shards} shards were already done."
-            )
-        click.echo(
-            f"merged into {result.out} in {result.seconds:.1f} s: "
-            f"{result.bytes_written / 2**30:.2f} GiB written; tensors: {tensors}; "
-            f"adapter modules: {modules}."
-        )
+        click.echo(_merge_summary(result))
         _survival_lines(result, summary=True)
         if result.verify is not None:
             click.echo(result.verify.summary())
@@ -232,6 +230,32 @@ def _survival_lines(result, *, summary: bool) -> None:
             click.echo(line, err=True)
         elif summary:
             click.echo(line)
+
+
+def _merge_summary(result) -> str:
+    """What a merge did, for people: written, resumed, or already complete."""
+    from .io.output import fmt_bytes
+
+    if result.already_complete:
+        return (
+            f"{result.out} is already complete: an earlier run of this job merged all "
+            f"{count(result.shards, 'shard')}; nothing was written."
+        )
+    modules = ", ".join(f"{n} {k}" for k, n in sorted(result.modules.items()))
+    tensors = ", ".join(f"{n} {k}" for k, n in sorted(result.tensors.items()))
+    lines = []
+    if result.shards_resumed:
+        done = result.shards_resumed
+        lines.append(
+            f"resumed: {done} of {count(result.shards, 'shard')} "
+            f"{'was' if done == 1 else 'were'} already done."
+        )
+    lines.append(
+        f"merged into {result.out} in {result.seconds:.1f} s: "
+        f"{fmt_bytes(result.bytes_written)} written; tensors: {tensors}; "
+        f"adapter modules: {modules}."
+    )
+    return "\n".join(lines)
 
 
 @main.command()
@@ -321,7 +345,8 @@ def format_inspect(d: dict) -> str:
         )
         lines = [
             f"model {d['path']}: model_type {d['model_type']}, dtype {d['dtype']}",
-            f"{d['shards']} shard(s), {d['tensors']} tensors, {fmt_bytes(d['total_bytes'])}",
+            f"{count(d['shards'], 'shard')}, {count(d['tensors'], 'tensor')}, "
+            f"{fmt_bytes(d['total_bytes'])}",
             f"dtypes: {dtypes}",
             f"tied embeddings: {d['tie_word_embeddings']}",
         ]
@@ -341,7 +366,8 @@ def format_inspect(d: dict) -> str:
         f"rsLoRA {d['use_rslora']}, DoRA {d['use_dora']}",
         f"target_modules: {d['target_modules']}",
         f"modules: {modules}; ranks found: {d['ranks']}; scaling: {d['scaling']}",
-        f"weights: {d['weights_file']}, {d['tensors']} tensors, {fmt_bytes(d['weights_bytes'])}, "
+        f"weights: {d['weights_file']}, {count(d['tensors'], 'tensor')}, "
+        f"{fmt_bytes(d['weights_bytes'])}, "
         f"dtypes {d['dtypes']}",
     ]
     if d["rank_pattern"] or d["alpha_pattern"]:
@@ -359,7 +385,11 @@ def format_plan(d: dict, *, has_out: bool) -> str:
 
     r = d["resources"]
     n = len(d["adapters"])
-    workers = "in this process" if d["workers"] == 0 else f"{d['workers']} worker process(es)"
+    workers = (
+        "in this process"
+        if d["workers"] == 0
+        else count(d["workers"], "worker process", "worker processes")
+    )
     lines = [
         f"plan: {d['base']} + {n} adapter{'s' if n != 1 else ''}"
         + (f" -> {d['out']}" if has_out else ""),
@@ -384,9 +414,11 @@ def format_plan(d: dict, *, has_out: bool) -> str:
             "fp8": "dequantized from FP8",
             "ct-fp8": "dequantized from compressed-tensors FP8",
         }[d["qlora_base"]]
-        lines.append(f"quantized base: {d['quantized_tensors']} tensors {how} before merging")
+        lines.append(
+            f"quantized base: {count(d['quantized_tensors'], 'tensor')} {how} before merging"
+        )
     if d["resumable_shards"]:
-        lines.append(f"resumes: {len(d['resumable_shards'])} shards already done")
+        lines.append(f"resumes: {count(len(d['resumable_shards']), 'shard')} already done")
     width = max(len(s["name"]) for s in d["shards"])
     lines.append(
         f"{'shard':<{width}}  {'in':>9}  {'out':>9}  merged  copied  block rows  {'peak':>9}"

@@ -23,6 +23,13 @@ def shown(value: object) -> str:
     return _SHOWN.repr(value)
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun in the number it needs: "1 shard", "6 shards", "1 entry"."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {plural or (noun[:-1] + 'ies' if noun.endswith('ry') else noun + 's')}"
+
+
 class ShardmergeError(Exception):
     """Base class: a failure with a message meant for the user."""
 

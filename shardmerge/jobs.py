@@ -34,6 +34,7 @@ from .errors import InputError, shown
 from .io.jsonfile import read_regular_file
 from .options import (
     CHECKED_FIELDS,
+    COMMAND_LINE,
     JOB_OPTIONS,
     OPTIONS,
     AdapterSpec,
@@ -56,6 +57,10 @@ FieldError = Callable[[str, str], InputError]
 
 def _field_error(source: str) -> FieldError:
     def bad(field_name: str, what: str) -> InputError:
+        option = OPTIONS.get(field_name)
+        if source == COMMAND_LINE and option is not None and option.flag:
+            # A flag, not a job file: name the flag, and no job-file advice.
+            return InputError(f"{option.flag[0]} {what}.")
         return InputError(
             f"{source}: field '{field_name}' {what}.",
             hint="See configs/ for examples of job files.",

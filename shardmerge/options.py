@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from .errors import InputError
+from .errors import InputError, count
 
 # Output dtype choices and the safetensors dtype each one writes (None: keep each tensor's).
 DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -35,6 +35,8 @@ REFUSED_CHOICES = {
     "single reference to follow; only NF4 is supported",
 }
 
+# MergeOptions.source of options given as flags (jobs.py words their problems as flags).
+COMMAND_LINE = "command line"
 OFFLINE_HELP = "Hub ids only from the local cache (as HF_HUB_OFFLINE=1)."
 WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each)."
 MAX_MEMORY_HELP = "Memory budget, e.g. 4GiB (default: half the available RAM)."
@@ -77,7 +79,9 @@ def _qlora_problem(value: str) -> str | None:
 
 
 def _workers_problem(value: int) -> str | None:
-    return "must be 0 or more" if value < 0 else None
+    if value < 0:
+        return f"must be 0 or more (0 merges in this process, N runs N shards at once), not {value}"
+    return None
 
 
 def _executor_problem(value: str) -> str | None:
@@ -295,7 +299,7 @@ class MergeOptions:
     allow_nonfinite: bool = False  # NaN/Inf in adapters or made by the merge: write, not refuse
     executor: str = "local"  # "ray": shard jobs as tasks on a Ray cluster
     ray_address: str = "auto"  # the Ray cluster (executor "ray" only)
-    source: str = field(default="command line", compare=False)  # where it came from, for messages
+    source: str = field(default=COMMAND_LINE, compare=False)  # where it came from, for messages
 
     @classmethod
     def from_lists(
@@ -325,13 +329,32 @@ class MergeOptions:
         return replace(self, base=base, adapters=specs)
 
 
+def output_folders(job: MergeOptions) -> list[str]:
+    """The folders a job writes: OUT, or with ``separate`` OUT/<adapter folder name> each.
+
+    Names are made unique (``name-2``); a Hub id ``org/name@rev`` gives ``name``.
+    """
+    if not job.separate:
+        return [job.output]
+    seen: dict[str, int] = {}
+    outputs = []
+    for a in job.adapters:
+        name = os.path.basename(os.path.normpath(a.path.split("@")[0])) or "adapter"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        outputs.append(os.path.join(job.output, name))
+    return outputs
+
+
 def per_adapter(adapters: list, weights: list[float] | None) -> tuple[AdapterSpec, ...]:
     """Pair adapters with their weights (1.0 each when none are given)."""
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise InputError(
-            f"{len(weights)} weights given for {len(adapters)} adapters; give one per adapter."
+            f"{count(len(weights), 'weight')} given for {count(len(adapters), 'adapter')}; "
+            "give one per adapter."
         )
     return tuple(AdapterSpec(os.fspath(a), w) for a, w in zip(adapters, weights, strict=True))
 

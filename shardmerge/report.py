@@ -14,6 +14,8 @@ import resource
 import shlex
 from pathlib import Path
 
+from .errors import count
+from .io.hub import hub_id_of
 from .version import __version__
 
 CARD_NAME = "README.md"
@@ -23,7 +25,12 @@ WEAK_SURVIVAL = 0.5
 
 
 def _name(path: str) -> str:
-    return os.path.basename(os.path.normpath(path)) or path
+    """How the card names an input: its Hub id when it came from the Hub, else its folder name."""
+    return hub_id_of(path) or os.path.basename(os.path.normpath(path)) or path
+
+
+def _adapter_name(adapter) -> str:
+    return hub_id_of(adapter.path) or adapter.label
 
 
 def _fmt_weight(w: float) -> str:
@@ -53,7 +60,7 @@ def model_card(plan) -> str:
         "library_name: transformers",
         "---",
         "",
-        f"# {base} with {len(plan.adapters)} LoRA adapter{'s' if len(plan.adapters) != 1 else ''} merged",
+        f"# {base} with {count(len(plan.adapters), 'adapter')} merged",
         "",
         f"This model is **{base}** with the following adapters folded into its weights "
         "by shardmerge (no adapter is needed at inference).",
@@ -61,7 +68,9 @@ def model_card(plan) -> str:
         "| adapter | weight | sha256 of weights file |",
         "|---|---|---|",
     ]
-    lines += [f"| {a.label} | {_fmt_weight(a.weight)} | `{a.sha256}` |" for a in plan.adapters]
+    lines += [
+        f"| {_adapter_name(a)} | {_fmt_weight(a.weight)} | `{a.sha256}` |" for a in plan.adapters
+    ]
     lines += [
         "",
         "## How it was merged",

@@ -746,7 +746,7 @@ def test_out_empty_folder_is_fine(ws):
 def test_weights_count_mismatch(ws):
     a2 = ws.adapter_dir("second", seed=7)
     run = ws.merge("--weights", "0.5", adapters=[ws.adapter, a2])
-    ws.refused(run, "1 weights given for 2 adapters", "one per adapter", code=ERR_INPUT)
+    ws.refused(run, "1 weight given for 2 adapters", "one per adapter", code=ERR_INPUT)
 
 
 @pytest.mark.parametrize("text", ["abc", "0.5,,1", "nan", "inf", "1e999"])

@@ -124,7 +124,8 @@ def test_missing_id_offline_is_a_clear_error(cache, tmp_path, command):
     r = CliRunner().invoke(main, [*args, "--offline"])
     assert r.exit_code == 2, r.output
     assert "org/not-cached" in r.output
-    assert "huggingface-cli download org/not-cached" in r.output
+    assert "`hf download org/not-cached`" in r.output  # huggingface_hub's current CLI
+    assert "huggingface-cli" not in r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "out").exists()
 

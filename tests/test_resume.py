@@ -504,11 +504,12 @@ def test_resume_skips_finished_shards(tiny, server, reference, tmp_path):
     assert f"resumed: 2 of {len(names)} shards were already done." in r.out
     assert {n: stat_id(out / n) for n in names[:2]} == before
     assert snapshot(out) == reference
-    # A rerun of a finished job resumes everything and rewrites no shard.
+    # A rerun of a finished job says so and rewrites no shard.
     before = {n: stat_id(out / n) for n in names}
     r = server.run(merge_args(tiny, out))
     assert r.rc == 0, r.err
-    assert f"resumed: {len(names)} of {len(names)}" in r.out
+    assert f"already complete: an earlier run of this job merged all {len(names)} shards" in r.out
+    assert "nothing was written" in r.out
     assert {n: stat_id(out / n) for n in names} == before
     assert snapshot(out) == reference
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import IncompatibleAdapterError, ShardmergeError
 from ..terms import Replacement, TensorEdit, Term
 from .folder import Adapter
+from .mismatch import missing, shape_differs
 
 
 @dataclass
@@ -21,13 +22,26 @@ class CollectedEdits:
     # Keys that match no base tensor, reported together (so a dropped module is never silent).
     unmatched: list[str] = field(default_factory=list)
 
-    def incompatible(self, msg: str) -> None:
-        self.errors.append(
-            IncompatibleAdapterError(
-                f"{self.adapter.path}: {msg}",
-                hint="Is this adapter made for this base model?",
-            )
+    def incompatible(self, msg: str, *, ask: bool = True) -> None:
+        """A problem of fit; ``ask=False`` when the adapter's own tensors disagree (no base
+        can fit it: asking whether it was made for this base would mislead)."""
+        hint = (
+            "Is this adapter made for this base model?"
+            if ask
+            else "Its weights file is inconsistent; re-save the adapter with "
+            "PeftModel.save_pretrained()."
         )
+        self.errors.append(IncompatibleAdapterError(f"{self.adapter.path}: {msg}", hint=hint))
+
+    def shape_differs(
+        self, module: str, base_name: str, want: tuple[int, ...], have: tuple[int, ...]
+    ) -> None:
+        """``module``'s delta has another shape than its base tensor (summarised per adapter)."""
+        self.errors.append(shape_differs(self.adapter.path, module, base_name, want, have))
+
+    def report_unmatched(self) -> None:
+        """One problem per key that matched no base tensor (mismatch.summarise folds them)."""
+        self.errors.extend(missing(self.adapter.path, name) for name in self.unmatched)
 
     def add(self, base: str, *, term: Term | None = None, repl: Replacement | None = None) -> None:
         old = self.edits.get(base, TensorEdit())

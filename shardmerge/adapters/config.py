@@ -13,6 +13,8 @@ USE_PEFT = (
     "Merge this adapter with PEFT instead (PeftModel.from_pretrained(...).merge_and_unload()), "
     "which needs the whole model in memory."
 )
+# What shardmerge merges, for refusals of anything else (adapters/__init__.py's table).
+MERGED_KINDS = "LoRA (with DoRA, rsLoRA and MoE expert LoRA), LoHa, LoKr, IA3 and trainable tokens"
 FIX_CONFIG = "Fix adapter_config.json, or re-save the adapter with PeftModel.save_pretrained()."
 
 # PEFT method names users see, for refusals.
@@ -79,7 +81,7 @@ def unsupported_method(cfg: dict, where: Path, peft_type: str) -> ShardmergeErro
     name = PEFT_TYPE_NAMES.get(peft_type, peft_type or "unknown")
     return UnsupportedAdapterError(
         f"{where}: {name} adapters (peft_type {shown(cfg.get('peft_type'))}) are not supported; "
-        "shardmerge merges LoRA adapters.",
+        f"shardmerge merges {MERGED_KINDS} adapters.",
         hint=USE_PEFT,
     )
 

@@ -50,13 +50,7 @@ def adapter_edits(
         adapter, modules, c.edits, weight, ckpt,
         lambda module, suffix: resolve_lora_target(module, suffix, ckpt), c.counts, c.errors,
     )  # fmt: skip
-    if c.unmatched:
-        shown = ", ".join(c.unmatched[:12]) + (
-            f" and {len(c.unmatched) - 12} more" if len(c.unmatched) > 12 else ""
-        )
-        c.incompatible(
-            f"{len(c.unmatched)} of its module(s) match no tensor of the base model: {shown}."
-        )
+    c.report_unmatched()
     if not c.edits and not c.errors:
         c.incompatible("it holds no LoRA weights that apply to the base model.")
     return c.edits, c.counts, c.errors
@@ -146,9 +140,11 @@ def _module_edits(
         if not lowrank_edits(c, module, roles, weight, ckpt):
             return
     elif "lora_B_bias" in roles:
-        c.incompatible(f"module {module} has lora_B.bias without LoRA factors.")
+        c.incompatible(f"module {module} has lora_B.bias without LoRA factors.", ask=False)
     elif "dora" in roles:
-        c.incompatible(f"module {module} has a DoRA magnitude vector without LoRA factors.")
+        c.incompatible(
+            f"module {module} has a DoRA magnitude vector without LoRA factors.", ask=False
+        )
     for role, ref in roles.items():
         _saved_tensor(c, module, role, ref, weight, ckpt)
 
@@ -197,7 +193,7 @@ def _saved_tensor(
         )
         return
     if c.edits.get(base_name, TensorEdit()).replacement is not None:
-        c.incompatible(f"it saves {base_name} twice.")
+        c.incompatible(f"it saves {base_name} twice.", ask=False)
         return
     c.add(base_name, repl=Replacement(c.adapter.label, kind, ref))
     c.counts[kind] += 1

@@ -78,10 +78,7 @@ def lowrank_edits(
         w = TensorInfo(w.name, w.dtype, saved_base.shape, w.start, w.end)  # resized
     kind, transposed, expect = _layout(cfg, ckpt, module, embedding, w, a, b)
     if w.shape != expect:
-        c.incompatible(
-            f"target {module}: the LoRA delta has shape {list(expect)} but base tensor "
-            f"{base_name} has shape {list(w.shape)}."
-        )
+        c.shape_differs(module, base_name, tuple(expect), tuple(w.shape))
         return False
     magnitude = None
     if cfg.get("use_dora"):
@@ -112,7 +109,9 @@ def _factor_pair(
     embedding = "emb_A" in roles or "emb_B" in roles
     pair = ("emb_A", "emb_B") if embedding else ("lora_A", "lora_B")
     if not all(p in roles for p in pair) or set(low_rank) != set(pair):
-        c.incompatible(f"module {module} has {', '.join(low_rank)} but not a complete A/B pair.")
+        c.incompatible(
+            f"module {module} has {', '.join(low_rank)} but not a complete A/B pair.", ask=False
+        )
         return None
     a, b = roles[pair[0]], roles[pair[1]]
     if len(a.shape) < 2 or len(b.shape) < 2:
@@ -141,7 +140,9 @@ def _factor_pair(
         return None
     rank = a.shape[0]
     if b.shape[1] != rank:
-        c.incompatible(f"module {module}: lora_A has rank {rank} but lora_B has {b.shape[1]}.")
+        c.incompatible(
+            f"module {module}: lora_A has rank {rank} but lora_B has {b.shape[1]}.", ask=False
+        )
         return None
     r_cfg = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
     if rank != r_cfg:

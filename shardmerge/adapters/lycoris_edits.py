@@ -15,6 +15,7 @@ from ..io.safetensors import FLOAT_DTYPES
 from ..terms import TensorEdit, TensorRef
 from .config import PEFT_TYPE_NAMES, USE_PEFT
 from .folder import Adapter, peft_type_of
+from .mismatch import missing
 from .naming import resolve_base_name
 
 
@@ -61,7 +62,7 @@ class LycorisEdits:
         """The 2-D floating-point base weight of ``module``, or None (problem recorded)."""
         name = resolve_base_name(module, "weight", self.ckpt)
         if name is None:
-            self.incompatible(f"target {module} has no tensor {module}.weight in the base model.")
+            self.errors.append(missing(self.adapter.path, f"{module}.weight"))
             return None, None
         w = self.ckpt.tensor(name)
         if w.dtype not in FLOAT_DTYPES:

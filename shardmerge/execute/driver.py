@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from ..arch.config import apply_config_update
-from ..errors import Interrupted, PlanErrors, ResourceError, ShardmergeError
+from ..errors import Interrupted, PlanErrors, ResourceError, ShardmergeError, count
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
 from ..io.journal import Journal, OutputLock, check_resumable, crashpoint
 from ..io.output import OutputDir, fmt_bytes
@@ -52,9 +52,11 @@ def execute_many(
 
     Each plan has its own OUT, lock and journal; returns shards resumed per plan.
     A ``stats`` list is filled with one dict per plan: ``{"max_delta": {kind: float},
-    "survival": {tensor: [kept, change, changed, numel]}}``, the largest |merged - base|
-    per tensor kind and each touched tensor's survival figures (execute/survival.py) over
-    all its shards, resumed ones included.
+    "survival": {tensor: [kept, change, changed, numel]}, "bytes_written": int,
+    "already_complete": bool}``, the largest |merged - base| per tensor kind and each
+    touched tensor's survival figures (execute/survival.py) over all its shards, resumed
+    ones included, the shard bytes this run wrote, and whether an earlier run had
+    finished it all (then nothing is written).
     """
     outs = [OutputDir(Path(p.out)) for p in plans]
     locks: list[OutputLock] = []
@@ -98,14 +100,19 @@ def _kept(plans: list[MergePlan], outs: list[OutputDir]) -> str:
     """'N of M shards are finished and kept in OUT, ...': what an unfinished merge leaves."""
     done = [len((Journal.load(o.work) or Journal(o.work)).shards) for o in outs]
     where = ", ".join(
-        f"{d} of {len(p.shards)} shards are finished and kept in {p.out}"
+        f"{d} of {count(len(p.shards), 'shard')} {'is' if d == 1 else 'are'} finished "
+        f"and kept in {p.out}"
         for d, p in zip(done, plans, strict=True)
     )
     return f"{where}, which does not look like a complete model."
 
 
-def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> tuple[Journal, set]:
-    """Journal checks, then the non-weight files; returns the journal and the shards done."""
+def _prepare(
+    plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool
+) -> tuple[Journal, set, bool]:
+    """Journal checks, then the non-weight files; returns the journal, the shards done, and
+    whether OUT was already finished (this job's, every file in place: then left untouched).
+    """
     # Temporary files of a run that died (a killed driver's, or its cluster tasks'):
     # we hold the lock, so nothing else writes them now.
     for tmp in out.work.glob("*.partial"):
@@ -113,12 +120,14 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
     journal = Journal.load(out.work)
     if journal is not None and journal.fingerprint != plan.fingerprint and not overwrite:
         # The plan checked this too; another job may have started since.
-        check_resumable(out.path, plan.fingerprint, overwrite=False, resume=resume)
+        check_resumable(out.path, plan.fingerprint, overwrite=False, resume=resume, job=plan.job)
     planned = [s.name for s in plan.shards] + list(plan.extra_files) + [CONFIG_NAME, CARD_NAME]
+    if resume and not overwrite and _finished(plan, out, journal, planned):
+        return journal, {s.name for s in plan.shards}, True
     if journal is None or journal.fingerprint != plan.fingerprint or not resume or overwrite:
         out.clear(planned)
         journal = Journal(out.work)
-        journal.fingerprint = plan.fingerprint
+        journal.fingerprint, journal.job = plan.fingerprint, dict(plan.job)
     done = {s.name for s in plan.shards if journal.verified(out.path, s.name)}
     journal.shards = {n: e for n, e in journal.shards.items() if n in done}
     if len(done) < len(plan.shards):
@@ -140,7 +149,17 @@ def _prepare(plan: MergePlan, out: OutputDir, overwrite: bool, resume: bool) -> 
         out.copy_file(base / CONFIG_NAME, CONFIG_NAME)
     out.write_bytes(CARD_NAME, model_card(plan).encode())
     crashpoint()
-    return journal, done
+    return journal, done, False
+
+
+def _finished(plan: MergePlan, out: OutputDir, journal: Journal | None, planned: list[str]) -> bool:
+    """Whether OUT holds this job's finished output: complete journal, every file, shards checked."""
+    if journal is None or journal.fingerprint != plan.fingerprint or journal.status != "complete":
+        return False
+    files = planned + ([INDEX_NAME] if plan.index is not None else [])
+    if not all((out.path / name).is_file() for name in files):
+        return False
+    return all(journal.verified(out.path, s.name) for s in plan.shards)
 
 
 def _execute_locked(
@@ -154,8 +173,10 @@ def _execute_locked(
 ) -> list[int]:
     overwrite, resume = start_over
     prepared = [_prepare(p, o, overwrite, resume) for p, o in zip(plans, outs, strict=True)]
-    journals = [j for j, _ in prepared]
-    dones = [d for _, d in prepared]
+    journals = [j for j, _, _ in prepared]
+    dones = [d for _, d, _ in prepared]
+    finished = [f for _, _, f in prepared]
+    written = [0] * len(plans)
     tasks: list[ShardTask] = []
     for si, shard in enumerate(plans[0].shards):
         needing = [k for k, done in enumerate(dones) if plans[k].shards[si].name not in done]
@@ -173,6 +194,7 @@ def _execute_locked(
         journals[k].record(
             result.name, result.size, result.crc32, result.max_delta, result.survival
         )
+        written[k] += result.size
         crashpoint()
 
     try:
@@ -184,7 +206,9 @@ def _execute_locked(
         if isinstance(e, PlanErrors):
             raise
         raise type(e)(f"{e.message} {_kept(plans, outs)}", hint=e.hint) from None
-    for plan, out, journal in zip(plans, outs, journals, strict=True):
+    for plan, out, journal, skip in zip(plans, outs, journals, finished, strict=True):
+        if skip:
+            continue  # finished by an earlier run: nothing to write
         if plan.index is not None:
             out.write_bytes(
                 INDEX_NAME, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
@@ -194,7 +218,16 @@ def _execute_locked(
         journal.save()
     if stats is not None:
         ran = executor.stats()
-        stats[:] = [{"max_delta": _max_delta(j), "survival": _survival(j), **ran} for j in journals]
+        stats[:] = [
+            {
+                "max_delta": _max_delta(j),
+                "survival": _survival(j),
+                "bytes_written": n,
+                "already_complete": f,
+                **ran,
+            }
+            for j, n, f in zip(journals, written, finished, strict=True)
+        ]
     return [len(d) for d in dones]
 
 

@@ -128,6 +128,7 @@ class MergePlan:
     # each asking Ray for ``max_memory``; never part of the fingerprint.
     executor: str = "local"
     ray_address: str = "auto"
+    job: dict = field(default_factory=dict)  # what the fingerprint covers, readable (journal)
 
     @property
     def out_bytes(self) -> int:

@@ -32,6 +32,19 @@ def is_hub_id(ref: str) -> bool:
     return bool(HUB_ID.match(ref))
 
 
+def hub_id_of(folder: str | os.PathLike) -> str | None:
+    """The Hub id of a snapshot folder in huggingface_hub's cache, else None.
+
+    The cache keeps ``org/name`` as ``models--org--name/snapshots/<revision>/``;
+    the id is read back from that layout, so it is known however the folder was found.
+    """
+    parts = os.path.normpath(os.fspath(folder)).split(os.sep)
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    org_name = parts[-3][len("models--") :].split("--")
+    return "/".join(org_name) if all(org_name) and len(org_name) >= 2 else None
+
+
 def _offline_default() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
@@ -65,9 +78,7 @@ def resolve(ref: str | os.PathLike, *, offline: bool | None = None) -> str:
         allow_patterns=ALLOW_PATTERNS,
         cache_dir=os.environ.get("HF_HUB_CACHE") or None,
     )
-    download = f"huggingface-cli download {repo_id}" + (
-        f" --revision {revision}" if revision else ""
-    )
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     try:
         return huggingface_hub.snapshot_download(**kwargs, local_files_only=True)
     except hf_errors.LocalEntryNotFoundError:
@@ -86,13 +97,12 @@ def resolve(ref: str | os.PathLike, *, offline: bool | None = None) -> str:
         raise InputError(
             f"Hub model {repo_id} is gated: you need to accept its terms and be logged in.",
             hint=f"Accept the terms on https://huggingface.co/{repo_id}, then run "
-            "`huggingface-cli login` (or set HF_TOKEN).",
+            "`hf auth login` (or set HF_TOKEN).",
         ) from None
     except hf_errors.RepositoryNotFoundError:
         raise InputError(
             f"{ref} is not a local folder, and Hub model {repo_id} does not exist (or is private).",
-            hint="Check the path or id; for a private model run `huggingface-cli login` "
-            "(or set HF_TOKEN).",
+            hint="Check the path or id; for a private model run `hf auth login` (or set HF_TOKEN).",
         ) from None
     except hf_errors.RevisionNotFoundError:
         raise InputError(

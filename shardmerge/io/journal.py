@@ -52,14 +52,7 @@ class OutputLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            try:
-                holder = self.path.read_text().strip() or "unknown"
-            except OSError:
-                holder = "unknown"
-            raise OutputError(
-                f"another shardmerge (pid {holder}) is writing to {self.path.parent.parent}.",
-                hint="Wait for it to finish, or stop it; a second merge into the same folder is refused.",
-            ) from None
+            raise self._held() from None
         self._fd = fd
         # The pid is only for the message above; on a full disk the first real
         # write reports ENOSPC properly.
@@ -67,10 +60,42 @@ class OutputLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
 
+    def check(self) -> None:
+        """Refuse if another process holds the lock; takes nothing and writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
+        except OSError:
+            return  # no lock (or OUT is no folder): the output checks say what is wrong
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # dropped when fd closes
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise self._held() from None
+        finally:
+            os.close(fd)
+
+    def _held(self) -> OutputError:
+        try:
+            holder = self.path.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        return OutputError(
+            f"another shardmerge (pid {holder}) is writing to {self.path.parent.parent}.",
+            hint="Wait for it to finish, or stop it; a second merge into the same folder is refused.",
+        )
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def refuse_if_locked(out: Path) -> None:
+    """Refuse at once when another shardmerge holds OUT's lock: checked before any slow work.
+
+    Only a check, which writes nothing: the driver takes the lock for the merge itself.
+    """
+    OutputLock(out / WORK_DIR).check()
 
 
 class Journal:
@@ -81,6 +106,8 @@ class Journal:
         self.fingerprint: str = ""
         self.status: str = "running"
         self.shards: dict[str, dict] = {}
+        # What the job is, readable; only for messages (never trusted for a decision).
+        self.job: dict = {}
 
     @classmethod
     def load(cls, work: Path) -> Journal | None:
@@ -123,6 +150,8 @@ class Journal:
             if problem:
                 raise damaged(f"shards[{shown(name)}] {problem}")
         j.fingerprint, j.status, j.shards = fingerprint, status, shards
+        job = doc.get("job")
+        j.job = job if isinstance(job, dict) else {}
         return j
 
     def save(self) -> None:
@@ -133,6 +162,8 @@ class Journal:
             "status": self.status,
             "shards": self.shards,
         }
+        if self.job:
+            doc["job"] = self.job
         try:
             with open(tmp, "w") as f:
                 json.dump(doc, f, indent=1, sort_keys=True)
@@ -211,9 +242,13 @@ def _survival_record_ok(record: object) -> bool:
 
 
 def check_resumable(
-    out: Path, fingerprint: str, *, overwrite: bool, resume: bool
+    out: Path, fingerprint: str, *, overwrite: bool, resume: bool, job: dict | None = None
 ) -> Journal | None:
-    """The journal to resume from, None for a fresh start; refuses a different job's output."""
+    """The journal to resume from, None for a fresh start; refuses a different job's output.
+
+    ``job``: this job's description (planner/provenance.job_description); the
+    refusal lists where it differs from the one the journal recorded.
+    """
     if overwrite:
         return None  # the journal, damaged or not, is set aside and rewritten
     journal = Journal.read(out / WORK_DIR)
@@ -221,13 +256,32 @@ def check_resumable(
         return None
     if journal.fingerprint != fingerprint:
         state = "a finished" if journal.status == "complete" else "an unfinished"
+        differs = job_differences(journal.job, job or {})
+        what = (
+            f": {'; '.join(differs)}"
+            if differs
+            else " (other base, adapters, weights, dtype or --qlora-base)"
+        )
         raise OutputError(
-            f"the output folder {out} holds {state} merge of a different job (other base, "
-            "adapters, weights, dtype, --qlora-base or --allow-nonfinite).",
+            f"the output folder {out} holds {state} merge of a different job{what}.",
             hint="Rerun that job's own command to resume it, choose another folder, "
             "or pass --overwrite to start over.",
         )
     return journal if resume else None
+
+
+def job_differences(old: dict, new: dict) -> list[str]:
+    """Where two job descriptions differ, as "key old -> new" (keys both have only)."""
+
+    def text(value: object) -> str:
+        joined = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        return joined if len(joined) <= 200 else joined[:197] + "..."  # a journal is a file
+
+    return [
+        f"{key} {text(old[key])} -> {text(new[key])}"
+        for key in new
+        if key in old and old[key] != new[key]
+    ]
 
 
 _crash_count = 0

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import OutputError, ResourceError
+from ..errors import OutputError, ResourceError, count
 from .checkpoint import CONFIG_NAME, INDEX_NAME
 from .journal import WORK_DIR, Journal, check_resumable
 
@@ -34,6 +34,7 @@ def check_output_dir(
     fingerprint: str,
     overwrite: bool,
     resume: bool = True,
+    job: dict | None = None,
 ) -> Journal | None:
     """Refuse an OUT that overlaps an input or holds something we must not clobber.
 
@@ -74,14 +75,14 @@ def check_output_dir(
     if not out.exists():
         return None
     if (out / WORK_DIR).is_dir():
-        return check_resumable(out, fingerprint, overwrite=overwrite, resume=resume)
+        return check_resumable(out, fingerprint, overwrite=overwrite, resume=resume, job=job)
     entries = [e.name for e in out.iterdir()]
     if not entries or overwrite:
         return None
     holds_model = (out / CONFIG_NAME).exists() or any(
         name.endswith(_MODEL_SUFFIXES) or name == INDEX_NAME for name in entries
     )
-    what = "holds a model" if holds_model else f"is not empty ({len(entries)} entries)"
+    what = "holds a model" if holds_model else f"is not empty ({count(len(entries), 'entry')})"
     raise OutputError(
         f"the output folder {out} {what}.",
         hint="Pass --overwrite to replace it, or choose another folder.",

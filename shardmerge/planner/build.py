@@ -12,15 +12,19 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import InputError, PlanErrors, ResourceError
+from ..errors import InputError, PlanErrors, ResourceError, count
 from ..execute.jobs import MergePlan, ShardJob
 from ..io.output import fmt_bytes
 from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args
 from . import embeddings, memory, provenance, schedule
 from .inputs import Inputs, open_inputs, settle_edits
-from .memory import BASELINE_BYTES, MIN_BUDGET, default_budget, parse_size
+from .memory import BASELINE_BYTES, default_budget, parse_size
 from .quantized import nf4_tensors
 from .resources import probe as probe_resources
+
+# The least budget a refusal advises: the baseline and room for a row block of a
+# small model (the demo model merges in it; wider rows are the planner's refusal).
+SMALLEST_BUDGET = BASELINE_BYTES + (16 << 20)
 
 
 def resolve_device(device: str) -> str:
@@ -39,7 +43,8 @@ def resolve_device(device: str) -> str:
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise InputError(
-                f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible."
+                f"--device {device}: only {count(torch.cuda.device_count(), 'GPU')} "
+                f"{'is' if torch.cuda.device_count() == 1 else 'are'} visible."
             )
         return device
     raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
@@ -66,7 +71,8 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
         raise ResourceError(
             f"the memory budget {fmt_bytes(budget)} (--max-memory) is below the {fmt_bytes(BASELINE_BYTES)} "
             "shardmerge needs before any buffer.",
-            hint=f"Raise --max-memory to at least {fmt_bytes(MIN_BUDGET)}.",
+            hint=f"Raise --max-memory to at least {fmt_bytes(SMALLEST_BUDGET)} (enough for a "
+            "small model; the plan then says if the widest tensor needs more).",
         )
     device = resolve_device(options.device)
 
@@ -131,6 +137,7 @@ def _assemble(
         index=settled.update_index(provenance.output_index(ckpt, shards, record)),
         provenance=record,
         fingerprint=inputs.fingerprint,
+        job=inputs.job,
         resumable=tuple(sorted(inputs.journal.shards)) if inputs.journal else (),
         **run,
     )

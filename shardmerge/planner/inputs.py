@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import Adapter, adapter_edits, open_adapter
+from ..adapters.mismatch import summarise
 from ..codecs import StoredBase, base_format, open_base_format
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import dora_problems
@@ -17,7 +18,7 @@ from ..io.output import check_output_dir
 from ..options import check_qlora_choice
 from ..terms import TensorEdit
 from . import embeddings
-from .provenance import job_fingerprint
+from .provenance import job_description, job_fingerprint
 
 # Base formats written only dequantized until FP8 output exists (--dtype required).
 FP8_FORMATS = ("fp8", "ct-fp8")
@@ -32,6 +33,7 @@ class Inputs:
     adapters: list[Adapter]
     fingerprint: str
     journal: Journal | None
+    job: dict  # the fingerprint's parts, readable (provenance.job_description)
 
 
 def open_inputs(
@@ -64,6 +66,11 @@ def open_inputs(
         if complete_inputs
         else ""
     )
+    job = (
+        job_description(as_stored, opened, weights, dtype, qlora_base, allow_nonfinite)
+        if complete_inputs
+        else {}
+    )
     journal = None
     try:
         if out_checks is not None:
@@ -72,13 +79,14 @@ def open_inputs(
                 Path(base),
                 [Path(p) for p in adapters],
                 fingerprint=fingerprint,
+                job=job,
                 **out_checks,
             )
     except ShardmergeError as e:
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
         raise PlanErrors(errors)
-    return Inputs(ckpt, bnb4, opened, fingerprint, journal), errors
+    return Inputs(ckpt, bnb4, opened, fingerprint, journal, job), errors
 
 
 def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]) -> list[Adapter]:
@@ -145,7 +153,8 @@ def settle_edits(
     counts: Counter = Counter()
     for adapter, weight in zip(inputs.adapters, weights, strict=True):
         adapter_edit, adapter_counts, adapter_errors = adapter_edits(adapter, weight, inputs.ckpt)
-        errors.extend(adapter_errors)
+        applied = sum(n for kind, n in adapter_counts.items() if kind != "lora_bias")
+        errors.extend(summarise(adapter, adapter_errors, applied, inputs.ckpt))
         counts.update(adapter_counts)
         for name, edit in adapter_edit.items():
             errors.extend(combine(edits, name, edit))

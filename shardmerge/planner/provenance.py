@@ -41,6 +41,36 @@ def job_fingerprint(
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def job_description(
+    ckpt: Checkpoint,
+    adapters: list[Adapter],
+    weights: list[float],
+    dtype: str,
+    qlora_base: str = "none",
+    allow_nonfinite: bool = False,
+) -> dict:
+    """What the fingerprint covers, readable: the journal keeps it so that a refusal of a
+    different job into the same OUT can say what differs (contents by a short hash)."""
+
+    def short(doc: object) -> str:
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+    return {
+        "base": str(ckpt.path),
+        "base weights": short(
+            [[n, ckpt.headers[n].size, ckpt.headers[n].sha256] for n in ckpt.shards]
+        ),
+        "base config": short(ckpt.config),
+        "adapters": [f"{a.path} (sha256 {a.sha256[:12]})" for a in adapters],
+        "adapter configs": [short(a.config) for a in adapters],
+        "--weights": [float(w) for w in weights],
+        "--dtype": dtype,
+        "--qlora-base": qlora_base,
+        "--allow-nonfinite": allow_nonfinite,
+        "shardmerge version": __version__,
+    }
+
+
 def adapters_used(adapters: list[Adapter], weights: list[float]) -> tuple[AdapterUsed, ...]:
     return tuple(
         AdapterUsed(str(a.path), a.label, float(w), a.sha256)
@@ -49,7 +79,7 @@ def adapters_used(adapters: list[Adapter], weights: list[float]) -> tuple[Adapte
 
 
 def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str) -> str:
-    """The shardmerge record written into every output shard's metadata and the index, as JSON."""
+    """The shardmerge record of the index (and the plan), as JSON: adapters named by folder."""
     return json.dumps(
         {
             "tool": "shardmerge",
@@ -62,10 +92,21 @@ def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str
     )
 
 
+def shard_record(provenance: str) -> str:
+    """The record in each output shard's metadata: what depends on content only.
+
+    Adapter names come from folder names; shards leave them out so that the
+    same merge from differently named folders writes the same shard bytes.
+    """
+    record = json.loads(provenance)
+    record["adapters"] = [{k: v for k, v in a.items() if k != "name"} for a in record["adapters"]]
+    return json.dumps(record, separators=(",", ":"))
+
+
 def with_metadata(shard: ShardJob, ckpt: Checkpoint, provenance: str) -> ShardJob:
-    """The shard job carrying the base shard's metadata plus the provenance record."""
+    """The shard job carrying the base shard's metadata plus the content-only record."""
     meta = dict(ckpt.headers[shard.name].metadata)
-    meta["shardmerge"] = provenance
+    meta["shardmerge"] = shard_record(provenance)
     return ShardJob(shard.name, shard.in_path, shard.tensors, tuple(meta.items()))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arch.config import config_value
-from ..errors import InputError, shown
+from ..errors import InputError, count, shown
 from ..execute.jobs import MergePlan
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from ..io.journal import WORK_DIR, Journal
@@ -40,7 +40,7 @@ class VerifyReport:
     def summary(self) -> str:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(self.tensors.items()))
         ulps = ", ".join(f"{k} {v:.3f}" for k, v in sorted(self.max_ulp.items())) or "none merged"
-        head = "OK" if self.ok else f"FAILED ({len(self.problems)} problems)"
+        head = "OK" if self.ok else f"FAILED ({count(len(self.problems), 'problem')})"
         lines = [
             f"verify {self.out}: {head}",
             f"tensors checked: {counts}",
@@ -52,17 +52,19 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def output_provenance(out: Path) -> dict:
-    """The shardmerge record in OUT's index or single shard metadata ({} if none), shape-checked."""
+def output_provenance(out: Path) -> dict | None:
+    """The shardmerge record in OUT's index or single shard metadata (None if none), shape-checked."""
     ckpt = open_checkpoint(out)
     if ckpt.index is not None:
         where = out / INDEX_NAME
-        record = (ckpt.index.get("metadata") or {}).get("shardmerge", {})
+        record = (ckpt.index.get("metadata") or {}).get("shardmerge")
     else:
         header = next(iter(ckpt.headers.values()))
         where = Path(header.path)
-        text = header.metadata.get("shardmerge", "{}")
-        record = parse_json(text, lambda problem: _bad_record(where, problem))
+        text = header.metadata.get("shardmerge")
+        record = None if text is None else parse_json(text, lambda p: _bad_record(where, p))
+    if record is None:
+        return None
     problem = _record_problem(record)
     if problem:
         raise _bad_record(where, problem)
@@ -122,6 +124,14 @@ def verify(
             f"{out} holds an unfinished merge.", hint="Rerun the merge command to finish it first."
         )
     record = output_provenance(out)
+    if record is None and journal is None:
+        # Neither a record nor a journal: comparing it with a merge would only list differences.
+        raise InputError(
+            f"{out} is not a shardmerge output: it has no shardmerge record in its "
+            f"{'index' if (out / INDEX_NAME).exists() else 'shard metadata'} and no "
+            f"{WORK_DIR}/ journal; give verify the folder `shardmerge merge` wrote."
+        )
+    record = record or {}
     if weights is None:
         recorded = [a.get("weight", 1.0) for a in record.get("adapters", [])]
         weights = recorded if len(recorded) == len(adapters) else None
