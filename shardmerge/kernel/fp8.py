@@ -1,0 +1,291 @@
+"""FP8 outputs: float8_e4m3fn codes correctly rounded from exact values, one scale per block.
+
+Every stored code is the e4m3 value nearest (ties to even) to the exact
+merged value divided by its block's scale. torch's float64 -> float8 cast goes
+through float32 and rounds twice, so the codes are made here from float64
+bits (``encode_e4m3``: exact for exactly known inputs).
+
+A row block is quantized in the three tiers of merge.py: the block's value in
+a float64 accumulator with a rigorous error bound (merge.accumulate); codes
+and scales the bound cannot move are settled at once; the few elements within
+the bound of a decision boundary (an e4m3 midpoint, zero, the 448 limit, a
+rounding boundary of the scale) are recomputed exactly (exact.py: float64
+where provably exact, else rationals).
+
+Scales: a fresh scale is the block's exact amax / 448 rounded once to the
+scale tensor's dtype (a power of two at or above it for ue8m0); a block with
+no nonzero value, or whose scale rounds to zero, gets the dtype's epsilon as
+compressed-tensors does. A kept scale is used unless some |value| / scale
+exceeds 448; that block gets a fresh scale, and is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from .exact import exact_fractions, product_is_exact, two_product, values_in_float64
+from .merge import BlockTerm, accumulate
+from .rounding import cast, round_exact
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# Half-way from 448 to the next value e4m3's exponent would reach (480): a
+# quotient in (448, 464] rounds to 448 (464 is a tie, and 448's code is even).
+ROUND_LIMIT = 464.0
+# Relative rounding error of one float64 operation, doubled for safety.
+_F64_REL = 2.0**-52
+
+
+def e4m3_values() -> torch.Tensor:
+    """The value of each of the 256 codes, in float64 (NaN for 0x7F and 0xFF)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3).to(torch.float64)
+
+
+def decode_e4m3(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8) as float64 values (exact)."""
+    return codes.view(E4M3).to(torch.float64)
+
+
+def encode_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """The codes (uint8) of the e4m3 values nearest to float64 ``x``, ties to even.
+
+    ``x`` is taken as exact. |x| up to 464 rounds to at most 448; beyond
+    that is a ValueError (the caller's scale is too small). A negative value
+    that rounds to zero gives -0; an exact zero gives +0. NaN gives 0x7F.
+    """
+    a = x.abs()
+    _, e = torch.frexp(a)
+    # e4m3 keeps 4 significant bits; below 2^-6 the spacing stays 2^-9 (subnormals).
+    ulp = torch.ldexp(torch.ones_like(a), e.clamp(min=-5) - 4)
+    mag = torch.round(a / ulp).mul_(ulp)  # exact: power-of-two scaling; round() ties to even
+    if bool((mag > E4M3_MAX).any()):
+        raise ValueError(f"a value of {float(a.max())} exceeds the e4m3 range (448)")
+    # mag is an e4m3 value: the casts through float32 are exact.
+    codes = mag.to(torch.float32).to(E4M3).view(torch.uint8).clone()
+    codes |= (x < 0).to(torch.uint8) << 7
+    codes[torch.isnan(x)] = 0x7F
+    return codes
+
+
+def _midpoint_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per magnitude code k (0..126): the rounding boundary below and above its value."""
+    v = e4m3_values()[:127]
+    mids = (v[:-1] + v[1:]) / 2  # exact: 5 significant bits at most
+    down = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), mids])
+    up = torch.cat([mids, torch.tensor([ROUND_LIMIT], dtype=torch.float64)])
+    return down.to(device), up.to(device)
+
+
+@dataclass(frozen=True)
+class ScaleRule:
+    """How a fresh scale is made from a block's amax: its dtype, and powers of two (ue8m0)."""
+
+    dtype: torch.dtype  # the scale tensor's dtype: float32, bfloat16 or float16
+    pow2: bool = False
+
+    @property
+    def zero(self) -> float:
+        """The scale of a block with no nonzero value (compressed-tensors: the dtype's eps)."""
+        return 1.0 if self.pow2 else torch.finfo(self.dtype).eps
+
+    def round(self, q: torch.Tensor) -> torch.Tensor:
+        """The scales of float64 quotients ``q`` = amax / 448 (>= 0; monotone in q)."""
+        if self.pow2:
+            m, e = torch.frexp(q)
+            up = torch.ldexp(torch.ones_like(q), e - (m == 0.5).to(e.dtype))
+            s = torch.where(q > 0, up, torch.zeros_like(q))
+        else:
+            s = cast(q, self.dtype).to(torch.float64)
+        return s
+
+    def exact(self, amax: Fraction) -> float:
+        """The scale of an exact amax."""
+        if amax == 0:
+            return self.zero
+        q = amax / 448
+        if self.pow2:
+            k = q.numerator.bit_length() - q.denominator.bit_length()
+            while Fraction(2) ** k < q:
+                k += 1
+            while Fraction(2) ** (k - 1) >= q:
+                k -= 1
+            return math.ldexp(1.0, k)
+        s = round_exact(q, self.dtype)
+        return s if s != 0 else self.zero
+
+
+@dataclass
+class Quantized:
+    """One row block as stored: codes, the scales of its blocks, and which scales are fresh."""
+
+    codes: torch.Tensor  # uint8, the block's shape
+    scales: torch.Tensor  # float64 values of the scale dtype, (row blocks, column blocks)
+    fresh: torch.Tensor  # bool per scale: computed here (not kept from the base)
+
+
+def quantize_block(
+    base: torch.Tensor,
+    terms: list[BlockTerm],
+    block: tuple[int, int],
+    rule: ScaleRule,
+    kept: torch.Tensor | None = None,
+) -> Quantized:
+    """Quantize base rows plus terms (a 2-D block starting on a block boundary).
+
+    ``kept``: the base's scales of these rows (float64), kept where no value
+    exceeds 448 times them; None makes every scale fresh.
+    """
+    acc, err = accumulate(base, terms, torch.float64)
+    exact = _ExactValues(base.reshape(-1), terms, acc.shape[1])
+    mag = acc.abs()
+    if err is None:
+        lo = hi = mag
+    else:
+        lo = (mag - err).clamp_(min=0).mul_(1 - _F64_REL)
+        hi = (mag + err).mul_(1 + _F64_REL)
+    lo_max, hi_max = _block_max(lo, block), _block_max(hi, block)
+    amax = _BlockAmax(exact, hi, lo_max, block)
+    if kept is None:
+        fresh = torch.ones_like(lo_max, dtype=torch.bool)
+        scales = _fresh_scales(lo_max, hi_max, rule, amax, fresh)
+    else:
+        kept = kept.to(acc.device, torch.float64)
+        fresh = _overflowing(lo_max, hi_max, kept, amax)
+        scales = _fresh_scales(lo_max, hi_max, rule, amax, fresh)
+        scales = torch.where(fresh, scales, kept)
+    codes = _codes(acc, err, _expand(scales, block, acc.shape), exact)
+    return Quantized(codes, scales, fresh)
+
+
+def _block_max(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Max of non-negative ``x`` over each block (edge blocks partial)."""
+    bm, bn = block
+    rows, cols = x.shape
+    nr, nc = -(-rows // bm), -(-cols // bn)
+    padded = F.pad(x, (0, nc * bn - cols, 0, nr * bm - rows))
+    return padded.reshape(nr, bm, nc, bn).amax(dim=(1, 3))
+
+
+def _expand(s: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """Per-block values spread over the elements of the block."""
+    full = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[: shape[0], : shape[1]]
+
+
+class _ExactValues:
+    """Exact values of chosen elements of the block (flat indices), as rationals."""
+
+    def __init__(self, flat_base: torch.Tensor, terms: list[BlockTerm], cols: int):
+        self.flat_base, self.terms, self.cols = flat_base, terms, cols
+
+    def float64(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values summed in float64 and where that sum is exact."""
+        return values_in_float64(self.flat_base, self.terms, idx, idx // self.cols, idx % self.cols)
+
+    def fractions(self, idx: torch.Tensor) -> list[Fraction]:
+        total, ok = self.float64(idx)
+        values = [Fraction(v) for v in total.cpu().tolist()]
+        left = (~ok).nonzero().squeeze(1)
+        if left.numel():
+            sub = idx[left]
+            rational = exact_fractions(
+                self.flat_base, self.terms, sub, sub // self.cols, sub % self.cols
+            )
+            for k, v in zip(left.tolist(), rational, strict=True):
+                values[k] = v
+        return values
+
+
+class _BlockAmax:
+    """The exact max |value| of one block, from its candidates only."""
+
+    def __init__(self, exact: _ExactValues, hi: torch.Tensor, lo_max: torch.Tensor, block):
+        self.exact, self.hi, self.lo_max, self.block = exact, hi, lo_max, block
+
+    def __call__(self, i: int, j: int) -> Fraction:
+        bm, bn = self.block
+        window = self.hi[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn]
+        r, c = (window >= self.lo_max[i, j]).nonzero(as_tuple=True)
+        idx = (r + i * bm) * self.hi.shape[1] + (c + j * bn)
+        return max((abs(v) for v in self.exact.fractions(idx)), default=Fraction(0))
+
+
+def _fresh_scales(
+    lo_max: torch.Tensor,
+    hi_max: torch.Tensor,
+    rule: ScaleRule,
+    amax: _BlockAmax,
+    which: torch.Tensor,
+) -> torch.Tensor:
+    """Fresh scales of the blocks ``which``; settled from the bounds, else exactly."""
+    q_lo = torch.nextafter(lo_max / E4M3_MAX, torch.zeros_like(lo_max))
+    q_hi = torch.nextafter(hi_max / E4M3_MAX, torch.full_like(hi_max, math.inf))
+    s_lo, s_hi = rule.round(q_lo), rule.round(q_hi)
+    scales = torch.where(hi_max == 0, torch.full_like(s_lo, rule.zero), s_lo)
+    scales = torch.where((s_lo == 0) & (hi_max > 0), torch.full_like(s_lo, rule.zero), scales)
+    doubt = which & (s_lo != s_hi) & (hi_max > 0)
+    # Both ends rounding to zero: the exact scale rounds to zero too (eps then).
+    doubt &= ~((s_hi == 0) & (s_lo == 0))
+    for i, j in doubt.nonzero().tolist():
+        scales[i, j] = rule.exact(amax(i, j))
+    return scales
+
+
+def _overflowing(
+    lo_max: torch.Tensor, hi_max: torch.Tensor, kept: torch.Tensor, amax: _BlockAmax
+) -> torch.Tensor:
+    """Blocks where some |value| / kept scale exceeds 448 (decided exactly)."""
+    limit = kept * E4M3_MAX  # exact: 448 has 3 significant bits
+    over = lo_max > limit
+    unsure = ~over & (hi_max > limit)
+    for i, j in unsure.nonzero().tolist():
+        over[i, j] = amax(i, j) > Fraction(float(limit[i, j]))
+    return over
+
+
+def _codes(
+    acc: torch.Tensor, err: torch.Tensor | None, s: torch.Tensor, exact: _ExactValues
+) -> torch.Tensor:
+    """Codes of value / scale per element; those within the error bound of a boundary exactly."""
+    q = acc / s
+    q_mag = q.abs().clamp_(max=ROUND_LIMIT)
+    codes = encode_e4m3(q_mag)
+    down, up = _midpoint_tables(acc.device)
+    k = codes.long()
+    eb = q_mag * _F64_REL
+    if err is not None:
+        eb += err / s * (1 + _F64_REL)
+    doubt = (q_mag - down[k] <= eb) | (up[k] - q_mag <= eb)
+    if err is not None:
+        doubt |= q_mag <= eb  # the sign of a value near zero
+    codes |= (q < 0).to(torch.uint8) << 7
+    idx = doubt.reshape(-1).nonzero().squeeze(1)
+    if idx.numel():
+        codes.reshape(-1)[idx] = _settle_codes(idx, s.reshape(-1)[idx], exact)
+    return codes
+
+
+def _settle_codes(idx: torch.Tensor, s: torch.Tensor, exact: _ExactValues) -> torch.Tensor:
+    """Codes of the exact value / scale of elements ``idx``."""
+    total, ok = exact.float64(idx)
+    q = total / s
+    p, e = two_product(q, s)
+    # Where value / scale is exact in float64 (ties among them), encode it directly.
+    ok &= (p == total) & (e == 0) & product_is_exact(p, q, s)
+    codes = encode_e4m3(torch.where(ok, q, torch.zeros_like(q)))
+    left = (~ok).nonzero().squeeze(1)
+    if left.numel():
+        values = exact.fractions(idx[left])
+        scales = s[left].cpu().tolist()
+        mags = [
+            abs(round_exact(v / Fraction(sc), E4M3)) for v, sc in zip(values, scales, strict=True)
+        ]
+        sub = encode_e4m3(torch.tensor(mags, dtype=torch.float64))
+        sub |= torch.tensor([v < 0 for v in values], dtype=torch.uint8) << 7  # -0 below zero
+        codes[left] = sub.to(codes.device)
+    return codes
