@@ -85,6 +85,8 @@ def plan(
     workers: int | None = None,
     offline: bool | None = None,
     qlora_base: str = "none",
+    quantize: str = "none",
+    requant_scales: str = "kept",
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
@@ -108,6 +110,8 @@ def plan(
         workers=workers,
         offline=offline,
         qlora_base=qlora_base,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )
     return plan_options(options)
 
@@ -151,6 +155,8 @@ def merge(
     events: EventSink | None = None,
     offline: bool | None = None,
     qlora_base: str = "none",
+    quantize: str = "none",
+    requant_scales: str = "kept",
 ) -> MergeResult:
     """Merge LoRA adapters into a base model folder and write a new model folder.
 
@@ -166,7 +172,9 @@ def merge(
     (``{"event": "start" | "shard" | "progress" | "done", ...}``).
     ``qlora_base="nf4"`` merges into the base weights as a QLoRA run saw them
     (NF4 round trip of the quantized Linear weights); a bitsandbytes 4-bit base
-    folder is dequantized in any case.
+    folder is dequantized in any case. ``quantize="fp8-block"`` writes
+    compressed-tensors FP8 (128x128 weight blocks); ``requant_scales`` ("kept"
+    or "fresh") says which scales requantized FP8 blocks get.
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -188,6 +196,8 @@ def merge(
         workers=workers,
         offline=offline,
         qlora_base=qlora_base,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )
     return _execute_plans(
         [plan_options(options)],
@@ -356,6 +366,8 @@ def verify(
     dtype: str | None = None,
     max_memory: int | str | None = None,
     offline: bool | None = None,
+    quantize: str | None = None,
+    requant_scales: str | None = None,
 ) -> VerifyReport:
     """Check every tensor of a merged model folder against base + adapters.
 
@@ -374,4 +386,6 @@ def verify(
         weights=weights,
         dtype=dtype,
         max_memory=max_memory,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )

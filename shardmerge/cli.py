@@ -81,13 +81,14 @@ def main() -> None:
 COMMAND_FLAGS = {
     "merge": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
-        "overwrite", "resume", "workers", "separate", "qlora_base", "verify",
+        "overwrite", "resume", "workers", "separate", "qlora_base", "quantize",
+        "requant_scales", "verify",
     ),
     "plan": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
-        "workers", "overwrite", "qlora_base",
+        "workers", "overwrite", "qlora_base", "quantize", "requant_scales",
     ),
-    "verify": ("weights", "dtype", "max_memory", "offline"),
+    "verify": ("weights", "dtype", "quantize", "requant_scales", "max_memory", "offline"),
 }  # fmt: skip
 
 
@@ -146,6 +147,8 @@ def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
         "verify": flags["then_verify"],
         "offline": True if flags["offline"] else None,  # None: follow HF_HUB_OFFLINE
         "qlora_base": flags["qlora_base"],
+        "quantize": flags["quantize"],
+        "requant_scales": flags["requant_scales"],
     }
     # Checked like a job file's fields, so flags and job files give the same messages.
     _run_job(job_from_dict(doc, "command line"), quiet, report_path, as_json)
@@ -231,7 +234,9 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
 )
 @option_flags("verify")
 @_friendly
-def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
+def verify(
+    out, base, adapters, weights, dtype, quantize, requant_scales, max_memory, offline
+) -> None:
     """Check every tensor of OUT against BASE + adapters: merged ones against the formula
     (correct rounding), untouched ones byte for byte; plus index, shapes and dtypes."""
     from .api import verify as api_verify
@@ -244,6 +249,8 @@ def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
         dtype=dtype,
         max_memory=max_memory,
         offline=True if offline else None,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )
     click.echo(report.summary())
     if not report.ok:

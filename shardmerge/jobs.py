@@ -18,6 +18,8 @@ A job file looks like this (every key but base, adapters and output is optional)
     verify: false
     offline: false                        # true: Hub ids only from the local cache
     qlora_base: none                      # none | nf4 (merge into the NF4 weights QLoRA saw)
+    quantize: none                        # none | fp8-block (compressed-tensors FP8 output)
+    requant_scales: kept                  # kept | fresh (scales of requantized FP8 blocks)
 
 Relative paths in a job file are relative to the file's folder.
 """

@@ -25,7 +25,7 @@ from ..io.safetensors import DTYPES, StreamWriter, block_shape, pread_into
 from ..io.sources import RefLoader
 from .jobs import ShardJob, TensorJob
 from .policy import reads_base
-from .tensor import TensorMerger, max_delta, read_base_rows
+from .tensor import TensorMerger, max_delta, output_values, read_base_rows
 
 # Called with bytes of base processed, or with the name of the shard now started.
 Progress = Callable[[int | str], None]
@@ -262,6 +262,10 @@ def _merge_blocks(
             merged = _merge_rows(merger, job.in_path, original, row0, row1, delta)
             if not _put(writes[k], ("data", t, merged, row1 == t.rows), stop):
                 return
+            sides = merger.encoder.side_tensors() if merger.encoder and row1 == t.rows else []
+            for name, side in sides:  # scales, written right after their tensor
+                if not _put(writes[k], ("side", name, side), stop):
+                    return
         if buf is not None:
             free.put(buf)
 
@@ -287,7 +291,7 @@ def _merge_rows(
     merged = merger.merge(base, row0, row1)
     # A tensor the base does not hold at this shape (resized, new) has no delta.
     if merger.kind and delta is not None and original is not None:
-        d = max_delta(merged, original)
+        d = max_delta(output_values(merger, merged, row0, row1), original)
         if d > delta.get(merger.kind, -1.0) or d != d:  # NaN sticks
             delta[merger.kind] = d
     return merged
@@ -316,6 +320,10 @@ def _write_blocks(
         item = _get(writes, stop)
         if item is None:
             return
+        if item[0] == "side":
+            writer.begin(item[1])
+            writer.write(item[2])
+            continue
         if item[0] == "copy":
             t = item[1]
             writer.begin(t.name)

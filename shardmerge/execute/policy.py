@@ -13,7 +13,7 @@ from functools import reduce
 
 import torch
 
-from ..codecs import TensorCodec
+from ..codecs import OutputCodec, TensorCodec
 from ..errors import ShardmergeError, UnsupportedAdapterError
 from ..io.safetensors import DTYPES, ITEMSIZE
 from ..io.sources import PART_CACHE_BYTES
@@ -154,11 +154,14 @@ class TensorPolicy:
     token_rows: tuple[TokenRows, ...]
     dora: bool
     keeps_parts: bool  # some factor is a part of a larger stored tensor (sources.RefLoader)
+    # Stored through an output codec (FP8 codes and block scales): its encoder
+    # rounds the exact value instead of the merge kernel's one rounding.
+    encode: OutputCodec | None = None
 
     @property
     def arithmetic(self) -> bool:
         """False: the output is the base rows (replaced, patched) converted, byte for byte."""
-        return bool(self.terms) or self.scaling is not None
+        return bool(self.terms) or self.scaling is not None or self.encode is not None
 
     @property
     def kinds(self) -> list[str]:
@@ -199,6 +202,7 @@ def policy_for(t: TensorJob) -> TensorPolicy:
         token_rows=token_rows,
         dora=has_dora(edit),
         keeps_parts=any(r.part for term in terms for r in term_refs(term)),
+        encode=t.encode,
     )
 
 
@@ -226,6 +230,8 @@ def _accumulation(
         acc = torch.float64
     if any(term.magnitude is not None for term in terms):
         acc = torch.float64  # dora.py works in float64 with its own error bounds
+    if t.encode is not None:
+        acc = torch.float64  # kernel/fp8.py bounds a float64 accumulator
     return acc
 
 

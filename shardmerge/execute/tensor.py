@@ -35,6 +35,7 @@ class TensorMerger:
         self.out_dtype = p.out_dtype
         self.acc = p.acc
         self.quant = t.quant.decoder(t.shape, loader.load) if p.quant else None
+        self.encoder = t.encode.encoder(t.shape, loader.load) if p.encode else None
         self.patch = RowPatch(p.token_rows, loader.load, device) if p.token_rows else None
         if not p.keeps_parts:
             loader.release()  # whole tensors kept for expert parts are not needed here
@@ -97,8 +98,15 @@ class TensorMerger:
             base = scale_rows(base, self.scaling, self.policy.scaling.axis, row0, row1)
         meeting = self.spans.meeting(row0, row1)
         terms = [b for f in meeting if (b := block_term(f, row0, row1)) is not None]
+        if self.encoder is not None:  # stored codes, correctly rounded from the exact value
+            return self.encoder(base, terms, row0, row1)
         merged = merge_block(base, terms, self.out_dtype, self.acc)
         return merged.cpu() if merged.device.type != "cpu" else merged
+
+
+def output_values(merger: TensorMerger, merged: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
+    """The values of merged rows as written: stored codes decoded, plain values as they are."""
+    return merger.encoder.values(merged, row0, row1) if merger.encoder else merged
 
 
 def max_delta(merged: torch.Tensor, base: torch.Tensor) -> float:

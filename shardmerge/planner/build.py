@@ -14,8 +14,9 @@ from pathlib import Path
 from ..errors import InputError, PlanErrors, ResourceError
 from ..execute.jobs import MergePlan, ShardJob
 from ..io.output import fmt_bytes
-from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args
+from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args, output_formats
 from . import embeddings, memory, provenance, schedule
+from .fp8_out import fp8_config, fp8_outputs
 from .inputs import Inputs, open_inputs, settle_edits
 from .memory import BASELINE_BYTES, MIN_BUDGET, default_budget, parse_size
 from .quantized import nf4_tensors
@@ -70,7 +71,10 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     device = resolve_device(options.device)
 
     out_checks = {"overwrite": options.overwrite, "resume": options.resume} if check_out else None
-    inputs, errors = open_inputs(base, adapters, out, weights, dtype, qlora_base, out_checks)
+    formats = output_formats(options)
+    inputs, errors = open_inputs(
+        base, adapters, out, weights, dtype, qlora_base, out_checks, formats
+    )
     settled, counts = settle_edits(inputs, weights, errors)
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
@@ -78,14 +82,16 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
     working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
+    fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, inputs.bnb4, errors)
     shards = schedule.shard_jobs(
-        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors
+        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors, fp8
     )
     if errors:
         raise PlanErrors(errors)
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources)
-    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run)
+    run["config_update"] = schedule.config_changes(ckpt, out_dtype, settled) + fp8_config(ckpt, fp8)
+    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
     return plan
@@ -98,13 +104,16 @@ def _assemble(
     qlora_base: str,
     settled: embeddings.Resolution,
     shards: list[ShardJob],
-    out_dtype: str | None,
     run: dict,
+    formats: dict[str, str],
 ) -> MergePlan:
-    """The plan: jobs stamped with the provenance record, the output's index and config."""
+    """The plan: jobs stamped with the provenance record, the output's index and config.
+
+    ``formats``: the output-format options not at their defaults (provenance).
+    """
     ckpt, bnb4 = inputs.ckpt, inputs.bnb4
     used = provenance.adapters_used(inputs.adapters, weights)
-    record = provenance.provenance_record(used, dtype, qlora_base)
+    record = provenance.provenance_record(used, dtype, qlora_base, formats)
     shards = [provenance.with_metadata(s, ckpt, record) for s in shards]
     return MergePlan(
         base=str(ckpt.path),
@@ -112,7 +121,6 @@ def _assemble(
         shards=tuple(shards),
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
-        config_update=schedule.config_changes(ckpt, out_dtype, settled),
         # A dequantized 4-bit base is an ordinary model now.
         config_drop=("quantization_config",) if bnb4 else (),
         qlora_base="bnb4" if bnb4 else qlora_base,

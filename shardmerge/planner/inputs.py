@@ -39,11 +39,13 @@ def open_inputs(
     dtype: str,
     qlora_base: str,
     out_checks: dict | None,
+    formats: dict[str, str] | None = None,
 ) -> tuple[Inputs, list[ShardmergeError]]:
     """Open everything, and the problems found so far; raises PlanErrors if a folder won't open.
 
     ``out_checks``: the keyword arguments of check_output_dir (overwrite,
-    resume), or None not to check OUT.
+    resume), or None not to check OUT. ``formats``: the output-format options
+    not at their defaults (options.output_formats), for the fingerprint.
     """
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
@@ -55,7 +57,9 @@ def open_inputs(
     opened = _open_adapters(adapters, errors)
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
     fingerprint = (
-        job_fingerprint(ckpt, opened, weights, dtype, qlora_base) if complete_inputs else ""
+        job_fingerprint(ckpt, opened, weights, dtype, qlora_base, formats)
+        if complete_inputs
+        else ""
     )
     journal = None
     try:

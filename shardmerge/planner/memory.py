@@ -13,7 +13,7 @@ import re
 
 import psutil
 
-from ..codecs import TensorCodec
+from ..codecs import OutputCodec, TensorCodec
 from ..errors import InputError, ResourceError, ShardmergeError
 from ..execute import policy
 from ..execute.jobs import Resources, TensorJob
@@ -171,10 +171,48 @@ def tensor_working_bytes(t: TensorJob) -> int:
             MERGE_BYTES_PER_ELEMENT
             + policy.dora_bytes_per_element(t.edit)
             + (QUANT_BYTES_PER_ELEMENT if t.quant else 0)
+            + (t.encode.bytes_per_element if t.encode else 0)
         )
         + policy.held_bytes(t.edit)
         + quant
+        + (encode_state_bytes(t.shape) if t.encode else 0)
     )
+
+
+def encode_state_bytes(shape: tuple[int, ...]) -> int:
+    """What an encoder holds per tensor: its scales (and kept ones) in float64, about
+    one per 128 x 128 block; a generous flat allowance per 1 GiB of elements."""
+    return 16 * (math.prod(shape) // 4096 + 1)
+
+
+def encoded_block_rows(
+    name: str,
+    shape: tuple[int, ...],
+    edit: TensorEdit | None,
+    encode: OutputCodec,
+    rows: int,
+    working: int,
+    errors: list[ShardmergeError],
+) -> int:
+    """Rows per block of a tensor written through ``encode``: whole scale blocks, and room
+    for the encoder's temporaries; a ResourceError if one scale block row does not fit."""
+    merge = MERGE_BYTES_PER_ELEMENT + policy.dora_bytes_per_element(edit)
+    align = encode.row_align(shape)
+    fit = rows * merge // (merge + encode.bytes_per_element)
+    rows = min(matrix_rows(shape), max(align, fit - fit % align))
+    need = rows * row_elements(shape) * (merge + encode.bytes_per_element)
+    need += policy.held_bytes(edit) + encode_state_bytes(shape)
+    if rows > fit and need > working:
+        errors.append(
+            ResourceError(
+                f"the memory budget is too small for tensor {name} {list(shape)} written as "
+                f"{encode.method}: its scale blocks span {align} rows, which need "
+                f"{fmt_bytes(need + BASELINE_BYTES)} at once; the budget is "
+                f"{fmt_bytes(working + BASELINE_BYTES)}.",
+                hint="Raise --max-memory.",
+            )
+        )
+    return rows
 
 
 def quant_rows_fit(

@@ -17,12 +17,14 @@ def job_fingerprint(
     weights: list[float],
     dtype: str,
     qlora_base: str = "none",
+    formats: dict[str, str] | None = None,
 ) -> str:
     """A hash of everything that decides the output bytes, and nothing else.
 
     Base shards by name, size and header hash; the base config; adapters by
     weights-file hash and config; weights; dtype; our version (it is in the
-    output's metadata); --qlora-base when set. Device, memory budget and block
+    output's metadata); --qlora-base, --quantize and --requant-scales when set
+    (``formats``: those of them not at their defaults). Device, memory budget and block
     size do not change the bytes, so a resume may use other values.
     """
     doc = {
@@ -35,6 +37,7 @@ def job_fingerprint(
     }
     if qlora_base != "none":  # absent otherwise: earlier jobs keep their fingerprints
         doc["qlora_base"] = qlora_base
+    doc.update(formats or {})  # absent at their defaults, as qlora_base
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -45,7 +48,12 @@ def adapters_used(adapters: list[Adapter], weights: list[float]) -> tuple[Adapte
     )
 
 
-def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str) -> str:
+def provenance_record(
+    used: tuple[AdapterUsed, ...],
+    dtype: str,
+    qlora_base: str,
+    formats: dict[str, str] | None = None,
+) -> str:
     """The shardmerge record written into every output shard's metadata and the index, as JSON."""
     return json.dumps(
         {
@@ -54,6 +62,7 @@ def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str
             "adapters": [{"name": s.label, "weight": s.weight, "sha256": s.sha256} for s in used],
             "dtype": dtype,
             **({"qlora_base": qlora_base} if qlora_base != "none" else {}),
+            **(formats or {}),
         },
         separators=(",", ":"),
     )
@@ -73,6 +82,10 @@ def output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> d
     index = json.loads(json.dumps(ckpt.index))
     # Only the tensors written (a 4-bit base's quantization tensors are not).
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in ckpt.weight_map}
+    # Side tensors written beside their tensor (FP8 scales).
+    for s in shards:
+        for t in s.tensors:
+            index["weight_map"].update((e.name, s.name) for e in t.out_entries[1:])
     metadata = dict(index.get("metadata") or {})
     metadata["total_size"] = sum(t.out_bytes for s in shards for t in s.tensors)
     metadata["shardmerge"] = json.loads(provenance)
