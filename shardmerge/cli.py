@@ -366,6 +366,11 @@ def format_plan(d: dict, *, has_out: bool) -> str:
     if d.get("qlora_base", "none") != "none":
         how = {"nf4": "NF4 round-tripped", "bnb4": "dequantized from 4-bit"}[d["qlora_base"]]
         lines.append(f"4-bit base: {d['quantized_tensors']} tensors {how} before merging")
+    for method, e in d.get("encoded_outputs", {}).items():
+        lines.append(
+            f"{method} output: {e['tensors']} tensors as e4m3 codes with block scales "
+            f"({e['fresh_scales']} with fresh scales, {e['kept_scales']} keeping the base's)"
+        )
     if d["resumable_shards"]:
         lines.append(f"resumes: {len(d['resumable_shards'])} shards already done")
     width = max(len(s["name"]) for s in d["shards"])

@@ -257,3 +257,31 @@ def test_a_base_without_a_layer_stack_is_refused(tmp_path):
     )
     with pytest.raises(ShardmergeError, match="numbered layer stack"):
         shardmerge.merge(base, [ada], tmp_path / "o", quantize="fp8-block")
+
+
+def test_plan_says_what_is_written_as_fp8(merged):
+    base, ada, _ = merged
+    r = CliRunner().invoke(main, ["plan", str(base), str(ada), "--quantize", "fp8-block"])
+    assert r.exit_code == 0, r.output
+    assert "fp8-block output: 14 tensors as e4m3 codes with block scales (14 with fresh" in r.output
+
+
+def test_kept_scales_through_the_codec_count_the_blocks_that_needed_fresh_ones():
+    from shardmerge.codecs import Fp8BlockOut
+    from shardmerge.terms import TensorRef
+
+    kept = torch.tensor([[1.0 / 64], [1.0 / 64], [1.0 / 64]], dtype=torch.float32)
+    ref = TensorRef("unused", "x.weight_scale_inv", "F32", (3, 1))
+    spec = Fp8BlockOut("x.weight_scale_inv", "F32", (128, 128), kept=ref)
+    enc = spec.encoder((300, 100), lambda r: kept if r == ref else None)
+    base = torch.full((300, 100), 0.5, dtype=torch.bfloat16)
+    base[200, 7] = 8.0  # 8 * 64 = 512 > 448: the second block needs a fresh scale
+    codes = torch.cat([enc(base[a:b], [], a, b) for a, b in ((0, 256), (256, 300))])
+    ((name, scales),) = enc.side_tensors()
+    assert name == "x.weight_scale_inv" and scales.dtype == torch.float32
+    fresh = float(torch.tensor(8.0 / 448, dtype=torch.float64).to(torch.float32))
+    assert scales[:, 0].tolist() == [1.0 / 64, fresh, 1.0 / 64]
+    assert enc.fresh_blocks == 1
+    values = enc.values(codes, 0, 300)
+    assert values[0, 0] == 0.5 and values[299, 99] == 0.5
+    assert values[200, 7] == 448 * fresh  # the block's amax lands on 448 exactly
