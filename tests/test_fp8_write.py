@@ -285,3 +285,11 @@ def test_kept_scales_through_the_codec_count_the_blocks_that_needed_fresh_ones()
     values = enc.values(codes, 0, 300)
     assert values[0, 0] == 0.5 and values[299, 99] == 0.5
     assert values[200, 7] == 448 * fresh  # the block's amax lands on 448 exactly
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_writes_the_same_fp8_bytes_as_the_cpu(merged, tmp_path):
+    base, ada, out = merged
+    shardmerge.merge(base, [ada], tmp_path / "gpu", quantize="fp8-block", device="cuda")
+    for name in (p.name for p in out.glob("*.safetensors")):
+        assert (tmp_path / "gpu" / name).read_bytes() == (out / name).read_bytes()
