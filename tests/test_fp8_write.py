@@ -293,3 +293,25 @@ def test_cuda_writes_the_same_fp8_bytes_as_the_cpu(merged, tmp_path):
     shardmerge.merge(base, [ada], tmp_path / "gpu", quantize="fp8-block", device="cuda")
     for name in (p.name for p in out.glob("*.safetensors")):
         assert (tmp_path / "gpu" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_moe_routers_stay_16_bit_and_the_model_loads_without_missing_keys(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    base = make_base(tmp_path / "base", "qwen2_moe", dtype=torch.bfloat16)
+    ada = make_adapter(base, tmp_path / "ada", target_modules=["q_proj", "shared_expert.up_proj"])
+    out = tmp_path / "out"
+    shardmerge.merge(base, [ada], out, quantize="fp8-block")
+    got = read_tensors(out)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    for router in ("model.layers.0.mlp.gate", "model.layers.1.mlp.shared_expert_gate"):
+        assert got[router + ".weight"].dtype == torch.bfloat16 and router in ignore
+    assert got["model.layers.1.mlp.shared_expert.up_proj.weight"].dtype == F8
+    _, info = AutoModelForCausalLM.from_pretrained(
+        out,
+        quantization_config=CompressedTensorsConfig(run_compressed=False),
+        output_loading_info=True,
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert shardmerge.verify(out, base, [ada]).ok

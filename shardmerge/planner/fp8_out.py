@@ -10,11 +10,17 @@ looks for a scale it does not have.
 
 from __future__ import annotations
 
+import re
+
 from ..codecs import FP8_BLOCK, Fp8BlockOut, StoredBase, compressed_tensors_config, nf4_targets
 from ..errors import InputError, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import has_dora
 from ..io.checkpoint import Checkpoint
 from ..terms import TensorEdit
+
+# MoE routers and gates (mlp.gate, shared_expert_gate, router) stay 16-bit, as
+# llm-compressor's recipes ignore them: a handful of rows that decide routing.
+_ROUTER = re.compile(r"(gate|router)$")
 
 
 def fp8_outputs(
@@ -38,7 +44,8 @@ def fp8_outputs(
             )
         )
         return {}
-    names = nf4_targets(ckpt)  # the Linear weights of the layer stack, as transformers builds them
+    # The Linear weights of the layer stack, as transformers builds them, less routers.
+    names = [n for n in nf4_targets(ckpt) if not _ROUTER.search(n.removesuffix(".weight"))]
     if not names:
         errors.append(
             InputError(
