@@ -315,3 +315,26 @@ def test_moe_routers_stay_16_bit_and_the_model_loads_without_missing_keys(tmp_pa
     )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert shardmerge.verify(out, base, [ada]).ok
+
+
+def test_an_interrupted_fp8_merge_resumes_to_the_same_bytes_and_refuses_another_format(
+    merged, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    base, ada, out = merged
+    dest = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "shardmerge", "merge", str(base), str(ada), "-o", str(dest)]
+    cmd += ["--quantize", "fp8-block", "-q", "--workers", "0"]
+    env = {**os.environ, "SHARDMERGE_CRASH_AT": "12"}  # killed mid-merge, after some shards
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9
+    done_before = json.loads((dest / ".shardmerge" / "journal.json").read_text())["shards"]
+    assert 0 < len(done_before) < len(list(out.glob("*.safetensors")))
+    other = subprocess.run(cmd[:-5] + ["-q"], capture_output=True, text=True)
+    assert other.returncode != 0 and "different job" in other.stderr + other.stdout
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    for name in (p.name for p in out.glob("*.safetensors")):
+        assert (dest / name).read_bytes() == (out / name).read_bytes()

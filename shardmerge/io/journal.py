@@ -191,7 +191,7 @@ def check_resumable(
         state = "a finished" if journal.status == "complete" else "an unfinished"
         raise OutputError(
             f"the output folder {out} holds {state} merge of a different job (other base, "
-            "adapters, weights, dtype or --qlora-base).",
+            "adapters, weights, dtype, --qlora-base or --quantize).",
             hint="Rerun that job's own command to resume it, choose another folder, "
             "or pass --overwrite to start over.",
         )
