@@ -338,3 +338,22 @@ def test_an_interrupted_fp8_merge_resumes_to_the_same_bytes_and_refuses_another_
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     for name in (p.name for p in out.glob("*.safetensors")):
         assert (dest / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_scales_take_the_output_dtype_and_a_job_file_names_the_options(tmp_path):
+    from shardmerge.jobs import job_from_dict
+
+    base = make_base(tmp_path / "base", dtype=torch.float32)  # 64 x 64 and 128 x 64 weights
+    ada = make_adapter(base, tmp_path / "ada", target_modules=["q_proj"])
+    for dtype, scale in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        out = tmp_path / dtype
+        shardmerge.merge(base, [ada], out, quantize="fp8-block", dtype=dtype)
+        got = read_tensors(out)
+        assert got["model.layers.0.self_attn.q_proj.weight_scale"].dtype == scale
+        assert got["model.norm.weight"].dtype == (scale if dtype != "auto" else torch.float32)
+        assert shardmerge.verify(out, base, [ada]).ok
+    doc = {"base": str(base), "adapters": [str(ada)], "output": str(tmp_path / "j")}
+    job = job_from_dict({**doc, "quantize": "fp8-block", "requant_scales": "fresh"}, "job.yaml")
+    assert (job.quantize, job.requant_scales) == ("fp8-block", "fresh")
+    with pytest.raises(ShardmergeError, match="quantize.*fp8-block"):
+        job_from_dict({**doc, "quantize": "fp8"}, "job.yaml")

@@ -197,3 +197,28 @@ def test_ue8m0_scales_are_powers_of_two_at_or_above_amax_over_448():
     assert got.scales.tolist() == [[1.0], [4.0]]
     # -1344 / 4 = -336 is halfway between -320 and -352: the even code wins.
     assert decode_e4m3(got.codes).tolist() == [[448.0, 3.0], [-320.0, 0.0]]
+
+
+def test_a_scale_on_a_rounding_midpoint_is_settled_exactly():
+    # amax / 448 = 1 + 2^-8 lies halfway between bfloat16 1.0 and 1 + 2^-7.
+    base = torch.tensor([[449.75, 1.0]], dtype=torch.float32)
+    tie = quantize_block(base, [], (1, 2), ScaleRule(torch.bfloat16))
+    assert tie.scales.tolist() == [[1.0]]  # the tie goes to the even bfloat16
+    # A hair above the midpoint (a term of 2^-30 on the amax element) rounds up.
+    terms = [(torch.tensor([[1.0]]), torch.tensor([[2.0**-30, 0.0]]), 1.0)]
+    above = quantize_block(base, _block_terms(terms), (1, 2), ScaleRule(torch.bfloat16))
+    assert above.scales.tolist() == [[1.0 + 2.0**-7]]
+    codes, scales = _reference(_exact(base, terms), (1, 2), torch.bfloat16)
+    assert above.scales.tolist() == scales and above.codes.tolist() == codes
+
+
+def test_a_block_of_zeros_gets_the_dtypes_epsilon_and_zero_codes():
+    base = torch.zeros(4, 6, dtype=torch.bfloat16)
+    base[:2, 3:] = 3.0
+    got = quantize_block(base, [], (2, 3), ScaleRule(torch.bfloat16))
+    eps = torch.finfo(torch.bfloat16).eps  # compressed-tensors' scale for an all-zero block
+    assert got.scales.tolist() == [
+        [eps, ref_round(Fraction(3, 448), torch.bfloat16)],
+        [eps, eps],
+    ]
+    assert int(got.codes[2:].abs().sum()) == 0 and int(got.codes[:2, :3].sum()) == 0

@@ -2,8 +2,8 @@
 half an e4m3 ulp of reference / scale.
 
 Independent of kernel/fp8.py: the scale of a block is recomputed from the
-reference's amax with torch's own casts, and a code is checked by its
-distance to the reference, not re-encoded. Where the reference cannot tell
+reference's amax (rounded by the correct cast the rest of verify uses), and a
+code is checked by its distance to the reference, not re-encoded. Where the reference cannot tell
 (a quotient within a hair of a rounding boundary of the scale's dtype, or of
 the 448 limit for a kept scale) either neighbour is accepted.
 """
@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from ..io.safetensors import DTYPES
+from ..kernel.rounding import cast
 
-# The float64 reference's relative error is ~1e-15; torch's casts to 16-bit
-# dtypes round twice (through float32), which moves a result only within
-# 2^-24 of a midpoint: a window wider than both.
-WINDOW = 1e-7
+# The float64 reference's relative error is ~1e-15: a quotient within this of
+# a rounding boundary may round either way. Narrower than any scale dtype's
+# spacing, so at most two neighbours qualify.
+WINDOW = 1e-12
 E4M3_MAX = 448.0
 
 
@@ -48,7 +49,7 @@ def scale_candidates(amax: torch.Tensor, dtype: torch.dtype, pow2: bool) -> torc
         cands = torch.exp2(torch.ceil(torch.log2(ends)))
         cands = torch.where(ends > 0, cands, torch.ones_like(ends))
     else:
-        cands = ends.to(dtype).to(torch.float64)
+        cands = cast(ends, dtype).to(torch.float64)
         eps = torch.finfo(dtype).eps
         cands = torch.where(cands == 0, torch.full_like(cands, eps), cands)
     return cands
