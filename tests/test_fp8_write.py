@@ -136,6 +136,8 @@ def test_config_is_the_one_compressed_tensors_builds_for_fp8_block(merged):
     assert ours == json.loads(json.dumps(theirs))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert "model.layers.1.mlp.down_proj.weight_scale" in index["weight_map"]
+    card = (out / "README.md").read_text()
+    assert "--quantize fp8-block -o OUT" in card and "compressed-tensors FP8" in card
 
 
 def test_transformers_compressed_tensors_loader_dequantizes_to_codes_times_scales(merged):
