@@ -8,7 +8,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from shardmerge.kernel.fp8 import ScaleRule, decode_e4m3, encode_e4m3, quantize_block
+from shardmerge.kernel.fp8 import (
+    ScaleRule,
+    decode_e4m3,
+    encode_e4m3,
+    quantize_block,
+    quantize_rows,
+)
 from shardmerge.kernel.merge import BlockTerm
 
 F8 = torch.float8_e4m3fn
@@ -222,3 +228,20 @@ def test_a_block_of_zeros_gets_the_dtypes_epsilon_and_zero_codes():
         [eps, eps],
     ]
     assert int(got.codes[2:].abs().sum()) == 0 and int(got.codes[:2, :3].sum()) == 0
+
+
+def test_column_slices_give_the_same_codes_and_scales_as_one_block():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 700, generator=g) * 0.1
+    base[:, 300:400] *= 8  # these blocks outgrow the kept scales
+    base = base.to(torch.bfloat16)
+    left, right = torch.randn(40, 2, generator=g), torch.randn(2, 700, generator=g) * 0.01
+    terms = _block_terms([(left, right, 1.5)])
+    block, rule = (16, 128), ScaleRule(torch.bfloat16)
+    kept = torch.full((3, 6), 2.0**-9, dtype=torch.float64)
+    for k in (None, kept):
+        whole = quantize_block(base, terms, block, rule, k)
+        sliced = quantize_rows(base, terms, block, rule, k, max_elements=40 * 256)
+        assert torch.equal(whole.codes, sliced.codes)
+        assert torch.equal(whole.scales, sliced.scales) and torch.equal(whole.fresh, sliced.fresh)
+    assert bool(whole.fresh.any()) and not bool(whole.fresh.all())

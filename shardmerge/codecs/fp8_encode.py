@@ -19,15 +19,22 @@ from typing import ClassVar
 import torch
 
 from ..io.dtypes import DTYPES
-from ..kernel.fp8 import ScaleRule, decode_e4m3, quantize_block
+from ..kernel.fp8 import ScaleRule, decode_e4m3, quantize_rows
 from ..terms import TensorRef
 from .protocol import Loader
 
 # The block of compressed-tensors' FP8_BLOCK scheme (rows, columns of a Linear weight).
 FP8_BLOCK = (128, 128)
-# Working bytes per element of a quantized row block beyond the plain merge's:
-# float64 bounds (low, high), quotient, spread scales, codes and their masks.
-FP8_BYTES_PER_ELEMENT = 48
+# Working bytes per element of a row block written as FP8: the base rows read
+# ahead (up to float32, three buffers), the codes and those waiting to be
+# written, and the dequantized values and their difference from the base
+# (max_delta) in float64.
+FP8_BYTES_PER_ELEMENT = 36
+# The kernel works on column slices of a row block of about this many elements,
+# at most 160 bytes each (float64 value, bound, bounds, quotient, spread scale,
+# the rounding's temporaries and masks).
+SLICE_ELEMENTS = 1 << 18
+SLICE_BYTES = 160 * SLICE_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,10 @@ class Fp8BlockOut:
     def side_entries(self, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(self.scale_name, self.scale_dtype, self.scale_shape(shape))]
 
+    def state_bytes(self, shape: tuple[int, ...]) -> int:
+        """The kernel's column slice, and the scales (written and kept) in float64."""
+        return SLICE_BYTES + 16 * math.prod(self.scale_shape(shape))
+
     def encoder(self, shape: tuple[int, ...], load: Loader) -> BlockEncoder:
         return BlockEncoder(self, shape, load)
 
@@ -71,7 +82,8 @@ class BlockEncoder:
         assert row0 % bm == 0, "row blocks must start on a scale block"
         r0, r1 = row0 // bm, -(-row1 // bm)
         kept = self.kept[r0:r1] if self.kept is not None else None
-        q = quantize_block(base.reshape(row1 - row0, -1), terms, self.spec.block, self.rule, kept)
+        rows = base.reshape(row1 - row0, -1)
+        q = quantize_rows(rows, terms, self.spec.block, self.rule, kept, SLICE_ELEMENTS)
         self.scales[r0:r1] = q.scales.cpu()
         if kept is not None:
             self.fresh_blocks += int(q.fresh.sum())

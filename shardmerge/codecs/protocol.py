@@ -125,11 +125,15 @@ class OutputCodec(Protocol):
 
     @property
     def bytes_per_element(self) -> int:
-        """Working memory per element of a row block beyond the plain merge's."""
+        """Working memory per element of a row block (in place of the plain merge's)."""
         ...
 
     def row_align(self, shape: tuple[int, ...]) -> int:
         """Rows per block must be a multiple of this (whole scale blocks)."""
+        ...
+
+    def state_bytes(self, shape: tuple[int, ...]) -> int:
+        """Memory the encoder holds whatever the block size (scales, working slices)."""
         ...
 
     def side_entries(self, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:

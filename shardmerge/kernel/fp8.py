@@ -72,15 +72,6 @@ def encode_e4m3(x: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def _midpoint_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per magnitude code k (0..126): the rounding boundary below and above its value."""
-    v = e4m3_values()[:127]
-    mids = (v[:-1] + v[1:]) / 2  # exact: 5 significant bits at most
-    down = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), mids])
-    up = torch.cat([mids, torch.tensor([ROUND_LIMIT], dtype=torch.float64)])
-    return down.to(device), up.to(device)
-
-
 @dataclass(frozen=True)
 class ScaleRule:
     """How a fresh scale is made from a block's amax: its dtype, and powers of two (ue8m0)."""
@@ -160,6 +151,42 @@ def quantize_block(
         scales = torch.where(fresh, scales, kept)
     codes = _codes(acc, err, _expand(scales, block, acc.shape), exact)
     return Quantized(codes, scales, fresh)
+
+
+def quantize_rows(
+    base: torch.Tensor,
+    terms: list[BlockTerm],
+    block: tuple[int, int],
+    rule: ScaleRule,
+    kept: torch.Tensor | None = None,
+    max_elements: int = 1 << 18,
+) -> Quantized:
+    """``quantize_block`` over column slices of whole scale blocks, so that its float64
+    temporaries stay within about ``max_elements`` elements however wide the rows are."""
+    rows, cols = base.shape
+    step = max(block[1], (max_elements // max(rows, 1)) // block[1] * block[1])
+    if cols <= step:
+        return quantize_block(base, terms, block, rule, kept)
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=base.device)
+    nr, nc = -(-rows // block[0]), -(-cols // block[1])
+    scales = torch.empty((nr, nc), dtype=torch.float64, device=base.device)
+    fresh = torch.empty((nr, nc), dtype=torch.bool, device=base.device)
+    for c0 in range(0, cols, step):
+        c1, j0 = min(cols, c0 + step), c0 // block[1]
+        j1 = -(-c1 // block[1])
+        part = [column_slice(t, c0, c1) for t in terms]
+        sub_kept = kept[:, j0:j1] if kept is not None else None
+        q = quantize_block(base[:, c0:c1], part, block, rule, sub_kept)
+        codes[:, c0:c1], scales[:, j0:j1], fresh[:, j0:j1] = q.codes, q.scales, q.fresh
+    return Quantized(codes, scales, fresh)
+
+
+def column_slice(t: BlockTerm, c0: int, c1: int) -> BlockTerm:
+    """A block term restricted to columns [c0, c1) of the block."""
+    if t.right is None:
+        return BlockTerm(t.left[:, c0:c1], None, t.scale, may_underflow=t.may_underflow)
+    abssum = t.right_abssum[c0:c1] if t.right_abssum is not None else None
+    return BlockTerm(t.left, t.right[:, c0:c1], t.scale, t.left_absmax, abssum, t.may_underflow)
 
 
 def _block_max(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -251,18 +278,30 @@ def _overflowing(
 def _codes(
     acc: torch.Tensor, err: torch.Tensor | None, s: torch.Tensor, exact: _ExactValues
 ) -> torch.Tensor:
-    """Codes of value / scale per element; those within the error bound of a boundary exactly."""
+    """Codes of value / scale per element; those within the error bound of a boundary exactly.
+
+    In units of the e4m3 spacing at |q| (``ulp``), the rounding boundaries
+    around ``round(|q| / ulp)`` sit half a unit away; just above a power of
+    two the one below is a quarter unit away, which matters only when the
+    error bound reaches an eighth of a unit: such elements are in doubt too.
+    """
     q = acc / s
-    q_mag = q.abs().clamp_(max=ROUND_LIMIT)
-    codes = encode_e4m3(q_mag)
-    down, up = _midpoint_tables(acc.device)
-    k = codes.long()
-    eb = q_mag * _F64_REL
+    a = q.abs().clamp_(max=ROUND_LIMIT)
+    _, e = torch.frexp(a)
+    ulp = torch.ldexp(torch.ones_like(a), e.clamp_(min=-5).sub_(4))
+    del e
+    r = a / ulp  # exact: a power-of-two scaling
+    n = torch.round(r)  # ties to even
+    eb = a.mul(_F64_REL)
     if err is not None:
-        eb += err / s * (1 + _F64_REL)
-    doubt = (q_mag - down[k] <= eb) | (up[k] - q_mag <= eb)
+        eb.add_(err / s, alpha=1 + _F64_REL)
+    margin = r.sub_(n).abs_().neg_().add_(0.5).mul_(ulp)  # distance to the nearest boundary
+    doubt = (margin <= eb) | (eb >= ulp * 0.125)
     if err is not None:
-        doubt |= q_mag <= eb  # the sign of a value near zero
+        doubt |= a <= eb  # the sign of a value near zero
+    del margin, eb, a
+    # n * ulp is an e4m3 value (|q| is clamped to 464, which rounds to 448): exact casts.
+    codes = n.mul_(ulp).to(torch.float32).to(E4M3).view(torch.uint8)
     codes |= (q < 0).to(torch.uint8) << 7
     idx = doubt.reshape(-1).nonzero().squeeze(1)
     if idx.numel():

@@ -164,6 +164,10 @@ def tensor_working_bytes(t: TensorJob) -> int:
     if t.action == "copy":
         return 0
     quant = t.quant.state_bytes(t.shape) if t.quant else 0
+    if t.encode is not None:  # the encoder's own per-element bytes and held state
+        per_element = t.encode.bytes_per_element + (QUANT_BYTES_PER_ELEMENT if t.quant else 0)
+        held = policy.held_bytes(t.edit) + quant + t.encode.state_bytes(t.shape)
+        return t.block_rows * row_elements(t.shape) * per_element + held
     return (
         t.block_rows
         * row_elements(t.shape)
@@ -171,18 +175,10 @@ def tensor_working_bytes(t: TensorJob) -> int:
             MERGE_BYTES_PER_ELEMENT
             + policy.dora_bytes_per_element(t.edit)
             + (QUANT_BYTES_PER_ELEMENT if t.quant else 0)
-            + (t.encode.bytes_per_element if t.encode else 0)
         )
         + policy.held_bytes(t.edit)
         + quant
-        + (encode_state_bytes(t.shape) if t.encode else 0)
     )
-
-
-def encode_state_bytes(shape: tuple[int, ...]) -> int:
-    """What an encoder holds per tensor: its scales (and kept ones) in float64, about
-    one per 128 x 128 block; a generous flat allowance per 1 GiB of elements."""
-    return 16 * (math.prod(shape) // 4096 + 1)
 
 
 def encoded_block_rows(
@@ -190,19 +186,23 @@ def encoded_block_rows(
     shape: tuple[int, ...],
     edit: TensorEdit | None,
     encode: OutputCodec,
-    rows: int,
+    quant: TensorCodec | None,
     working: int,
     errors: list[ShardmergeError],
 ) -> int:
-    """Rows per block of a tensor written through ``encode``: whole scale blocks, and room
-    for the encoder's temporaries; a ResourceError if one scale block row does not fit."""
-    merge = MERGE_BYTES_PER_ELEMENT + policy.dora_bytes_per_element(edit)
+    """Rows per block of a tensor written through ``encode``: whole scale blocks within
+    the budget; a ResourceError if one row of scale blocks does not fit."""
+    per_row = row_elements(shape) * (
+        encode.bytes_per_element + (QUANT_BYTES_PER_ELEMENT if quant else 0)
+    )
+    held = policy.held_bytes(edit) + encode.state_bytes(shape)
+    held += quant.state_bytes(shape) if quant else 0
     align = encode.row_align(shape)
-    fit = rows * merge // (merge + encode.bytes_per_element)
+    fit = max(0, working - held) // max(per_row, 1)
+    fit = min(fit, max(MAX_BLOCK_BYTES // max(per_row, 1), 1))
     rows = min(matrix_rows(shape), max(align, fit - fit % align))
-    need = rows * row_elements(shape) * (merge + encode.bytes_per_element)
-    need += policy.held_bytes(edit) + encode_state_bytes(shape)
-    if rows > fit and need > working:
+    need = rows * per_row + held
+    if need > working:
         errors.append(
             ResourceError(
                 f"the memory budget is too small for tensor {name} {list(shape)} written as "

@@ -49,7 +49,7 @@ def shard_jobs(
                 rows = tensor_block_rows(t.name, shape, t.shape, edit, quant, working, errors)
             if encode is not None:
                 target = encode.dtype
-                rows = encoded_block_rows(t.name, shape, edit, encode, rows, working, errors)
+                rows = encoded_block_rows(t.name, shape, edit, encode, quant, working, errors)
             in_dtype = t.dtype
             if quant and quant.packed:  # the bytes are packed codes; t has the real shape
                 in_dtype = bnb4.storage[t.name]
