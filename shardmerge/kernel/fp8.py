@@ -41,11 +41,6 @@ ROUND_LIMIT = 464.0
 _F64_REL = 2.0**-52
 
 
-def e4m3_values() -> torch.Tensor:
-    """The value of each of the 256 codes, in float64 (NaN for 0x7F and 0xFF)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3).to(torch.float64)
-
-
 def decode_e4m3(codes: torch.Tensor) -> torch.Tensor:
     """Codes (uint8) as float64 values (exact)."""
     return codes.view(E4M3).to(torch.float64)
