@@ -359,3 +359,30 @@ def test_scales_take_the_output_dtype_and_a_job_file_names_the_options(tmp_path)
     assert (job.quantize, job.requant_scales) == ("fp8-block", "fresh")
     with pytest.raises(ShardmergeError, match="quantize.*fp8-block"):
         job_from_dict({**doc, "quantize": "fp8"}, "job.yaml")
+
+
+def test_a_scale_stored_in_another_shard_is_replaced_beside_its_weight(merged, tmp_path):
+    """What an FP8 base with a scale in another shard needs: one scale, next to its weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ada, _ = merged
+    stray = tmp_path / "base"
+    shutil.copytree(base, stray)
+    index = json.loads((stray / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    last = sorted(set(index["weight_map"].values()))[-1]
+    assert index["weight_map"]["model.layers.0.self_attn.q_proj.weight"] != last
+    tensors = load_file(stray / last)
+    tensors[name] = torch.ones(2, 2, dtype=torch.bfloat16)
+    save_file(tensors, stray / last, metadata={"format": "pt"})
+    index["weight_map"][name] = last
+    (stray / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    shardmerge.merge(stray, [ada], out, quantize="fp8-block")
+    out_index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert out_index["weight_map"][name] == out_index["weight_map"][name[: -len("_scale")]]
+    holders = [p.name for p in out.glob("*.safetensors") if name in load_file(p)]
+    assert holders == [out_index["weight_map"][name]]
+    assert shardmerge.verify(out, stray, [ada]).ok

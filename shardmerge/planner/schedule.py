@@ -32,13 +32,18 @@ def shard_jobs(
     """One job per base shard, its tensors in file order; problems go to ``errors``.
 
     ``encodes``: tensors written in a quantized format (--quantize), by name.
+    The side tensors they write (scales) replace base tensors of the same name,
+    wherever the base stores them (an FP8 base's scale in another shard).
     """
     shards: list[ShardJob] = []
     encodes = encodes or {}
+    sides = {e[0] for n, enc in encodes.items() for e in enc.side_entries(_shape(ckpt, n))}
     for shard in ckpt.shards:
         header = ckpt.headers[shard]
         jobs = []
         for t in header.tensors.values():
+            if t.name in sides:
+                continue
             target = out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
             edit = edits.get(t.name)
             quant = quant_spec(t.name, t.dtype, edit, nf4, bnb4, errors)
@@ -63,6 +68,10 @@ def shard_jobs(
                 jobs.append(_new_tensor_job(t, target, settled, working, errors))
         shards.append(ShardJob(shard, str(header.path), tuple(jobs), ()))
     return shards
+
+
+def _shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
+    return ckpt.headers[ckpt.weight_map[name]].tensors[name].shape
 
 
 def _new_tensor_job(
