@@ -140,15 +140,18 @@ def _reference(values, block, dtype, kept=None):
     return codes, scales
 
 
-def _block_terms(terms):
+def _block_terms(terms, dtype=torch.float64):
+    """Kernel terms with factors in ``dtype`` (float32: the kernel's float32 first tier)."""
     return [
-        BlockTerm(a.double(), b.double(), s, a.double().abs().amax(1), b.double().abs().sum(0))
+        BlockTerm(a.to(dtype), b.to(dtype), s, a.to(dtype).abs().amax(1), b.to(dtype).abs().sum(0))
         for a, b, s in terms
     ]
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
-def test_merged_block_matches_the_rational_reference(scale_dtype):
+@pytest.mark.parametrize(
+    "scale_dtype,factors", [(torch.bfloat16, torch.float64), (torch.float32, torch.float32)]
+)
+def test_merged_block_matches_the_rational_reference(scale_dtype, factors):
     g = torch.Generator().manual_seed(11)
     base = (torch.randn(50, 150, generator=g) * 0.05).to(torch.bfloat16)
     base[:, 140:] = 0  # a column block with small values only
@@ -156,20 +159,21 @@ def test_merged_block_matches_the_rational_reference(scale_dtype):
     right = (torch.randn(3, 150, generator=g) * 0.01).to(torch.bfloat16)
     terms = [(left, right, 0.5)]
     block = (24, 64)
-    got = quantize_block(base, _block_terms(terms), block, ScaleRule(scale_dtype))
+    got = quantize_block(base, _block_terms(terms, factors), block, ScaleRule(scale_dtype))
     codes, scales = _reference(_exact(base, terms), block, scale_dtype)
     assert got.scales.tolist() == scales
     assert got.codes.tolist() == codes
     assert bool(got.fresh.all())
 
 
-def test_ties_and_near_ties_of_value_over_scale():
+@pytest.mark.parametrize("factors", [torch.float64, torch.float32])
+def test_ties_and_near_ties_of_value_over_scale(factors):
     # amax 448 makes the scale exactly 1; 1.0625 lies halfway between e4m3 1.0 and 1.125.
     base = torch.tensor([[448.0, 1.0625, -1.1875, 1.0625, 0.0]], dtype=torch.bfloat16)
     left = torch.tensor([[1.0]])
     right = torch.tensor([[0.0, 0.0, 0.0, 2.0**-40, -(2.0**-40)]], dtype=torch.float32)
     terms = [(left, right, 1.0)]
-    got = quantize_block(base, _block_terms(terms), (128, 128), ScaleRule(torch.bfloat16))
+    got = quantize_block(base, _block_terms(terms, factors), (128, 128), ScaleRule(torch.bfloat16))
     codes, _ = _reference(_exact(base, terms), (128, 128), torch.bfloat16)
     assert got.codes.tolist() == codes
     values = decode_e4m3(got.codes)[0].tolist()

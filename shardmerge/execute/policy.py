@@ -215,6 +215,10 @@ def _accumulation(
 ) -> torch.dtype:
     """The first tier's accumulator: float32 where every input and the output allow it."""
     out_dtype = DTYPES[t.out_dtype]
+    if t.encode is not None:
+        # FP8 codes keep 4 bits: a float32 first tier settles them as it does 16-bit
+        # outputs (kernel/fp8.py bounds it), given inputs of at most 32 bits.
+        out_dtype = torch.bfloat16
     in_dtype = replacement.dtype if replacement else t.in_dtype
     if t.quant is not None:
         in_dtype = t.quant.dtype  # packed codes decode to this
@@ -230,8 +234,6 @@ def _accumulation(
         acc = torch.float64
     if any(term.magnitude is not None for term in terms):
         acc = torch.float64  # dora.py works in float64 with its own error bounds
-    if t.encode is not None:
-        acc = torch.float64  # kernel/fp8.py bounds a float64 accumulator
     return acc
 
 

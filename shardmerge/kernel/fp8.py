@@ -6,7 +6,9 @@ through float32 and rounds twice, so the codes are made here from float64
 bits (``encode_e4m3``: exact for exactly known inputs).
 
 A row block is quantized in the three tiers of merge.py: the block's value in
-a float64 accumulator with a rigorous error bound (merge.accumulate); codes
+a wide accumulator (float32 for inputs of at most 32 bits, as the policy
+loads the factors; float64 otherwise) with a rigorous error bound
+(merge.accumulate); codes
 and scales the bound cannot move are settled at once; the few elements within
 the bound of a decision boundary (an e4m3 midpoint, zero, the 448 limit, a
 rounding boundary of the scale) are recomputed exactly (exact.py: float64
@@ -37,8 +39,10 @@ E4M3_MAX = 448.0
 # Half-way from 448 to the next value e4m3's exponent would reach (480): a
 # quotient in (448, 464] rounds to 448 (464 is a tie, and 448's code is even).
 ROUND_LIMIT = 464.0
-# Relative rounding error of one float64 operation, doubled for safety.
-_F64_REL = 2.0**-52
+# Per accumulator: the relative rounding error of one operation, doubled for
+# safety, and an absolute one covering results in its subnormal range.
+_ROUNDING = {torch.float32: (2.0**-23, 2.0**-140), torch.float64: (2.0**-52, 2.0**-1060)}
+_NARROW = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def decode_e4m3(codes: torch.Tensor) -> torch.Tensor:
@@ -126,16 +130,19 @@ def quantize_block(
     ``kept``: the base's scales of these rows (float64), kept where no value
     exceeds 448 times them; None makes every scale fresh.
     """
-    acc, err = accumulate(base, terms, torch.float64)
+    acc_dtype = _accumulator(base, terms)
+    rel, tiny = _ROUNDING[acc_dtype]
+    acc, err = accumulate(base, terms, acc_dtype)
     exact = _ExactValues(base.reshape(-1), terms, acc.shape[1])
     mag = acc.abs()
     if err is None:
         lo = hi = mag
-    else:
-        lo = (mag - err).clamp_(min=0).mul_(1 - _F64_REL)
-        hi = (mag + err).mul_(1 + _F64_REL)
+    else:  # widened by the rounding of these two operations
+        lo = (mag - err).clamp_(min=0).mul_(1 - rel)
+        hi = (mag + err).mul_(1 + rel)
     lo_max, hi_max = _block_max(lo, block), _block_max(hi, block)
     amax = _BlockAmax(exact, hi, lo_max, block)
+    lo_max, hi_max = lo_max.double(), hi_max.double()
     if kept is None:
         fresh = torch.ones_like(lo_max, dtype=torch.bool)
         scales = _fresh_scales(lo_max, hi_max, rule, amax, fresh)
@@ -144,7 +151,8 @@ def quantize_block(
         fresh = _overflowing(lo_max, hi_max, kept, amax)
         scales = _fresh_scales(lo_max, hi_max, rule, amax, fresh)
         scales = torch.where(fresh, scales, kept)
-    codes = _codes(acc, err, _expand(scales, block, acc.shape), exact)
+    s_full = _expand(scales.to(acc_dtype), block, acc.shape)  # exact: values of the scale dtype
+    codes = _codes(acc, err, s_full, exact, rel, tiny)
     return Quantized(codes, scales, fresh)
 
 
@@ -184,6 +192,14 @@ def column_slice(t: BlockTerm, c0: int, c1: int) -> BlockTerm:
     return BlockTerm(t.left, t.right[:, c0:c1], t.scale, t.left_absmax, abssum, t.may_underflow)
 
 
+def _accumulator(base: torch.Tensor, terms: list[BlockTerm]) -> torch.dtype:
+    """The first tier's dtype: the terms' (the policy loads factors in it), else float32
+    for a base of at most 32 bits (exact there), else float64."""
+    if terms:
+        return terms[0].left.dtype
+    return torch.float32 if base.dtype in _NARROW else torch.float64
+
+
 def _block_max(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Max of non-negative ``x`` over each block (edge blocks partial)."""
     bm, bn = block
@@ -208,6 +224,27 @@ class _ExactValues:
     def float64(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Values summed in float64 and where that sum is exact."""
         return values_in_float64(self.flat_base, self.terms, idx, idx // self.cols, idx % self.cols)
+
+    def float64_bounded(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values recomputed in float64 and a rigorous bound on their error."""
+        rows_i, cols_j = idx // self.cols, idx % self.cols
+        acc = self.flat_base[idx].to(torch.float64, copy=True)
+        bound = acc.abs()
+        rank = 1
+        for t in self.terms:
+            if t.right is None:
+                v = t.left.reshape(-1)[idx].double()
+                acc.add_(v, alpha=t.scale)
+                bound.add_(v.abs(), alpha=abs(t.scale))
+            else:
+                lft, rgt = t.left[rows_i].double(), t.right[:, cols_j].double().T
+                acc.add_((lft * rgt).sum(1), alpha=t.scale)
+                bound.add_((lft.abs() * rgt.abs()).sum(1), alpha=abs(t.scale))
+                rank = max(rank, lft.shape[1])
+        # As merge.py's tolerance: any order of the r products, the scalings and
+        # the additions stays within (r + n + 2) unit roundoffs, twice for safety.
+        tol = 2.0 * (rank + len(self.terms) + 2) * 2.0**-53
+        return acc, bound.mul_(tol).add_(tol * 2.0**-1020)
 
     def fractions(self, idx: torch.Tensor) -> list[Fraction]:
         total, ok = self.float64(idx)
@@ -271,14 +308,42 @@ def _overflowing(
 
 
 def _codes(
-    acc: torch.Tensor, err: torch.Tensor | None, s: torch.Tensor, exact: _ExactValues
+    acc: torch.Tensor,
+    err: torch.Tensor | None,
+    s: torch.Tensor,
+    exact: _ExactValues,
+    rel: float,
+    tiny: float,
 ) -> torch.Tensor:
-    """Codes of value / scale per element; those within the error bound of a boundary exactly.
+    """Codes of value / scale per element: settled from the accumulator where its bound
+    allows, the rest recomputed in float64 (when acc is narrower), then exactly."""
+    codes, doubt = _bounded_codes(acc, err, s, rel, tiny)
+    idx = doubt.reshape(-1).nonzero().squeeze(1)
+    if not idx.numel():
+        return codes
+    s64 = s.reshape(-1)[idx].double()
+    if acc.dtype != torch.float64:
+        acc64, err64 = exact.float64_bounded(idx)
+        sub, still = _bounded_codes(acc64, err64, s64, *_ROUNDING[torch.float64])
+        left = still.nonzero().squeeze(1)
+        if left.numel():
+            sub[left] = _settle_codes(idx[left], s64[left], exact)
+    else:
+        sub = _settle_codes(idx, s64, exact)
+    codes.reshape(-1)[idx] = sub
+    return codes
+
+
+def _bounded_codes(
+    acc: torch.Tensor, err: torch.Tensor | None, s: torch.Tensor, rel: float, tiny: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of acc / s, and where the error bound ``err`` of acc leaves them in doubt.
 
     In units of the e4m3 spacing at |q| (``ulp``), the rounding boundaries
     around ``round(|q| / ulp)`` sit half a unit away; just above a power of
     two the one below is a quarter unit away, which matters only when the
     error bound reaches an eighth of a unit: such elements are in doubt too.
+    ``rel`` and ``tiny`` bound the rounding of one operation in acc's dtype.
     """
     q = acc / s
     a = q.abs().clamp_(max=ROUND_LIMIT)
@@ -287,9 +352,9 @@ def _codes(
     del e
     r = a / ulp  # exact: a power-of-two scaling
     n = torch.round(r)  # ties to even
-    eb = a.mul(_F64_REL)
+    eb = a * rel + tiny
     if err is not None:
-        eb.add_(err / s, alpha=1 + _F64_REL)
+        eb.add_(err / s, alpha=1 + rel)
     margin = r.sub_(n).abs_().neg_().add_(0.5).mul_(ulp)  # distance to the nearest boundary
     doubt = (margin <= eb) | (eb >= ulp * 0.125)
     if err is not None:
@@ -298,10 +363,7 @@ def _codes(
     # n * ulp is an e4m3 value (|q| is clamped to 464, which rounds to 448): exact casts.
     codes = n.mul_(ulp).to(torch.float32).to(E4M3).view(torch.uint8)
     codes |= (q < 0).to(torch.uint8) << 7
-    idx = doubt.reshape(-1).nonzero().squeeze(1)
-    if idx.numel():
-        codes.reshape(-1)[idx] = _settle_codes(idx, s.reshape(-1)[idx], exact)
-    return codes
+    return codes, doubt
 
 
 def _settle_codes(idx: torch.Tensor, s: torch.Tensor, exact: _ExactValues) -> torch.Tensor:
