@@ -184,7 +184,8 @@ def test_ties_and_near_ties_of_value_over_scale(factors):
     assert naive[3] == 1.0
 
 
-def test_kept_scales_stay_unless_a_block_would_exceed_448():
+@pytest.mark.parametrize("factors", [torch.float64, torch.float32])
+def test_kept_scales_stay_unless_a_block_would_exceed_448(factors):
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(40, 160, generator=g)).to(torch.bfloat16)
     left = torch.zeros(40, 1)
@@ -194,7 +195,7 @@ def test_kept_scales_stay_unless_a_block_would_exceed_448():
     terms = [(left, right, 1.0)]
     block = (20, 128)
     kept = torch.full((2, 2), 2.0**-5, dtype=torch.float64)  # 448 / 32 = 14: room for |v| <= 14
-    got = quantize_block(base, _block_terms(terms), block, ScaleRule(torch.float32), kept)
+    got = quantize_block(base, _block_terms(terms, factors), block, ScaleRule(torch.float32), kept)
     assert got.fresh.tolist() == [[False, False], [False, True]]
     codes, scales = _reference(_exact(base, terms), block, torch.float32, kept.tolist())
     assert got.scales.tolist() == scales

@@ -261,17 +261,28 @@ class _ExactValues:
 
 
 class _BlockAmax:
-    """The exact max |value| of one block, from its candidates only."""
+    """The max |value| of one block from its candidates only: bounds in float64, or exact."""
 
     def __init__(self, exact: _ExactValues, hi: torch.Tensor, lo_max: torch.Tensor, block):
         self.exact, self.hi, self.lo_max, self.block = exact, hi, lo_max, block
 
-    def __call__(self, i: int, j: int) -> Fraction:
+    def _candidates(self, i: int, j: int) -> torch.Tensor:
         bm, bn = self.block
         window = self.hi[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn]
         r, c = (window >= self.lo_max[i, j]).nonzero(as_tuple=True)
-        idx = (r + i * bm) * self.hi.shape[1] + (c + j * bn)
-        return max((abs(v) for v in self.exact.fractions(idx)), default=Fraction(0))
+        return (r + i * bm) * self.hi.shape[1] + (c + j * bn)
+
+    def bounds(self, i: int, j: int) -> tuple[float, float]:
+        """Bounds on the block's amax from a float64 recomputation of its candidates."""
+        acc, err = self.exact.float64_bounded(self._candidates(i, j))
+        mag = acc.abs()
+        rel = _ROUNDING[torch.float64][0]
+        lo = float(((mag - err).clamp(min=0) * (1 - rel)).max())
+        return lo, float(((mag + err) * (1 + rel)).max())
+
+    def __call__(self, i: int, j: int) -> Fraction:
+        values = self.exact.fractions(self._candidates(i, j))
+        return max((abs(v) for v in values), default=Fraction(0))
 
 
 def _fresh_scales(
@@ -281,18 +292,30 @@ def _fresh_scales(
     amax: _BlockAmax,
     which: torch.Tensor,
 ) -> torch.Tensor:
-    """Fresh scales of the blocks ``which``; settled from the bounds, else exactly."""
-    q_lo = torch.nextafter(lo_max / E4M3_MAX, torch.zeros_like(lo_max))
-    q_hi = torch.nextafter(hi_max / E4M3_MAX, torch.full_like(hi_max, math.inf))
-    s_lo, s_hi = rule.round(q_lo), rule.round(q_hi)
+    """Fresh scales of the blocks ``which``; settled from the bounds (the first tier's,
+    then float64's), else exactly."""
+    s_lo, s_hi = _scale_range(lo_max, hi_max, rule)
     scales = torch.where(hi_max == 0, torch.full_like(s_lo, rule.zero), s_lo)
     scales = torch.where((s_lo == 0) & (hi_max > 0), torch.full_like(s_lo, rule.zero), scales)
     doubt = which & (s_lo != s_hi) & (hi_max > 0)
     # Both ends rounding to zero: the exact scale rounds to zero too (eps then).
     doubt &= ~((s_hi == 0) & (s_lo == 0))
     for i, j in doubt.nonzero().tolist():
-        scales[i, j] = rule.exact(amax(i, j))
+        lo, hi = amax.bounds(i, j)
+        a, b = _scale_range(torch.tensor([lo]), torch.tensor([hi]), rule)
+        settled = bool(a == b) and float(a) != 0
+        scales[i, j] = float(a) if settled else rule.exact(amax(i, j))
     return scales
+
+
+def _scale_range(
+    lo_max: torch.Tensor, hi_max: torch.Tensor, rule: ScaleRule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales of the lowest and highest amax the bounds allow (float64)."""
+    lo_max, hi_max = lo_max.double(), hi_max.double()
+    q_lo = torch.nextafter(lo_max / E4M3_MAX, torch.zeros_like(lo_max))
+    q_hi = torch.nextafter(hi_max / E4M3_MAX, torch.full_like(hi_max, math.inf))
+    return rule.round(q_lo), rule.round(q_hi)
 
 
 def _overflowing(
@@ -303,7 +326,12 @@ def _overflowing(
     over = lo_max > limit
     unsure = ~over & (hi_max > limit)
     for i, j in unsure.nonzero().tolist():
-        over[i, j] = amax(i, j) > Fraction(float(limit[i, j]))
+        lo, hi = amax.bounds(i, j)
+        cap = float(limit[i, j])
+        if lo > cap or hi <= cap:
+            over[i, j] = lo > cap
+        else:
+            over[i, j] = amax(i, j) > Fraction(cap)
     return over
 
 
