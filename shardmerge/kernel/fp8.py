@@ -302,7 +302,7 @@ def _fresh_scales(
     doubt &= ~((s_hi == 0) & (s_lo == 0))
     for i, j in doubt.nonzero().tolist():
         lo, hi = amax.bounds(i, j)
-        a, b = _scale_range(torch.tensor([lo]), torch.tensor([hi]), rule)
+        a, b = _scale_range(*torch.tensor([[lo], [hi]], dtype=torch.float64), rule)
         settled = bool(a == b) and float(a) != 0
         scales[i, j] = float(a) if settled else rule.exact(amax(i, j))
     return scales
