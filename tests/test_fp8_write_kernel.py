@@ -250,3 +250,16 @@ def test_column_slices_give_the_same_codes_and_scales_as_one_block():
         assert torch.equal(whole.codes, sliced.codes)
         assert torch.equal(whole.scales, sliced.scales) and torch.equal(whole.fresh, sliced.fresh)
     assert bool(whole.fresh.any()) and not bool(whole.fresh.all())
+
+
+def test_float32_scales_from_full_precision_inputs_match_the_reference():
+    # 24-bit values and factors: the amax is not a float32, and float32 scales are
+    # finer than a float32 bound: the float64 bounds (or rationals) decide.
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(32, 512, generator=g)
+    terms = [(torch.randn(32, 2, generator=g), torch.randn(2, 512, generator=g) * 0.01, 0.75)]
+    block = (4, 32)
+    got = quantize_block(base, _block_terms(terms, torch.float32), block, ScaleRule(torch.float32))
+    codes, scales = _reference(_exact(base, terms), block, torch.float32)
+    assert got.scales.tolist() == scales
+    assert got.codes.tolist() == codes
