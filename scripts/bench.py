@@ -1212,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peft", action="store_true", help="also time transformers + PEFT")
     ap.add_argument("--peft-cgroup", action="store_true", help="also run PEFT under --limit")
     ap.add_argument("--max-memory", default=None, help="--max-memory for the timed merges")
+    ap.add_argument("--quantize", default=None, help="--quantize for the timed merges (fp8-block)")
     ap.add_argument("--workers", type=int, default=None, help="--workers, if shardmerge has it")
     ap.add_argument(
         "--no-drop-caches", action="store_true", help="do not drop the page cache between runs"
@@ -1279,6 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--qlora-base", "nf4"]
     if args.max_memory:
         flags += ["--max-memory", args.max_memory]
+    if args.quantize:
+        flags += ["--quantize", args.quantize]
     if args.workers is not None:
         if merge_supports("--workers", args.python):
             flags += ["--workers", str(args.workers)]

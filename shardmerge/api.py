@@ -102,6 +102,8 @@ def plan(
     offline: bool | None = None,
     qlora_base: str = "none",
     allow_nonfinite: bool = False,
+    quantize: str = "none",
+    requant_scales: str = "kept",
 ) -> MergePlan:
     """Check a merge and return its schedule without writing anything.
 
@@ -126,6 +128,8 @@ def plan(
         offline=offline,
         qlora_base=qlora_base,
         allow_nonfinite=allow_nonfinite,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )
     return plan_options(options)
 
@@ -172,6 +176,8 @@ def merge(
     allow_nonfinite: bool = False,
     executor: str = "local",
     ray_address: str = "auto",
+    quantize: str = "none",
+    requant_scales: str = "kept",
 ) -> MergeResult:
     """Merge PEFT adapters (LoRA, DoRA, LoHa, LoKr, IA3, ...) into a base model folder, writing a new one.
 
@@ -191,9 +197,11 @@ def merge(
     by the merge (an overflow of the output dtype), is refused unless
     ``allow_nonfinite``. ``MergeResult.survival`` says how much of the
     adapters' change each touched tensor kept after rounding.
-    folder is dequantized in any case. ``executor="ray"`` runs the shard jobs as
+    ``executor="ray"`` runs the shard jobs as
     tasks on the Ray cluster at ``ray_address`` (inputs and OUT on storage every
-    node sees).
+    node sees). ``quantize="fp8-block"`` writes
+    compressed-tensors FP8 (128x128 weight blocks); ``requant_scales`` ("kept"
+    or "fresh") says which scales requantized FP8 blocks get.
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP
@@ -218,6 +226,8 @@ def merge(
         allow_nonfinite=allow_nonfinite,
         executor=executor,
         ray_address=ray_address,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )
     check_not_locked(options)
     return _execute_plans(
@@ -391,6 +401,8 @@ def verify(
     dtype: str | None = None,
     max_memory: int | str | None = None,
     offline: bool | None = None,
+    quantize: str | None = None,
+    requant_scales: str | None = None,
 ) -> VerifyReport:
     """Check every tensor of a merged model folder against base + adapters.
 
@@ -409,4 +421,6 @@ def verify(
         weights=weights,
         dtype=dtype,
         max_memory=max_memory,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )

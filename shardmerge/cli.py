@@ -81,14 +81,14 @@ def main() -> None:
 COMMAND_FLAGS = {
     "merge": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
-        "overwrite", "resume", "workers", "separate", "qlora_base", "allow_nonfinite",
-        "verify", "executor", "ray_address",
+        "overwrite", "resume", "workers", "separate", "qlora_base", "quantize",
+        "requant_scales", "allow_nonfinite", "verify", "executor", "ray_address",
     ),
     "plan": (
         "out", "offline", "weights", "dtype", "device", "max_memory",
-        "workers", "overwrite", "qlora_base", "allow_nonfinite",
+        "workers", "overwrite", "qlora_base", "quantize", "requant_scales", "allow_nonfinite",
     ),
-    "verify": ("weights", "dtype", "max_memory", "offline"),
+    "verify": ("weights", "dtype", "quantize", "requant_scales", "max_memory", "offline"),
 }  # fmt: skip
 
 
@@ -150,6 +150,8 @@ def merge(base, adapters, quiet, report_path, as_json, **flags) -> None:
         "allow_nonfinite": flags["allow_nonfinite"],
         "executor": flags["executor"],
         "ray_address": flags["ray_address"],
+        "quantize": flags["quantize"],
+        "requant_scales": flags["requant_scales"],
     }
     # Checked like a job file's fields, so flags and job files give the same messages.
     _run_job(job_from_dict(doc, COMMAND_LINE), quiet, report_path, as_json)
@@ -272,7 +274,9 @@ def _merge_summary(result) -> str:
 )
 @option_flags("verify")
 @_friendly
-def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
+def verify(
+    out, base, adapters, weights, dtype, quantize, requant_scales, max_memory, offline
+) -> None:
     """Check every tensor of OUT against BASE + adapters: merged ones against the formula
     (correct rounding), untouched ones byte for byte; plus index, shapes and dtypes."""
     from .api import verify as api_verify
@@ -285,6 +289,8 @@ def verify(out, base, adapters, weights, dtype, max_memory, offline) -> None:
         dtype=dtype,
         max_memory=max_memory,
         offline=True if offline else None,
+        quantize=quantize,
+        requant_scales=requant_scales,
     )
     click.echo(report.summary())
     if not report.ok:
@@ -416,6 +422,11 @@ def format_plan(d: dict, *, has_out: bool) -> str:
         }[d["qlora_base"]]
         lines.append(
             f"quantized base: {count(d['quantized_tensors'], 'tensor')} {how} before merging"
+        )
+    for method, e in d.get("encoded_outputs", {}).items():
+        lines.append(
+            f"{method} output: {count(e['tensors'], 'tensor')} as e4m3 codes with block scales "
+            f"({e['fresh_scales']} with fresh scales, {e['kept_scales']} keeping the base's)"
         )
     if d["resumable_shards"]:
         lines.append(f"resumes: {count(len(d['resumable_shards']), 'shard')} already done")

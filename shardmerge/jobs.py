@@ -21,6 +21,8 @@ A job file looks like this (every key but base, adapters and output is optional)
     allow_nonfinite: false                # true: merge NaN/Inf instead of refusing them
     executor: local                       # local | ray (shard jobs as tasks on a Ray cluster)
     ray_address: auto                     # with executor ray: host:port, ray://host:port or auto
+    quantize: none                        # none | fp8-block (compressed-tensors FP8 output)
+    requant_scales: kept                  # kept | fresh (scales of requantized FP8 blocks)
 
 Relative paths in a job file are relative to the file's folder.
 """

@@ -24,6 +24,12 @@ TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F6
 QLORA_BASE_CHOICES = ("none", "nf4")
 # Where shard jobs run: worker processes here, or tasks on a Ray cluster (execute/ray_executor.py).
 EXECUTOR_CHOICES = ("local", "ray")
+# --quantize: none keeps each tensor's format; fp8-block writes compressed-tensors FP8,
+# 128x128 weight blocks (llm-compressor's FP8_BLOCK), from a 16-bit base.
+QUANTIZE_CHOICES = ("none", "fp8-block")
+# --requant-scales: the scales of requantized FP8 blocks: the base's kept (a block that
+# would exceed 448 gets a fresh one) or every touched block's fresh (amax / 448).
+REQUANT_SCALES_CHOICES = ("kept", "fresh")
 # Asked for often; refused with the reason (see the README).
 REFUSED_CHOICES = {
     "nf4-dq": "double quantization stores each block's absmax as 8 bits around a float32 mean "
@@ -76,6 +82,13 @@ def _qlora_problem(value: str) -> str | None:
     if value in REFUSED_CHOICES:
         check_qlora_choice(value)  # refused with the reason
     return f"must be one of {', '.join(QLORA_BASE_CHOICES)}, not {value!r}"
+
+
+def _choice_problem(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def problem(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
+
+    return problem
 
 
 def _workers_problem(value: int) -> str | None:
@@ -241,6 +254,41 @@ OPTIONS: Mapping[str, Option] = _table(
         _qlora_problem,
     ),
     Option(
+        "quantize",
+        str,
+        "none",
+        ("--quantize",),
+        {"choices": QUANTIZE_CHOICES, "default": "none", "help": "As for merge."},
+        {
+            "merge": {
+                "show_default": True,
+                "help": "fp8-block: write the merged model as compressed-tensors FP8 with "
+                "128x128 weight blocks (the decoder layers' Linear weights), vLLM-ready.",
+            },
+            "verify": {"default": None, "help": "The merge's --quantize (default: as recorded)."},
+        },
+        _choice_problem(QUANTIZE_CHOICES),
+    ),
+    Option(
+        "requant_scales",
+        str,
+        "kept",
+        ("--requant-scales",),
+        {"choices": REQUANT_SCALES_CHOICES, "default": "kept", "help": "As for merge."},
+        {
+            "merge": {
+                "show_default": True,
+                "help": "Scales of requantized FP8 blocks: kept from the base (a block that would "
+                "exceed 448 gets a fresh one) or fresh (amax / 448 for every touched block).",
+            },
+            "verify": {
+                "default": None,
+                "help": "The merge's --requant-scales (default: as recorded).",
+            },
+        },
+        _choice_problem(REQUANT_SCALES_CHOICES),
+    ),
+    Option(
         "allow_nonfinite",
         bool,
         False,
@@ -264,7 +312,15 @@ OPTIONS: Mapping[str, Option] = _table(
 )
 JOB_OPTIONS = tuple(o for o in OPTIONS.values() if o.kind is not None)
 # Job-file value checks run after every type check, in this order (that of their messages).
-CHECKED_FIELDS = ("dtype", "qlora_base", "workers", "executor", "ray_address")
+CHECKED_FIELDS = (
+    "dtype",
+    "qlora_base",
+    "quantize",
+    "requant_scales",
+    "workers",
+    "executor",
+    "ray_address",
+)
 
 
 @dataclass(frozen=True)
@@ -296,6 +352,8 @@ class MergeOptions:
     verify: bool = False
     offline: bool | None = None  # Hub ids: None follows HF_HUB_OFFLINE
     qlora_base: str = "none"  # "nf4": the base weights as a QLoRA run saw them (quant.py)
+    quantize: str = "none"  # "fp8-block": compressed-tensors FP8 output
+    requant_scales: str = "kept"  # FP8 outputs: the base's scales kept, or fresh ones
     allow_nonfinite: bool = False  # NaN/Inf in adapters or made by the merge: write, not refuse
     executor: str = "local"  # "ray": shard jobs as tasks on a Ray cluster
     ray_address: str = "auto"  # the Ray cluster (executor "ray" only)
@@ -392,6 +450,22 @@ def check_merge_args(options: MergeOptions) -> None:
         raise InputError(
             f"unknown executor {options.executor!r}; use one of {', '.join(EXECUTOR_CHOICES)}."
         )
+    for name, value, choices in (
+        ("--quantize", options.quantize, QUANTIZE_CHOICES),
+        ("--requant-scales", options.requant_scales, REQUANT_SCALES_CHOICES),
+    ):
+        if value not in choices:
+            raise InputError(f"unknown {name} {value!r}; use one of {', '.join(choices)}.")
+
+
+def output_formats(options: MergeOptions) -> dict[str, str]:
+    """--quantize and --requant-scales where not at their defaults (fingerprint, provenance)."""
+    formats = {}
+    if options.quantize != OPTIONS["quantize"].default:
+        formats["quantize"] = options.quantize
+    if options.requant_scales != OPTIONS["requant_scales"].default:
+        formats["requant_scales"] = options.requant_scales
+    return formats
 
 
 def resolve_inputs(

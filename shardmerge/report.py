@@ -42,7 +42,12 @@ def equivalent_command(plan) -> str:
     dtype = json.loads(plan.provenance).get("dtype", "auto") if plan.provenance else "auto"
     words = ["shardmerge", "merge", _name(plan.base)] + [_name(a.path) for a in plan.adapters]
     words += ["--weights", ",".join(_fmt_weight(a.weight) for a in plan.adapters)]
-    words += ["--dtype", dtype, "-o", "OUT"]
+    words += ["--dtype", dtype]
+    record = json.loads(plan.provenance) if plan.provenance else {}
+    for key in ("quantize", "requant_scales"):  # recorded only when not at their defaults
+        if key in record:
+            words += ["--" + key.replace("_", "-"), record[key]]
+    words += ["-o", "OUT"]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -85,6 +90,7 @@ def model_card(plan) -> str:
         "",
         f"- output dtype: `{dtype}`"
         + (" (each tensor keeps its dtype)" if dtype == "auto" else ""),
+        *_quantized_lines(plan),
         "- adapter modules merged: "
         + (", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())) or "none"),
         f"- shardmerge version: {__version__}",
@@ -97,6 +103,18 @@ def model_card(plan) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _quantized_lines(plan) -> list[str]:
+    """The model card's line on an FP8 output (none otherwise)."""
+    record = json.loads(plan.provenance) if plan.provenance else {}
+    if record.get("quantize") != "fp8-block":
+        return []
+    return [
+        "- stored as compressed-tensors FP8 (`--quantize fp8-block`): the decoder layers' Linear "
+        "weights as float8_e4m3fn codes with one scale per 128x128 block, each code the "
+        "correctly rounded value of the exact merged weight over its scale"
+    ]
 
 
 def peak_memory_bytes() -> int:

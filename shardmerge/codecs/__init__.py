@@ -42,9 +42,14 @@ tests:
    stops being refused (detect.py ``METHOD_NAMES``).
 
 Nothing else changes: the planner sizes row blocks from the codec, the
-pipeline and verify decode through it. Codecs only read today; writing a
-quantized output would add an ``encode`` (values in, stored rows out) to
-``TensorCodec`` and an output-side registry, leaving decoding as it is.
+pipeline and verify decode through it.
+
+Outputs stored in a quantized format have the ``encode`` side
+(``OutputCodec``, protocol.py): a spec a tensor job carries as ``encode``
+(the stored dtype, row alignment, working bytes, the side tensors such as
+scales written after it) whose ``encoder`` turns each row block's exact value
+(base rows plus the kernel's block terms) into stored rows.
+``Fp8BlockOut`` (fp8_encode.py) writes e4m3 codes with block scales.
 """
 
 from __future__ import annotations
@@ -56,9 +61,10 @@ from .bnb4_folder import BNB4_FOLDER
 from .ct_fp8 import CT_FP8_FOLDER
 from .detect import find_format
 from .fp8 import Fp8Codec
+from .fp8_encode import FP8_BLOCK, Fp8BlockOut, compressed_tensors_config
 from .fp8_folder import FP8_FOLDER
 from .nf4 import nf4_roundtrip
-from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
+from .protocol import BaseFormat, OutputCodec, RowDecoder, RowEncoder, StoredBase, TensorCodec
 from .qlora import Nf4Roundtrip, nf4_targets
 from .view import decoded_view
 
@@ -73,11 +79,16 @@ __all__ = [
     "BaseFormat",
     "Bnb4Codec",
     "Fp8Codec",
+    "FP8_BLOCK",
+    "Fp8BlockOut",
     "Nf4Roundtrip",
+    "OutputCodec",
     "RowDecoder",
+    "RowEncoder",
     "StoredBase",
     "TensorCodec",
     "base_format",
+    "compressed_tensors_config",
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",

@@ -96,3 +96,50 @@ class BaseFormat(Protocol):
     def open(self, ckpt: Checkpoint) -> StoredBase:
         """Check every coded tensor; raise on the first problem."""
         ...
+
+
+class RowEncoder(Protocol):
+    """Stored output rows of one tensor, from its exact value (base rows plus block terms)."""
+
+    def __call__(self, base: torch.Tensor, terms: list, row0: int, row1: int) -> torch.Tensor:
+        """Rows [row0, row1) as stored bytes; ``terms`` are the kernel's BlockTerms."""
+        ...
+
+    def values(self, stored: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
+        """What rows [row0, row1) of stored bytes decode to (float64)."""
+        ...
+
+    def side_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Tensors written after the last row (scales), by output name."""
+        ...
+
+
+class OutputCodec(Protocol):
+    """How one output tensor is stored when not as plain values: the ``encode`` side.
+
+    A frozen, picklable value carried by a tensor job, like TensorCodec.
+    """
+
+    method: str  # e.g. "fp8-block"
+    dtype: str  # safetensors dtype of the stored tensor
+
+    @property
+    def bytes_per_element(self) -> int:
+        """Working memory per element of a row block (in place of the plain merge's)."""
+        ...
+
+    def row_align(self, shape: tuple[int, ...]) -> int:
+        """Rows per block must be a multiple of this (whole scale blocks)."""
+        ...
+
+    def state_bytes(self, shape: tuple[int, ...]) -> int:
+        """Memory the encoder holds whatever the block size (scales, working slices)."""
+        ...
+
+    def side_entries(self, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, safetensors dtype, shape) of the tensors written after this one."""
+        ...
+
+    def encoder(self, shape: tuple[int, ...], load: Loader) -> RowEncoder:
+        """The row encoder of a tensor of ``shape``; ``load`` reads kept scales."""
+        ...

@@ -10,8 +10,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..codecs import TensorCodec
-from ..io.safetensors import ITEMSIZE, OutEntry, encode_header, matrix_rows
+from ..codecs import OutputCodec, TensorCodec
+from ..io.safetensors import OutEntry, encode_header, matrix_rows
 from ..terms import TensorEdit
 
 
@@ -34,13 +34,16 @@ class TensorJob:
     # does not store (an untied lm_head; embeddings.py). Such a tensor is never
     # read from the base.
     base_shape: tuple[int, ...] | None = None
+    # How the output is stored when not as plain values (FP8 codes and block scales).
+    encode: OutputCodec | None = None
 
     @property
     def action(self) -> str:
         if self.edit is not None:
             worked = self.edit.terms or self.edit.scaling or self.edit.token_rows
             return "merge" if worked else "replace"
-        return "copy" if self.in_dtype == self.out_dtype and not self.quant else "convert"
+        plain = self.in_dtype == self.out_dtype and not self.quant and not self.encode
+        return "copy" if plain else "convert"
 
     @property
     def rows(self) -> int:
@@ -48,11 +51,14 @@ class TensorJob:
         return matrix_rows(self.shape)
 
     @property
+    def out_entries(self) -> list[OutEntry]:
+        """The tensors this job writes: itself, then its side tensors (scales)."""
+        sides = self.encode.side_entries(self.shape) if self.encode else []
+        return [OutEntry(self.name, self.out_dtype, self.shape)] + [OutEntry(*e) for e in sides]
+
+    @property
     def out_bytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * ITEMSIZE[self.out_dtype]
+        return sum(e.nbytes for e in self.out_entries)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class ShardJob:
 
     @property
     def out_entries(self) -> list[OutEntry]:
-        return [OutEntry(t.name, t.out_dtype, t.shape) for t in self.tensors]
+        return [e for t in self.tensors for e in t.out_entries]
 
     @property
     def out_size(self) -> int:

@@ -268,6 +268,10 @@ def _merge_blocks(
             merged = _merge_rows(merger, job.in_path, original, row0, row1, delta)
             if not _put(writes[k], ("data", t, merged, row1 == t.rows), stop):
                 return
+            sides = merger.encoder.side_tensors() if merger.encoder and row1 == t.rows else []
+            for name, side in sides:  # scales, written right after their tensor
+                if not _put(writes[k], ("side", name, side), stop):
+                    return
         if buf is not None:
             free.put(buf)
 
@@ -321,6 +325,10 @@ def _write_blocks(
         item = _get(writes, stop)
         if item is None:
             return
+        if item[0] == "side":
+            writer.begin(item[1])
+            writer.write(item[2])
+            continue
         if item[0] == "copy":
             t = item[1]
             writer.begin(t.name)

@@ -13,7 +13,7 @@ from functools import reduce
 
 import torch
 
-from ..codecs import TensorCodec
+from ..codecs import OutputCodec, TensorCodec
 from ..errors import ShardmergeError, UnsupportedAdapterError
 from ..io.safetensors import DTYPES, ITEMSIZE
 from ..io.sources import PART_CACHE_BYTES
@@ -154,11 +154,14 @@ class TensorPolicy:
     token_rows: tuple[TokenRows, ...]
     dora: bool
     keeps_parts: bool  # some factor is a part of a larger stored tensor (sources.RefLoader)
+    # Stored through an output codec (FP8 codes and block scales): its encoder
+    # rounds the exact value instead of the merge kernel's one rounding.
+    encode: OutputCodec | None = None
 
     @property
     def arithmetic(self) -> bool:
         """False: the output is the base rows (replaced, patched) converted, byte for byte."""
-        return bool(self.terms) or self.scaling is not None
+        return bool(self.terms) or self.scaling is not None or self.encode is not None
 
     @property
     def kinds(self) -> list[str]:
@@ -199,6 +202,7 @@ def policy_for(t: TensorJob) -> TensorPolicy:
         token_rows=token_rows,
         dora=has_dora(edit),
         keeps_parts=any(r.part for term in terms for r in term_refs(term)),
+        encode=t.encode,
     )
 
 
@@ -211,6 +215,10 @@ def _accumulation(
 ) -> torch.dtype:
     """The first tier's accumulator: float32 where every input and the output allow it."""
     out_dtype = DTYPES[t.out_dtype]
+    if t.encode is not None:
+        # FP8 codes keep 4 bits: a float32 first tier settles them as it does 16-bit
+        # outputs (kernel/fp8.py bounds it), given inputs of at most 32 bits.
+        out_dtype = torch.bfloat16
     in_dtype = replacement.dtype if replacement else t.in_dtype
     if t.quant is not None:
         in_dtype = t.quant.dtype  # packed codes decode to this

@@ -42,6 +42,7 @@ class TensorMerger:
         self.out_dtype = p.out_dtype
         self.acc = p.acc
         self.quant = t.quant.decoder(t.shape, loader.load) if p.quant else None
+        self.encoder = t.encode.encoder(t.shape, loader.load) if p.encode else None
         self.patch = RowPatch(p.token_rows, loader.load, device) if p.token_rows else None
         if not p.keeps_parts:
             loader.release()  # whole tensors kept for expert parts are not needed here
@@ -127,7 +128,11 @@ class TensorMerger:
             start = scale_rows(start, self.scaling, self.policy.scaling.axis, row0, row1)
         meeting = self.spans.meeting(row0, row1)
         terms = [b for f in meeting if (b := block_term(f, row0, row1)) is not None]
-        merged = merge_block(start, terms, self.out_dtype, self.acc)
+        if self.encoder is not None:  # stored codes, correctly rounded from the exact value
+            merged = self.encoder(start, terms, row0, row1)
+            values = self.encoder.values(merged, row0, row1)  # what the codes decode to
+        else:
+            merged = values = merge_block(start, terms, self.out_dtype, self.acc)
         if orig is not None:
             o = fed if same else orig.to(self.device)
             plain = start is fed and same and all(t.right is not None for t in terms)
@@ -136,8 +141,8 @@ class TensorMerger:
                 if plain
                 else (lambda: self.meter.explicit_sq(start, o, terms))
             )
-            self._measure(merged, o, change)
-        self._check_finite(merged, fed, row0)
+            self._measure(values, o, change)
+        self._check_finite(values, fed, row0)
         return merged.cpu() if merged.device.type != "cpu" else merged
 
     def _measure(

@@ -94,9 +94,26 @@ def settle_in_float64(
     rows_i: torch.Tensor,
     cols_j: torch.Tensor,
 ) -> torch.Tensor | None:
-    """Settle the elements whose float64 evaluation is provably exact; positions left.
+    """Settle the elements whose float64 evaluation is provably exact; positions left."""
+    total, exact = values_in_float64(flat_base, terms, idx, rows_i, cols_j)
+    where = exact.nonzero().squeeze(1)
+    if where.numel():
+        out.reshape(-1)[idx[where]] = cast(total[where], out.dtype)
+    left = (~exact).nonzero().squeeze(1)
+    return left if left.numel() else None
+
+
+def values_in_float64(
+    flat_base: torch.Tensor,
+    terms: list,
+    idx: torch.Tensor,
+    rows_i: torch.Tensor,
+    cols_j: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each element's value summed in float64, and where that sum is provably exact.
 
     One column of a factor at a time, so the working memory is a few vectors.
+    An exact zero is +0.
     """
     total = flat_base[idx].to(torch.float64, copy=True)
     exact = torch.isfinite(total)
@@ -115,11 +132,7 @@ def settle_in_float64(
         total = _exact_sum(total, scaled, exact)
     # An exact zero is +0 (as the rational tiers give), whatever the signs of zeros summed.
     total.add_(0.0)
-    where = exact.nonzero().squeeze(1)
-    if where.numel():
-        out.reshape(-1)[idx[where]] = cast(total[where], out.dtype)
-    left = (~exact).nonzero().squeeze(1)
-    return left if left.numel() else None
+    return total, exact
 
 
 def _fits_float32(*factors: torch.Tensor) -> bool:
@@ -245,6 +258,19 @@ def settle_by_rationals(
     cols_j: torch.Tensor,
 ) -> None:
     """Exact evaluation in rationals and correct rounding; only for a handful of elements."""
+    values = exact_fractions(flat_base, terms, idx, rows_i, cols_j)
+    results = [round_exact(v, out.dtype) for v in values]
+    out.reshape(-1)[idx] = torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
+
+
+def exact_fractions(
+    flat_base: torch.Tensor,
+    terms: list,
+    idx: torch.Tensor,
+    rows_i: torch.Tensor,
+    cols_j: torch.Tensor,
+) -> list[Fraction]:
+    """The exact value of each element ``idx`` (flat) as a rational; for a handful of elements."""
     base_vals = flat_base[idx].double().cpu().tolist()
     parts = []
     for t in terms:
@@ -258,7 +284,7 @@ def settle_by_rationals(
                     t.right[:, cols_j].double().T.cpu().tolist(),
                 )
             )
-    results = []
+    values = []
     for n, w in enumerate(base_vals):
         exact = Fraction(w)
         for scale, lft, rgt in parts:
@@ -268,5 +294,5 @@ def settle_by_rationals(
                 exact += scale * sum(
                     Fraction(a) * Fraction(b) for a, b in zip(lft[n], rgt[n], strict=True)
                 )
-        results.append(round_exact(exact, out.dtype))
-    out.reshape(-1)[idx] = torch.tensor(results, dtype=torch.float64).to(out.device).to(out.dtype)
+        values.append(exact)
+    return values

@@ -127,6 +127,32 @@ def merge_block(
     return out
 
 
+def accumulate(
+    base: torch.Tensor, terms: list[BlockTerm], acc_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The block's value in ``acc_dtype`` and a rigorous bound on each element's error.
+
+    For outputs that round the value by other rules than ``merge_block``'s
+    (FP8 codes with block scales, fp8.py). The bound is None when the value
+    is exact (no terms).
+    """
+    acc = base.to(acc_dtype, copy=True)
+    if not terms:
+        return acc, None
+    max_rank = 1
+    for t in terms:
+        if t.right is None:
+            acc.add_(t.left, alpha=t.scale)
+        else:
+            acc.add_(t.left @ t.right, alpha=t.scale)
+            max_rank = max(max_rank, t.left.shape[1])
+    tol = _tolerance(acc_dtype, max_rank, len(terms))
+    err = _bound(base, terms, acc_dtype).mul_(tol)
+    if any(t.may_underflow for t in terms):
+        err.add_(tol * _TINY[acc_dtype])
+    return acc, err
+
+
 def _first_tier_doubt(
     base: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, terms: list[BlockTerm], tol: float
 ) -> torch.Tensor | None:

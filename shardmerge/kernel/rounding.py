@@ -13,6 +13,7 @@ FORMAT = {
     torch.float32: (24, -125),
     torch.bfloat16: (8, -125),
     torch.float16: (11, -13),
+    torch.float8_e4m3fn: (4, -5),  # no infinities: max 448, the rest of the top binade is NaN
 }
 
 

@@ -12,19 +12,14 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import InputError, PlanErrors, ResourceError, count
+from ..errors import InputError, PlanErrors, count
 from ..execute.jobs import MergePlan, ShardJob
-from ..io.output import fmt_bytes
-from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args
+from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args, output_formats
 from . import embeddings, memory, provenance, schedule
+from .fp8_out import fp8_config, fp8_outputs
 from .inputs import Inputs, open_inputs, settle_edits
-from .memory import BASELINE_BYTES, default_budget, parse_size
 from .quantized import nf4_tensors
 from .resources import probe as probe_resources
-
-# The least budget a refusal advises: the baseline and room for a row block of a
-# small model (the demo model merges in it; wider rows are the planner's refusal).
-SMALLEST_BUDGET = BASELINE_BYTES + (16 << 20)
 
 
 def resolve_device(device: str) -> str:
@@ -66,19 +61,15 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     dtype, qlora_base, max_memory = options.dtype, options.qlora_base, options.max_memory
     check_merge_args(options)
     weights = options.weights
-    budget = parse_size(max_memory) if max_memory is not None else default_budget()
-    if budget <= BASELINE_BYTES:
-        raise ResourceError(
-            f"the memory budget {fmt_bytes(budget)} (--max-memory) is below the {fmt_bytes(BASELINE_BYTES)} "
-            "shardmerge needs before any buffer.",
-            hint=f"Raise --max-memory to at least {fmt_bytes(SMALLEST_BUDGET)} (enough for a "
-            "small model; the plan then says if the widest tensor needs more).",
-        )
+    budget = memory.checked_budget(max_memory)
     device = resolve_device(options.device)
 
     out_checks = {"overwrite": options.overwrite, "resume": options.resume} if check_out else None
     allow = options.allow_nonfinite
-    inputs, errors = open_inputs(base, adapters, out, weights, dtype, qlora_base, out_checks, allow)
+    formats = output_formats(options)
+    inputs, errors = open_inputs(
+        base, adapters, out, weights, dtype, qlora_base, out_checks, formats, allow
+    )
     settled, counts = settle_edits(inputs, weights, errors)
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
@@ -92,15 +83,17 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
         workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
         working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
+    fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, inputs.bnb4, errors)
     shards = schedule.shard_jobs(
-        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors
+        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors, fp8
     )
     if errors:
         raise PlanErrors(errors)
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
     run.update(executor=options.executor, ray_address=options.ray_address)
-    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run)
+    run["config_update"] = schedule.config_changes(ckpt, out_dtype, settled) + fp8_config(ckpt, fp8)
+    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
     return plan
@@ -113,13 +106,16 @@ def _assemble(
     qlora_base: str,
     settled: embeddings.Resolution,
     shards: list[ShardJob],
-    out_dtype: str | None,
     run: dict,
+    formats: dict[str, str],
 ) -> MergePlan:
-    """The plan: jobs stamped with the provenance record, the output's index and config."""
+    """The plan: jobs stamped with the provenance record, the output's index and config.
+
+    ``formats``: the output-format options not at their defaults (provenance).
+    """
     ckpt, bnb4 = inputs.ckpt, inputs.bnb4
     used = provenance.adapters_used(inputs.adapters, weights)
-    record = provenance.provenance_record(used, dtype, qlora_base)
+    record = provenance.provenance_record(used, dtype, qlora_base, formats)
     allow = run["allow_nonfinite"]
     shards = [
         replace(provenance.with_metadata(s, ckpt, record), allow_nonfinite=allow) for s in shards
@@ -130,7 +126,6 @@ def _assemble(
         shards=tuple(shards),
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
-        config_update=schedule.config_changes(ckpt, out_dtype, settled),
         # A dequantized 4-bit or FP8 base is an ordinary model now.
         config_drop=("quantization_config",) if bnb4 else (),
         qlora_base=bnb4.format if bnb4 else qlora_base,

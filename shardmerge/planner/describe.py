@@ -28,6 +28,7 @@ def describe(plan: MergePlan) -> dict:
         # from a stored 4-bit or FP8 (compressed-tensors FP8) folder.
         "qlora_base": plan.qlora_base,
         "quantized_tensors": sum(1 for s in plan.shards for t in s.tensors if t.quant),
+        "encoded_outputs": _describe_encoded(plan),
         "device": plan.device,
         "workers": plan.workers,
         "budget": plan.max_memory,
@@ -41,6 +42,19 @@ def describe(plan: MergePlan) -> dict:
         "resources": None if r is None else _describe_resources(r),
         "shards": shards,
     }
+
+
+def _describe_encoded(plan: MergePlan) -> dict:
+    """Tensors written in a quantized format, per method: how many, and whose scales."""
+    out: dict[str, dict[str, int]] = {}
+    for s in plan.shards:
+        for t in s.tensors:
+            if t.encode is None:
+                continue
+            d = out.setdefault(t.encode.method, {"tensors": 0, "kept_scales": 0, "fresh_scales": 0})
+            d["tensors"] += 1
+            d["kept_scales" if getattr(t.encode, "kept", None) else "fresh_scales"] += 1
+    return out
 
 
 def _describe_shard(s: ShardJob) -> dict:

@@ -44,12 +44,14 @@ def open_inputs(
     dtype: str,
     qlora_base: str,
     out_checks: dict | None,
+    formats: dict[str, str] | None = None,
     allow_nonfinite: bool = False,
 ) -> tuple[Inputs, list[ShardmergeError]]:
     """Open everything, and the problems found so far; raises PlanErrors if a folder won't open.
 
     ``out_checks``: the keyword arguments of check_output_dir (overwrite,
-    resume), or None not to check OUT.
+    resume), or None not to check OUT. ``formats``: the output-format options
+    not at their defaults (options.output_formats), for the fingerprint.
     """
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
@@ -62,12 +64,12 @@ def open_inputs(
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
     # The folder as stored: its shards of scales only are gone from the decoded view.
     fingerprint = (
-        job_fingerprint(as_stored, opened, weights, dtype, qlora_base, allow_nonfinite)
+        job_fingerprint(as_stored, opened, weights, dtype, qlora_base, formats, allow_nonfinite)
         if complete_inputs
         else ""
     )
     job = (
-        job_description(as_stored, opened, weights, dtype, qlora_base, allow_nonfinite)
+        job_description(as_stored, opened, weights, dtype, qlora_base, formats, allow_nonfinite)
         if complete_inputs
         else {}
     )

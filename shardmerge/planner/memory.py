@@ -13,7 +13,7 @@ import re
 
 import psutil
 
-from ..codecs import TensorCodec
+from ..codecs import OutputCodec, TensorCodec
 from ..errors import InputError, ResourceError, ShardmergeError
 from ..execute import policy
 from ..execute.jobs import Resources, TensorJob
@@ -43,6 +43,9 @@ SMALL_MODEL_BYTES = 256 << 20
 # The share of a GPU's free memory that row blocks may use.
 VRAM_SHARE = 0.8
 MIN_BUDGET = 512 << 20
+# The least budget a refusal advises: the baseline and room for a row block of a
+# small model (the demo model merges in it; wider rows are the planner's refusal).
+SMALLEST_BUDGET = BASELINE_BYTES + (16 << 20)
 # Extra working memory per element of a block whose base is NF4 round-tripped or
 # dequantized first (float32 copies, code indices).
 QUANT_BYTES_PER_ELEMENT = 16
@@ -70,6 +73,19 @@ def default_budget() -> int:
     limit = cgroup_memory_limit()
     dedicated = int(limit * CGROUP_SHARE) if limit else shared
     return max(MIN_BUDGET, min(8 << 30, shared, dedicated))
+
+
+def checked_budget(max_memory: int | str | None) -> int:
+    """The budget in bytes (--max-memory, or the default); refused below the baseline."""
+    budget = parse_size(max_memory) if max_memory is not None else default_budget()
+    if budget <= BASELINE_BYTES:
+        raise ResourceError(
+            f"the memory budget {fmt_bytes(budget)} (--max-memory) is below the "
+            f"{fmt_bytes(BASELINE_BYTES)} shardmerge needs before any buffer.",
+            hint=f"Raise --max-memory to at least {fmt_bytes(SMALLEST_BUDGET)} (enough for a "
+            "small model; the plan then says if the widest tensor needs more).",
+        )
+    return budget
 
 
 def budget_problems(
@@ -164,6 +180,10 @@ def tensor_working_bytes(t: TensorJob) -> int:
     if t.action == "copy":
         return 0
     quant = t.quant.state_bytes(t.shape) if t.quant else 0
+    if t.encode is not None:  # the encoder's own per-element bytes and held state
+        per_element = t.encode.bytes_per_element + (QUANT_BYTES_PER_ELEMENT if t.quant else 0)
+        held = policy.held_bytes(t.edit) + quant + t.encode.state_bytes(t.shape)
+        return t.block_rows * row_elements(t.shape) * per_element + held
     return (
         t.block_rows
         * row_elements(t.shape)
@@ -175,6 +195,40 @@ def tensor_working_bytes(t: TensorJob) -> int:
         + policy.held_bytes(t.edit)
         + quant
     )
+
+
+def encoded_block_rows(
+    name: str,
+    shape: tuple[int, ...],
+    edit: TensorEdit | None,
+    encode: OutputCodec,
+    quant: TensorCodec | None,
+    working: int,
+    errors: list[ShardmergeError],
+) -> int:
+    """Rows per block of a tensor written through ``encode``: whole scale blocks within
+    the budget; a ResourceError if one row of scale blocks does not fit."""
+    per_row = row_elements(shape) * (
+        encode.bytes_per_element + (QUANT_BYTES_PER_ELEMENT if quant else 0)
+    )
+    held = policy.held_bytes(edit) + encode.state_bytes(shape)
+    held += quant.state_bytes(shape) if quant else 0
+    align = encode.row_align(shape)
+    fit = max(0, working - held) // max(per_row, 1)
+    fit = min(fit, max(MAX_BLOCK_BYTES // max(per_row, 1), 1))
+    rows = min(matrix_rows(shape), max(align, fit - fit % align))
+    need = rows * per_row + held
+    if need > working:
+        errors.append(
+            ResourceError(
+                f"the memory budget is too small for tensor {name} {list(shape)} written as "
+                f"{encode.method}: its scale blocks span {align} rows, which need "
+                f"{fmt_bytes(need + BASELINE_BYTES)} at once; the budget is "
+                f"{fmt_bytes(working + BASELINE_BYTES)}.",
+                hint="Raise --max-memory.",
+            )
+        )
+    return rows
 
 
 def quant_rows_fit(

@@ -17,13 +17,16 @@ def job_fingerprint(
     weights: list[float],
     dtype: str,
     qlora_base: str = "none",
+    formats: dict[str, str] | None = None,
     allow_nonfinite: bool = False,
 ) -> str:
     """A hash of everything that decides the output bytes, and nothing else.
 
     Base shards by name, size and header hash; the base config; adapters by
     weights-file hash and config; weights; dtype; our version (it is in the
-    output's metadata); --qlora-base and --allow-nonfinite when set. Device, memory budget and block
+    output's metadata); --qlora-base, --quantize, --requant-scales and --allow-nonfinite
+    when set (``formats``: --quantize and --requant-scales where not at their defaults).
+    Device, memory budget and block
     size do not change the bytes, so a resume may use other values.
     """
     doc = {
@@ -36,6 +39,7 @@ def job_fingerprint(
     }
     if qlora_base != "none":  # absent otherwise: earlier jobs keep their fingerprints
         doc["qlora_base"] = qlora_base
+    doc.update(formats or {})  # absent at their defaults, as qlora_base
     if allow_nonfinite:
         doc["allow_nonfinite"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -47,6 +51,7 @@ def job_description(
     weights: list[float],
     dtype: str,
     qlora_base: str = "none",
+    formats: dict[str, str] | None = None,
     allow_nonfinite: bool = False,
 ) -> dict:
     """What the fingerprint covers, readable: the journal keeps it so that a refusal of a
@@ -66,6 +71,8 @@ def job_description(
         "--weights": [float(w) for w in weights],
         "--dtype": dtype,
         "--qlora-base": qlora_base,
+        "--quantize": (formats or {}).get("quantize", "none"),
+        "--requant-scales": (formats or {}).get("requant_scales", "kept"),
         "--allow-nonfinite": allow_nonfinite,
         "shardmerge version": __version__,
     }
@@ -78,7 +85,12 @@ def adapters_used(adapters: list[Adapter], weights: list[float]) -> tuple[Adapte
     )
 
 
-def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str) -> str:
+def provenance_record(
+    used: tuple[AdapterUsed, ...],
+    dtype: str,
+    qlora_base: str,
+    formats: dict[str, str] | None = None,
+) -> str:
     """The shardmerge record of the index (and the plan), as JSON: adapters named by folder."""
     return json.dumps(
         {
@@ -87,6 +99,7 @@ def provenance_record(used: tuple[AdapterUsed, ...], dtype: str, qlora_base: str
             "adapters": [{"name": s.label, "weight": s.weight, "sha256": s.sha256} for s in used],
             "dtype": dtype,
             **({"qlora_base": qlora_base} if qlora_base != "none" else {}),
+            **(formats or {}),
         },
         separators=(",", ":"),
     )
@@ -117,6 +130,10 @@ def output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> d
     index = json.loads(json.dumps(ckpt.index))
     # Only the tensors written (a 4-bit base's quantization tensors are not).
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in ckpt.weight_map}
+    # Side tensors written beside their tensor (FP8 scales).
+    for s in shards:
+        for t in s.tensors:
+            index["weight_map"].update((e.name, s.name) for e in t.out_entries[1:])
     metadata = dict(index.get("metadata") or {})
     metadata["total_size"] = sum(t.out_bytes for s in shards for t in s.tensors)
     metadata["shardmerge"] = json.loads(provenance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..codecs import StoredBase
+from ..codecs import OutputCodec, StoredBase
 from ..errors import ShardmergeError
 from ..execute.jobs import MergePlan, ShardJob, TensorJob
 from ..io.checkpoint import Checkpoint
@@ -14,7 +14,7 @@ from ..io.safetensors import FLOAT_DTYPES, TensorInfo
 from ..options import TORCH_DTYPE_NAMES
 from ..terms import TensorEdit
 from . import embeddings
-from .memory import block_rows, tensor_block_rows
+from .memory import block_rows, encoded_block_rows, tensor_block_rows
 from .quantized import quant_spec
 
 
@@ -27,33 +27,51 @@ def shard_jobs(
     bnb4: StoredBase | None,
     working: int,
     errors: list[ShardmergeError],
+    encodes: dict[str, OutputCodec] | None = None,
 ) -> list[ShardJob]:
-    """One job per base shard, its tensors in file order; problems go to ``errors``."""
+    """One job per base shard, its tensors in file order; problems go to ``errors``.
+
+    ``encodes``: tensors written in a quantized format (--quantize), by name.
+    The side tensors they write (scales) replace base tensors of the same name,
+    wherever the base stores them (an FP8 base's scale in another shard).
+    """
     shards: list[ShardJob] = []
+    encodes = encodes or {}
+    sides = {e[0] for n, enc in encodes.items() for e in enc.side_entries(_shape(ckpt, n))}
     for shard in ckpt.shards:
         header = ckpt.headers[shard]
         jobs = []
         for t in header.tensors.values():
+            if t.name in sides:
+                continue
             target = out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
             edit = edits.get(t.name)
             quant = quant_spec(t.name, t.dtype, edit, nf4, bnb4, errors)
             shape = embeddings.output_shape(t.shape, edit)  # a resized vocabulary
+            encode = encodes.get(t.name)
             rows = 0
-            if edit is not None or target != t.dtype or quant:
+            if edit is not None or target != t.dtype or quant or encode:
                 rows = tensor_block_rows(t.name, shape, t.shape, edit, quant, working, errors)
+            if encode is not None:
+                target = encode.dtype
+                rows = encoded_block_rows(t.name, shape, edit, encode, quant, working, errors)
             in_dtype = t.dtype
             if quant and quant.packed:  # the bytes are packed codes; t has the real shape
                 in_dtype = bnb4.storage[t.name]
             jobs.append(
                 TensorJob(
                     t.name, shape, in_dtype, target, t.start, t.end, edit, rows, quant,
-                    base_shape=t.shape if shape != t.shape else None,
+                    base_shape=t.shape if shape != t.shape else None, encode=encode,
                 )
             )  # fmt: skip
             if settled.new_tensor and settled.new_tensor[0] == t.name:
                 jobs.append(_new_tensor_job(t, target, settled, working, errors))
         shards.append(ShardJob(shard, str(header.path), tuple(jobs), ()))
     return shards
+
+
+def _shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
+    return ckpt.headers[ckpt.weight_map[name]].tensors[name].shape
 
 
 def _new_tensor_job(

@@ -89,7 +89,7 @@ def _record_problem(record: object) -> str | None:
         weight = a.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             return f"adapters[{i}].weight must be a number, not {shown(weight)}"
-    for key in ("dtype", "qlora_base"):
+    for key in ("dtype", "qlora_base", "quantize", "requant_scales"):
         if not isinstance(record.get(key, ""), str):
             return f"'{key}' must be text, not {shown(record[key])}"
     return None
@@ -103,10 +103,13 @@ def verify(
     weights: list[float] | None = None,
     dtype: str | None = None,
     max_memory: int | str | None = None,
+    quantize: str | None = None,
+    requant_scales: str | None = None,
 ) -> VerifyReport:
     """Check every tensor of a merged model folder against base + adapters.
 
-    ``weights`` and ``dtype`` default to what the output's provenance records.
+    ``weights``, ``dtype``, ``quantize`` and ``requant_scales`` default to what
+    the output's provenance records.
     ``base`` and ``adapters`` are local folders (``shardmerge.verify`` resolves Hub ids first).
 
     >>> report = shardmerge.verify("merged", "Llama-3-8B", ["my-lora"])   # doctest: +SKIP
@@ -138,9 +141,12 @@ def verify(
     if dtype is None:
         dtype = record.get("dtype", "auto")
     qlora_base = record.get("qlora_base", "none")
+    quantize = quantize or record.get("quantize", "none")
+    requant_scales = requant_scales or record.get("requant_scales", "kept")
     options = MergeOptions.from_lists(
         base, list(adapters), out, weights=weights, dtype=dtype, device="cpu",
-        max_memory=max_memory, qlora_base=qlora_base,
+        max_memory=max_memory, qlora_base=qlora_base, quantize=quantize,
+        requant_scales=requant_scales,
     )  # fmt: skip
     plan = build_plan(options, check_out=False)
     report = VerifyReport(str(out))
@@ -153,7 +159,9 @@ def verify(
         out_header = got.headers[shard.name]
         with open(shard.in_path, "rb") as src, open(out / shard.name, "rb") as dst:
             for t in shard.tensors:
-                check_tensor(t, src, dst, out_header.tensors[t.name], loader, report)
+                written = out_header.tensors
+                sides = [written[e.name] for e in t.out_entries[1:]]
+                check_tensor(t, src, dst, written[t.name], loader, report, sides)
     return report
 
 

@@ -22,6 +22,7 @@ from ..kernel.rows import RowPatch
 from ..kernel.spans import RowSpans
 from .dequant import reference_decoder
 from .dora_reference import reference_column_sums, reference_rows
+from .fp8 import codes_over_scales, scale_problems
 from .reference import reference_delta
 
 # Correct rounding puts every element within 0.5 ulp of the exact value; the
@@ -36,9 +37,18 @@ CPU = torch.device("cpu")
 
 
 def check_tensor(
-    t: TensorJob, src: BinaryIO, dst: BinaryIO, got: TensorInfo, loader: RefLoader, report
+    t: TensorJob,
+    src: BinaryIO,
+    dst: BinaryIO,
+    got: TensorInfo,
+    loader: RefLoader,
+    report,
+    sides: list[TensorInfo] = (),
 ) -> None:
-    """Compare tensor ``t`` of the output, block by block; problems go to ``report``."""
+    """Compare tensor ``t`` of the output, block by block; problems go to ``report``.
+
+    ``sides``: the output's side tensors of ``t`` (an FP8 tensor's scales).
+    """
     report.tensors[t.action] += 1
     rows = (
         max(t.block_rows, 1)
@@ -48,10 +58,15 @@ def check_tensor(
     out_buf = torch.empty(rows * max(got.row_bytes, 1) + 8, dtype=torch.uint8)
     ref = _Reference(t, loader, src, rows)
     policy = ref.policy
+    encoded = _Encoded(t, dst, sides, loader) if t.encode is not None else None
     for row0 in range(0, t.rows, rows):
         row1 = min(t.rows, row0 + rows)
         out_rows = read_rows(dst, got, row0, row1, out_buf)
         base_rows = ref.base_rows(row0, row1)
+        if encoded is not None:
+            if not encoded.check(out_rows, ref.rows(base_rows, row0, row1), row0, row1, report):
+                return
+            continue
         if not policy.arithmetic:
             expected = (
                 cast(base_rows, policy.out_dtype)
@@ -71,6 +86,39 @@ def check_tensor(
                 f"{t.name}: off by {err:.3g} ulp from the formula (limit {limit})."
             )
             return
+
+
+class _Encoded:
+    """An FP8 output tensor's scales (written and kept), and the check of its row blocks."""
+
+    def __init__(self, t: TensorJob, dst: BinaryIO, sides: list[TensorInfo], loader: RefLoader):
+        self.t, self.spec = t, t.encode
+        info = sides[0]
+        buf = torch.empty(max(info.nbytes, 1) + 8, dtype=torch.uint8)
+        self.scales = read_rows(dst, info, 0, info.rows, buf).to(torch.float64)
+        self.kept = loader.load(self.spec.kept).double() if self.spec.kept is not None else None
+        self.kind = "fp8:" + (",".join(policy_for(t).kinds) or "converted")
+
+    def check(self, codes, ref64: torch.Tensor, row0: int, row1: int, report) -> bool:
+        """Scales and codes of rows [row0, row1); False after the first problem."""
+        bm = self.spec.block[0]
+        r0, r1 = row0 // bm, -(-row1 // bm)
+        ref64 = ref64.reshape(row1 - row0, -1)
+        kept = self.kept[r0:r1] if self.kept is not None else None
+        problems = scale_problems(self.t.name, self.scales[r0:r1], ref64, self.spec, kept)
+        if problems:
+            report.problems.extend(problems)
+            return False
+        y, r = codes_over_scales(codes, self.scales[r0:r1], ref64, self.spec.block)
+        err = ulp_error(y, r)
+        report.max_ulp[self.kind] = max(report.max_ulp.get(self.kind, 0.0), err)
+        if err > ULP_LIMIT:
+            report.problems.append(
+                f"{self.t.name}: a code is off by {err:.3g} e4m3 ulp from reference / scale "
+                f"(limit {ULP_LIMIT})."
+            )
+            return False
+        return True
 
 
 def ulp_limit(policy: TensorPolicy) -> float:
