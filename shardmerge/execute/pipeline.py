@@ -23,6 +23,7 @@ import torch
 from ..io.journal import crashpoint
 from ..io.safetensors import DTYPES, StreamWriter, block_shape, pread_into
 from ..io.sources import RefLoader
+from ..runtime import tune_malloc
 from .jobs import ShardJob, TensorJob
 from .policy import reads_base
 from .tensor import TensorMerger, max_delta, read_base_rows
@@ -67,6 +68,7 @@ def run_shards(
             for k, (job, dest) in enumerate(zip(jobs, dests, strict=True))
             for r in run_shards([job], [dest], device, progress if k == 0 else None)
         ]
+    tune_malloc()  # per-block temporaries reused, not faulted in anew (runtime.py)
     layout = _BlockLayout(jobs)
     free: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(READ_AHEAD + 1 if layout.block_bytes else 0):

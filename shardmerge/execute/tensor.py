@@ -104,13 +104,16 @@ class TensorMerger:
 def max_delta(merged: torch.Tensor, base: torch.Tensor) -> float:
     """max |merged - base| over a block.
 
-    Same dtypes: one fused pass (torch.dist, p=inf; for 16-bit dtypes the
-    result is rounded to that dtype). Otherwise a wide copy, exact.
+    Same dtypes: the difference in that dtype (for 16-bit dtypes each
+    difference is rounded to it, and so is the maximum: rounding is monotone,
+    so this equals torch.dist(p=inf), which is ~7x slower for bfloat16 on CPUs).
+    Otherwise a wide copy, exact. NaN anywhere gives NaN.
     """
     if merged.numel() == 0:
         return 0.0
     if merged.dtype == base.dtype:
-        return float(torch.dist(merged, base, float("inf")))
+        lo, hi = torch.aminmax(torch.sub(merged, base))
+        return max(float(hi), -float(lo))
     wide = torch.promote_types(torch.promote_types(merged.dtype, base.dtype), torch.float32)
     d = merged.to(wide, copy=True)
     d.sub_(base)
