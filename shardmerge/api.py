@@ -11,14 +11,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from .execute.driver import execute_many
 from .io.journal import WORK_DIR
 from .options import AdapterSpec, MergeOptions, resolve_inputs
-from .planner.build import MergePlan, build_plan
+from .planner.precheck import refusals
 from .report import REPORT_NAME, peak_memory_bytes, write_report
-from .verifier.check import VerifyReport
-from .verifier.check import verify as verify_output
+
+if TYPE_CHECKING:  # the planner, executors and verifier import torch: on first use only
+    from .execute.jobs import MergePlan
+    from .verifier.check import VerifyReport
 
 PathLike = str | os.PathLike
 
@@ -55,6 +57,13 @@ class MergeResult:
             "peak_memory_bytes": self.peak_memory_bytes,
             "max_delta": dict(self.max_delta),
         }
+
+
+def execute_many(plans: list[MergePlan], **kwargs) -> list[int]:
+    """execute/driver.py's execute_many, imported on first use (it loads torch)."""
+    from .execute.driver import execute_many as run
+
+    return run(plans, **kwargs)
 
 
 # Receives the --json events: start, shard, progress, done.
@@ -131,6 +140,9 @@ def _build_plan(
 ) -> MergePlan:
     """build_plan for resolved options, writing ``adapters`` into ``out``."""
     one = replace(local, output=out, adapters=adapters, separate=False)
+    refusals(one, check_out=check_out)  # bad input answered before torch loads
+    from .planner.build import build_plan
+
     return build_plan(one, check_out=check_out, outputs=outputs)
 
 
@@ -326,6 +338,8 @@ def run_job(
         events=events,
     )
     if job.verify:
+        from .verifier.check import verify as verify_output
+
         for i, (out, adapters) in enumerate(outputs):
             checked = verify_output(
                 out, local.base, [a.path for a in adapters], max_memory=job.max_memory
@@ -366,6 +380,8 @@ def verify(
     >>> report.ok                                                        # doctest: +SKIP
     True
     """
+    from .verifier.check import verify as verify_output
+
     base, adapters = resolve_inputs(base, list(adapters), offline=offline)
     return verify_output(
         out,

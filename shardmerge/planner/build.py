@@ -11,13 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import InputError, PlanErrors, ResourceError
+from ..errors import InputError, PlanErrors
 from ..execute.jobs import MergePlan, ShardJob
-from ..io.output import fmt_bytes
 from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args
 from . import embeddings, memory, provenance, schedule
 from .inputs import Inputs, open_inputs, settle_edits
-from .memory import BASELINE_BYTES, MIN_BUDGET, default_budget, parse_size
 from .quantized import nf4_tensors
 from .resources import probe as probe_resources
 
@@ -60,13 +58,7 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     dtype, qlora_base, max_memory = options.dtype, options.qlora_base, options.max_memory
     check_merge_args(options)
     weights = options.weights
-    budget = parse_size(max_memory) if max_memory is not None else default_budget()
-    if budget <= BASELINE_BYTES:
-        raise ResourceError(
-            f"the memory budget {fmt_bytes(budget)} (--max-memory) is below the {fmt_bytes(BASELINE_BYTES)} "
-            "shardmerge needs before any buffer.",
-            hint=f"Raise --max-memory to at least {fmt_bytes(MIN_BUDGET)}.",
-        )
+    budget = memory.checked_budget(max_memory)
     device = resolve_device(options.device)
 
     out_checks = {"overwrite": options.overwrite, "resume": options.resume} if check_out else None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from ..execute.jobs import MergePlan, Resources, ShardJob
 from .memory import BASELINE_BYTES, PROCESS_BYTES, tensor_working_bytes
+
+if TYPE_CHECKING:  # `shardmerge plan` refuses bad input before torch loads (precheck.py)
+    from ..execute.jobs import MergePlan, Resources, ShardJob
 
 # Rough rates for the time estimate (read+write of the files; merged elements).
 DISK_BYTES_PER_S = 500e6

@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import psutil
 
-from ..codecs import TensorCodec
 from ..errors import InputError, ResourceError, ShardmergeError
-from ..execute import policy
-from ..execute.jobs import Resources, TensorJob
 from ..io.output import fmt_bytes
 from ..io.safetensors import block_shape, matrix_rows
 from ..terms import TensorEdit
 from .resources import cgroup_memory_limit
+
+if TYPE_CHECKING:  # the options and budget checks run before torch is imported (precheck.py)
+    from ..codecs import TensorCodec
+    from ..execute.jobs import Resources, TensorJob
 
 # What the interpreter, torch and our own bookkeeping take before any buffer,
 # for a merge in one process (measured: 0.22-0.3 GiB RSS).
@@ -70,6 +72,18 @@ def default_budget() -> int:
     limit = cgroup_memory_limit()
     dedicated = int(limit * CGROUP_SHARE) if limit else shared
     return max(MIN_BUDGET, min(8 << 30, shared, dedicated))
+
+
+def checked_budget(max_memory: int | str | None) -> int:
+    """The budget in bytes (--max-memory, or the default); refused below the baseline."""
+    budget = parse_size(max_memory) if max_memory is not None else default_budget()
+    if budget <= BASELINE_BYTES:
+        raise ResourceError(
+            f"the memory budget {fmt_bytes(budget)} (--max-memory) is below the "
+            f"{fmt_bytes(BASELINE_BYTES)} shardmerge needs before any buffer.",
+            hint=f"Raise --max-memory to at least {fmt_bytes(MIN_BUDGET)}.",
+        )
+    return budget
 
 
 def budget_problems(
@@ -128,6 +142,8 @@ def block_rows(
     errors: list[ShardmergeError],
 ) -> int:
     """Rows per block of a worked tensor in ``working`` bytes; a ResourceError if none fit."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     rows = matrix_rows(shape)
     cols = row_elements(shape)
     factors = policy.held_bytes(edit)
@@ -161,6 +177,8 @@ def row_elements(shape: tuple[int, ...]) -> int:
 
 def tensor_working_bytes(t: TensorJob) -> int:
     """Memory a tensor job needs beyond the process baseline."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     if t.action == "copy":
         return 0
     quant = t.quant.state_bytes(t.shape) if t.quant else 0
@@ -188,6 +206,8 @@ def quant_rows_fit(
 ) -> list[ShardmergeError]:
     """Refuse a tensor whose whole quantization blocks span more rows than the budget holds
     (a large stored blocksize over an awkward row width)."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     held = min(block_rows, matrix_rows(shape))
     per_row = row_elements(shape) * (
         MERGE_BYTES_PER_ELEMENT + policy.dora_bytes_per_element(edit) + QUANT_BYTES_PER_ELEMENT
