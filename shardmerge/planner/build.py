@@ -9,6 +9,7 @@ jobs), provenance (fingerprint, record, index) and describe.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError, PlanErrors
@@ -75,6 +76,8 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     )
     if errors:
         raise PlanErrors(errors)
+    flush = memory.flush_bytes(budget, workers, outputs)
+    shards = [replace(s, flush_bytes=flush) for s in shards]
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources)
     plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run)
