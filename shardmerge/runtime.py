@@ -28,7 +28,7 @@ ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 # MALLOC_TRIM_BYTES of free heap makes them reusable; what stays mapped is at
 # most the largest block's temporaries, which the planner's budget counts.
 MALLOC_MMAP_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit
-MALLOC_TRIM_BYTES = 64 << 20
+MALLOC_TRIM_BYTES = 16 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
