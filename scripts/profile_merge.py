@@ -13,8 +13,9 @@ load-independent total).
     perf stat -e instructions,task-clock -- env PYTHONPATH=$PWD \\
         .venv/bin/python scripts/profile_merge.py --kind lora --no-profile
 
-``--dtype`` and ``--qlora-base`` pass through to the merge (float32 outputs,
-NF4 bases); ``--float32-base`` writes the base in float32 instead of bf16.
+``--dtype`` passes through to the merge (float32 outputs), ``--kind nf4`` is
+the LoRA adapter with ``--qlora-base nf4``, ``--kind lorabf16`` the LoRA
+adapter saved in bf16; ``--float32-base`` writes the base in float32.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def build(work: Path, kind: str, float32_base: bool) -> tuple[Path, Path]:
     if not (adapter / "adapter_config.json").exists():
         if kind in ("lora", "nf4"):
             bench.write_adapter(adapter, LAYER_8B, 1, rank=16, alpha=32)
+        elif kind == "lorabf16":  # the LoRA adapter saved in bf16: 16-bit-precision factors
+            build(work, "lora", float32_base)
+            bench.write_bf16_copy(work / "adapter-lora", adapter)
         else:
             bench.write_kind_adapter(adapter, kind, LAYER_8B, 1)
     return base, adapter
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/shardmerge-profile")
     ap.add_argument(
-        "--kind", default="lora", choices=["lora", "dora", "loha", "lokr", "ia3", "nf4"]
+        "--kind", default="lora", choices=["lora", "lorabf16", "dora", "loha", "lokr", "ia3", "nf4"]
     )
     ap.add_argument("--dtype", default=None, help="--dtype for the merge (e.g. float32)")
     ap.add_argument("--float32-base", action="store_true", help="write the base in float32")

@@ -185,22 +185,27 @@ def _first_tier_doubt(
 
 # Elements per group in ``below``: a group's minimum is one cheap reduction.
 _GROUP = 64
+# ``below`` looks into the groups alone while at most 1 in this many holds a hit.
+_SPARSE = 8
 
 
 def below(x: torch.Tensor, floor: float) -> torch.Tensor | None:
     """Flat indices (ascending) of the elements of ``x`` less than ``floor``, or None.
 
     A comparison and nonzero over the whole block cost more than the rest of
-    the check; the minimum of each group of 64 finds the few groups to look into.
+    the check; the minimum of each group of 64 finds the few groups to look into
+    (where many groups hold one, as with exact ties, the whole block is searched).
     """
     flat = x.reshape(-1)
     n = flat.numel()
-    if n % _GROUP or n < 4 * _GROUP:
+    hit = None
+    if n % _GROUP == 0 and n >= 4 * _GROUP:
+        hit = (flat.view(-1, _GROUP).amin(1) < floor).nonzero().squeeze(1)
+        if not hit.numel():
+            return None
+    if hit is None or hit.numel() * _SPARSE > n // _GROUP:
         idx = (flat < floor).nonzero().squeeze(1)
         return idx if idx.numel() else None
-    hit = (flat.view(-1, _GROUP).amin(1) < floor).nonzero().squeeze(1)
-    if not hit.numel():
-        return None
     idx = (hit[:, None] * _GROUP + torch.arange(_GROUP, device=x.device)).reshape(-1)
     idx = idx[flat[idx] < floor]
     return idx if idx.numel() else None
