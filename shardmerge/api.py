@@ -6,6 +6,7 @@ Each builds one ``MergeOptions`` (options.py); Hub ids become local folders in
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -320,13 +321,9 @@ def run_job(
     >>> shardmerge.run_job(load_job("configs/batch-adapters.yaml"))   # doctest: +SKIP
     [MergeResult(out='merged/support', ...), ...]
     """
-    names = separate_outputs(job) if job.separate else None
     start = time.perf_counter()
-    local = job.resolved()  # after separate_outputs: names come from the ids
-    if names is None:
-        outputs = [(job.output, local.adapters)]
-    else:
-        outputs = [(out, (a,)) for (out, _), a in zip(names, local.adapters, strict=True)]
+    local = job.resolved()
+    outputs = _outputs(job, local)
     plans = [_build_plan(local, out, adapters, outputs=len(outputs)) for out, adapters in outputs]
     results = _execute_plans(
         plans,
@@ -346,6 +343,28 @@ def run_job(
             )
             results[i] = MergeResult(**{**results[i].__dict__, "verify": checked})
     return results
+
+
+def prepare(job: MergeOptions) -> None:
+    """Refuse bad input without torch, then import what planning and merging need.
+
+    The CLI calls this before Ctrl-C starts unwinding a merge (until then it
+    exits at once): a KeyboardInterrupt inside torch's import can surface as
+    another error, or as a death by signal.
+    """
+    local = job.resolved()
+    for out, adapters in _outputs(job, local):
+        refusals(replace(local, output=out, adapters=adapters, separate=False))
+    for name in ("planner.build", "execute.driver", "verifier.check"):
+        importlib.import_module(f".{name}", __package__)
+
+
+def _outputs(job: MergeOptions, local: MergeOptions) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
+    """(OUT, adapters) of each output: one, or one per adapter with ``separate``."""
+    if not job.separate:
+        return [(job.output, local.adapters)]
+    names = separate_outputs(job)  # from the ids, not the resolved folders
+    return [(out, (a,)) for (out, _), a in zip(names, local.adapters, strict=True)]
 
 
 def separate_outputs(job: MergeOptions) -> list[tuple[str, tuple[AdapterSpec, ...]]]:

@@ -170,8 +170,9 @@ def _echo_event(event: dict) -> None:
 
 
 def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
-    from .api import run_job
+    from .api import prepare, run_job
 
+    prepare(job)  # refusals without torch, then its import while Ctrl-C still exits at once
     # Merging writes OUT: from here Ctrl-C unwinds (locks released, OUT marked incomplete).
     raise_on_interrupt()
     results = run_job(
