@@ -734,6 +734,41 @@ def timed(cmd: list[str], *, cwd: Path | None = None, sync: bool = True) -> Chil
     )
 
 
+class Busy:
+    """``n`` processes spinning on the CPU for the duration of a ``with`` block."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Busy:
+        spin = [sys.executable, "-c", "while True: pass"]
+        self.procs = [subprocess.Popen(spin) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def write_bf16_copy(src: Path, dst: Path) -> None:
+    """The LoRA adapter in ``src`` saved again with bf16 tensors (16-bit-precision factors)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "adapter_config.json").exists():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()},
+        str(dst / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+
+
 def drop_caches() -> bool:
     os.sync()
     try:
@@ -1013,6 +1048,7 @@ def table(r: dict) -> str:
         ),
         ("page cache dropped before each run", "yes" if r["drop_caches"] else "no (not permitted)"),
         ("repeats", str(r["repeats"])),
+        ("busy processes spinning during timed runs", str(r.get("busy", 0))),
         ("cp -r + sync, median", f"{r['cp']['median_s']:.1f} s ({_list(r['cp']['runs_s'])})"),
         (
             "shardmerge merge + sync, median",
@@ -1213,6 +1249,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peft-cgroup", action="store_true", help="also run PEFT under --limit")
     ap.add_argument("--max-memory", default=None, help="--max-memory for the timed merges")
     ap.add_argument("--quantize", default=None, help="--quantize for the timed merges (fp8-block)")
+    ap.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N processes spinning on the CPU during every timed cp and merge (shared cores: "
+        "--busy 1 keeps the other core of a 2-core machine busy)",
+    )
+    ap.add_argument("--dtype", default=None, help="--dtype for the merges (e.g. float32)")
+    ap.add_argument(
+        "--bf16-factors",
+        action="store_true",
+        help="with --kind lora/nf4: the adapter saved in bf16 (16-bit-precision factors)",
+    )
     ap.add_argument("--workers", type=int, default=None, help="--workers, if shardmerge has it")
     ap.add_argument(
         "--no-drop-caches", action="store_true", help="do not drop the page cache between runs"
@@ -1247,6 +1297,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.kind in ("lora", "nf4"):
         merged_elements = sum(o * i for _, (o, i) in targeted(shape, args.layers))
+        if args.bf16_factors:
+            adapter = work / "adapter-bf16"
+            write_bf16_copy(work / "adapter", adapter)
     else:
         adapter = work / f"adapter-{args.kind}"
         merged_elements = write_kind_adapter(adapter, args.kind, shape, args.layers)
@@ -1273,6 +1326,8 @@ def main(argv: list[str] | None = None) -> int:
             "spec": spec,
         },
         "repeats": args.repeats,
+        "busy": args.busy,
+        "bf16_factors": args.bf16_factors,
     }
 
     flags = ["-q"]
@@ -1282,6 +1337,8 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--max-memory", args.max_memory]
     if args.quantize:
         flags += ["--quantize", args.quantize]
+    if args.dtype:
+        flags += ["--dtype", args.dtype]
     if args.workers is not None:
         if merge_supports("--workers", args.python):
             flags += ["--workers", str(args.workers)]
@@ -1295,13 +1352,15 @@ def main(argv: list[str] | None = None) -> int:
         rm(cp_out)
         rm(merge_out)
         dropped.append(False if args.no_drop_caches else drop_caches())
-        c = timed(["cp", "-r", str(base), str(cp_out)])
+        with Busy(args.busy):
+            c = timed(["cp", "-r", str(base), str(cp_out)])
         if c.rc:
             raise SystemExit(f"cp failed: {c.stderr}")
         cp_runs.append(c)
         rm(cp_out)
         dropped.append(False if args.no_drop_caches else drop_caches())
-        m = timed([*merge_cmd, str(merge_out), *flags], cwd=REPO)
+        with Busy(args.busy):
+            m = timed([*merge_cmd, str(merge_out), *flags], cwd=REPO)
         if m.rc:
             raise SystemExit(f"merge failed (rc {m.rc}):\n{m.stdout}\n{m.stderr}")
         merge_runs.append(m)

@@ -6,21 +6,23 @@ Each builds one ``MergeOptions`` (options.py); Hub ids become local folders in
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .execute.driver import execute_many
 from .io.journal import WORK_DIR, refuse_if_locked
 from .options import AdapterSpec, MergeOptions, output_folders, resolve_inputs
-from .planner.build import MergePlan, build_plan
-from .planner.finite import check_adapters_finite
+from .planner.precheck import refusals
 from .report import REPORT_NAME, peak_memory_bytes, survival_entry, weak_tensors, write_report
-from .verifier.check import VerifyReport
-from .verifier.check import verify as verify_output
+
+if TYPE_CHECKING:  # the planner, executors and verifier import torch: on first use only
+    from .execute.jobs import MergePlan
+    from .verifier.check import VerifyReport
 
 PathLike = str | os.PathLike
 
@@ -71,6 +73,13 @@ class MergeResult:
             "survival_below_half": self.weak,
             **cluster,
         }
+
+
+def execute_many(plans: list[MergePlan], **kwargs) -> list[int]:
+    """execute/driver.py's execute_many, imported on first use (it loads torch)."""
+    from .execute.driver import execute_many as run
+
+    return run(plans, **kwargs)
 
 
 # Receives the --json events: start, shard, progress, done.
@@ -153,6 +162,9 @@ def _build_plan(
 ) -> MergePlan:
     """build_plan for resolved options, writing ``adapters`` into ``out``."""
     one = replace(local, output=out, adapters=adapters, separate=False)
+    refusals(one, check_out=check_out)  # bad input answered before torch loads
+    from .planner.build import build_plan
+
     return build_plan(one, check_out=check_out, outputs=outputs)
 
 
@@ -290,6 +302,8 @@ def _execute_plans(
             c(item)
 
     if not plans[0].allow_nonfinite:
+        from .planner.finite import check_adapters_finite
+
         check_adapters_finite(plans)  # before anything is written
     stats: list[dict] = []
     try:
@@ -355,13 +369,9 @@ def run_job(
     [MergeResult(out='merged/support', ...), ...]
     """
     check_not_locked(job)
-    names = separate_outputs(job) if job.separate else None
     start = time.perf_counter()
-    local = job.resolved()  # after separate_outputs: names come from the ids
-    if names is None:
-        outputs = [(job.output, local.adapters)]
-    else:
-        outputs = [(out, (a,)) for (out, _), a in zip(names, local.adapters, strict=True)]
+    local = job.resolved()
+    outputs = _outputs(job, local)
     plans = [_build_plan(local, out, adapters, outputs=len(outputs)) for out, adapters in outputs]
     results = _execute_plans(
         plans,
@@ -373,12 +383,37 @@ def run_job(
         events=events,
     )
     if job.verify:
+        from .verifier.check import verify as verify_output
+
         for i, (out, adapters) in enumerate(outputs):
             checked = verify_output(
                 out, local.base, [a.path for a in adapters], max_memory=job.max_memory
             )
             results[i] = MergeResult(**{**results[i].__dict__, "verify": checked})
     return results
+
+
+def prepare(job: MergeOptions) -> None:
+    """Refuse bad input without torch, then import what planning and merging need.
+
+    The CLI calls this before Ctrl-C starts unwinding a merge (until then it
+    exits at once): a KeyboardInterrupt inside torch's import can surface as
+    another error, or as a death by signal.
+    """
+    check_not_locked(job)  # before Hub ids are resolved or any input is read
+    local = job.resolved()
+    for out, adapters in _outputs(job, local):
+        refusals(replace(local, output=out, adapters=adapters, separate=False))
+    for name in ("planner.build", "execute.driver", "verifier.check"):
+        importlib.import_module(f".{name}", __package__)
+
+
+def _outputs(job: MergeOptions, local: MergeOptions) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
+    """(OUT, adapters) of each output: one, or one per adapter with ``separate``."""
+    if not job.separate:
+        return [(job.output, local.adapters)]
+    names = separate_outputs(job)  # from the ids, not the resolved folders
+    return [(out, (a,)) for (out, _), a in zip(names, local.adapters, strict=True)]
 
 
 def separate_outputs(job: MergeOptions) -> list[tuple[str, tuple[AdapterSpec, ...]]]:
@@ -413,6 +448,8 @@ def verify(
     >>> report.ok                                                        # doctest: +SKIP
     True
     """
+    from .verifier.check import verify as verify_output
+
     base, adapters = resolve_inputs(base, list(adapters), offline=offline)
     return verify_output(
         out,

@@ -176,16 +176,9 @@ def _echo_event(event: dict) -> None:
 
 
 def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
-    from pathlib import Path
+    from .api import prepare, run_job
 
-    from .io.journal import refuse_if_locked
-    from .options import output_folders
-
-    # Before importing torch, resolving Hub ids or reading any input: a busy OUT is refused at once.
-    for out in output_folders(job):
-        refuse_if_locked(Path(out))
-    from .api import run_job
-
+    prepare(job)  # refusals without torch, then its import while Ctrl-C still exits at once
     # Merging writes OUT: from here Ctrl-C unwinds (locks released, OUT marked incomplete).
     raise_on_interrupt()
     results = run_job(

@@ -35,8 +35,10 @@ def peft_type_of(config: dict) -> str:
     return str(config.get("peft_type") or "").upper()
 
 
-def open_adapter(path: str | Path, label: str | None = None) -> Adapter:
+def open_adapter(path: str | Path, label: str | None = None, *, digest: bool = True) -> Adapter:
     """Read an adapter folder's config and the layout of its weights file.
+
+    ``digest=False`` leaves ``sha256`` empty (the planner's early checks, planner/precheck.py).
 
     >>> a = open_adapter("my-lora")   # doctest: +SKIP
     >>> a.config["r"]                  # doctest: +SKIP
@@ -60,7 +62,8 @@ def open_adapter(path: str | Path, label: str | None = None) -> Adapter:
             f"{weights_file}: holds no tensors.",
             hint="Re-save the adapter with PeftModel.save_pretrained().",
         )
-    return Adapter(folder, label, config, weights_file, tensors, file_sha256(weights_file))
+    sha256 = file_sha256(weights_file) if digest else ""
+    return Adapter(folder, label, config, weights_file, tensors, sha256)
 
 
 def _weights_layout(folder: Path) -> tuple[Path, dict[str, TensorRef]]:

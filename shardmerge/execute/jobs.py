@@ -70,6 +70,9 @@ class ShardJob:
     tensors: tuple[TensorJob, ...]  # in file order, which is also output order
     metadata: tuple[tuple[str, str], ...]
     allow_nonfinite: bool = False  # write non-finite values the merge makes (tensor.py)
+    # Written bytes left in the page cache before they are synced and dropped
+    # (planner/memory.py flush_bytes: a memory cgroup charges them to the job).
+    flush_bytes: int = 256 << 20
 
     @property
     def out_entries(self) -> list[OutEntry]:

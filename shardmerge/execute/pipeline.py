@@ -23,6 +23,7 @@ import torch
 from ..io.journal import crashpoint
 from ..io.safetensors import DTYPES, StreamWriter, block_shape, pread_into
 from ..io.sources import RefLoader
+from ..runtime import tune_malloc
 from .jobs import ShardJob, TensorJob
 from .policy import reads_base
 from .survival import ShardStats
@@ -35,9 +36,6 @@ Progress = Callable[[int | str], None]
 READ_AHEAD = 2
 # Output bytes in flight between merger and writer.
 WRITE_BEHIND = 2
-# Flush written data to disk and drop it from the page cache this often, so
-# dirty pages never pile up (a memory cgroup counts them).
-FLUSH_EVERY = 256 << 20
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 _SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)
 
@@ -70,6 +68,7 @@ def run_shards(
             for k, (job, dest) in enumerate(zip(jobs, dests, strict=True))
             for r in run_shards([job], [dest], device, progress if k == 0 else None)
         ]
+    tune_malloc()  # per-block temporaries reused, not faulted in anew (runtime.py)
     layout = _BlockLayout(jobs)
     free: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(READ_AHEAD + 1 if layout.block_bytes else 0):
@@ -116,6 +115,7 @@ def _run_stages(
         # Base bytes are counted once, by the first output's writer.
         counted = progress if k == 0 else None
         writer_args = (_write_blocks, errors, stop, writer, src, dst, writes[k], counted, stop)
+        writer_args += (jobs[k].flush_bytes,)
         threads.append(threading.Thread(target=_guard, args=writer_args, daemon=True))
     for t in threads:
         t.start()
@@ -317,8 +317,9 @@ def _write_blocks(
     writes: queue.Queue,
     progress: Progress | None,
     stop: threading.Event,
+    flush_every: int,
 ) -> None:
-    """Writer stage: the output file front to back."""
+    """Writer stage: the output file front to back, synced and dropped every ``flush_every``."""
     flushed = 0
     started: TensorJob | None = None
     while True:
@@ -332,8 +333,12 @@ def _write_blocks(
         if item[0] == "copy":
             t = item[1]
             writer.begin(t.name)
-            writer.copy_from(src, t.start, t.end - t.start)
-            _advise(src, _DONTNEED, t.start, t.end - t.start)
+            # In pieces: one copied embedding would leave GBs of dirty pages.
+            for start in range(t.start, t.end, flush_every) or [t.start]:
+                count = min(flush_every, t.end - start)
+                writer.copy_from(src, start, count)
+                _advise(src, _DONTNEED, start, count)
+                flushed = _flush_due(dst, writer, flushed, flush_every)
             done = True
         else:
             _, t, merged, done = item
@@ -345,10 +350,16 @@ def _write_blocks(
             if progress:
                 progress(t.end - t.start)
             crashpoint()
-        if writer.pos - flushed >= FLUSH_EVERY:
-            dst.flush()
-            _flush_and_drop(dst, flushed, writer.pos - flushed)
-            flushed = writer.pos
+        flushed = _flush_due(dst, writer, flushed, flush_every)
+
+
+def _flush_due(dst: BinaryIO, writer: StreamWriter, flushed: int, every: int) -> int:
+    """Sync and drop what was written since ``flushed`` once it reaches ``every`` bytes."""
+    if writer.pos - flushed < every:
+        return flushed
+    dst.flush()
+    _flush_and_drop(dst, flushed, writer.pos - flushed)
+    return writer.pos
 
 
 def _flush_and_drop(f: BinaryIO, offset: int, length: int) -> None:

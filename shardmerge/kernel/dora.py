@@ -45,7 +45,11 @@ from .dora_parts import DoraPart, parts_for
 from .merge import FORMAT, cast, in_doubt
 
 _U = 2.0**-53  # float64 unit roundoff
-_TINY = 2.0**-1074  # float64's smallest subnormal: the absolute error of an underflow
+# At least the absolute error of an underflow (2^-1074). float64's smallest
+# normal rather than that subnormal: arithmetic on subnormal operands takes a
+# slow microcode path on x86 (a third of DoRA's time on every element), and no
+# output format can see the difference (< 1e-307) in the bounds.
+_TINY = 2.0**-1022
 # A channel whose float64 sum of squares is more uncertain than this
 # (relative) goes to the exact path whole: then the bounds below stay first order.
 _MAX_REL = 1e-3
@@ -277,6 +281,10 @@ def _sum_squares(
     return s, err
 
 
+# Row elements summed together in any order before the pairwise sum (see _pairwise_sum).
+_ROW_CHUNK = 64
+
+
 def _pairwise_sum(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     """Sum along ``dim`` pairwise, in place (``x`` is overwritten); the sum and a tree height.
 
@@ -288,6 +296,13 @@ def _pairwise_sum(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
         shape = list(x.shape)
         del shape[dim]
         return torch.zeros(shape, dtype=x.dtype, device=x.device), 0
+    if dim == 1 and x.dim() == 2 and n % _ROW_CHUNK == 0 and n > _ROW_CHUNK:
+        # Halving along a row works on strided halves (a third of DoRA's time):
+        # sum contiguous chunks first, in whatever order torch adds them (a tree
+        # of at most chunk - 1 levels), then pairwise over the chunk sums.
+        chunks = x.view(x.shape[0], n // _ROW_CHUNK, _ROW_CHUNK).sum(2)
+        s, height = _pairwise_sum(chunks, 1)
+        return s, height + _ROW_CHUNK - 1
     height = 0
     while n > 1:
         half, odd = divmod(n, 2)

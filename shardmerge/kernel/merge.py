@@ -115,7 +115,7 @@ def merge_block(
         if t.right is None:
             acc.add_(t.left, alpha=t.scale)
         else:
-            acc.add_(t.left @ t.right, alpha=t.scale)
+            acc.addmm_(t.left, t.right, alpha=t.scale)  # no product temporary
             max_rank = max(max_rank, t.left.shape[1])
     out = cast(acc, out_dtype)
     if out_dtype not in FORMAT or out_dtype == torch.float64:
@@ -165,6 +165,9 @@ def _first_tier_doubt(
     away). One accumulator ulp is at least ``|acc| * 2^-p``, so an element is
     settled when ``dist * |acc| * 2^-p`` exceeds the error bound
     ``tol * (|W| + sum |scale| u_i v_j)``, with ``|W| <= |acc| + sum |scale| u_i v_j``.
+    With ``k = tol * 2^p`` that is ``(dist - k) |acc| - 2k sum |scale| u_i v_j >= k tiny``,
+    one margin per element built in place (every pass over the block costs as
+    much as the matmul; the bound's factor 2 covers the margin's own rounding).
     Blocks with non-finite values or near the output's overflow take the
     general path.
     """
@@ -177,31 +180,60 @@ def _first_tier_doubt(
     mid = 1 << (drop - 1)
     dist = torch.bitwise_and(acc.view(int_dtype), (1 << drop) - 1)
     dist.sub_(mid).abs_().clamp_(max=mid // 2)
-    lhs = dist.to(acc.dtype).mul_(a)
     k = tol * 2.0**p_acc
-    rhs = a.mul_(k)  # |acc| now scaled: reuse its memory
+    margin = dist.to(acc.dtype).sub_(k).mul_(a)
+    del dist
     for t in terms:
         if t.right is None:
-            rhs.add_(t.left.abs(), alpha=2.0 * abs(t.scale) * k)
+            margin.sub_(t.left.abs(), alpha=2.0 * abs(t.scale) * k)
         else:
-            rhs.addr_(t.left_absmax, t.right_abssum, alpha=2.0 * abs(t.scale) * k)
-    if any(t.may_underflow for t in terms):
-        rhs.add_(k * _TINY[acc.dtype])
-    doubt = lhs < rhs
+            margin.addr_(t.left_absmax, t.right_abssum, alpha=-2.0 * abs(t.scale) * k)
+    floor = k * _TINY[acc.dtype] if any(t.may_underflow for t in terms) else 0.0
+    idx = below(margin, floor)
     if _MIN_NORMAL.get((out.dtype, acc.dtype)):
         # Below the output's normal range it keeps fewer bits than assumed above:
         # settle those with the general check, which knows the subnormal spacing
         # (float16 outputs have many; sending them all to the exact tier is slow).
-        small = (lhs.copy_(acc).abs_() < _MIN_NORMAL[(out.dtype, acc.dtype)]).reshape(-1)
-        flat = small.nonzero().squeeze(1)
+        flat = (a < _MIN_NORMAL[(out.dtype, acc.dtype)]).reshape(-1).nonzero().squeeze(1)
         if flat.numel():
             bound = _bound(base, terms, acc.dtype).reshape(-1)[flat]
             still = in_doubt(acc.reshape(-1)[flat], out.reshape(-1)[flat], bound, tol)
-            doubt = doubt.reshape(-1)
+            doubt = torch.zeros(acc.numel(), dtype=torch.bool, device=acc.device)
+            if idx is not None:
+                doubt[idx] = True
             doubt[flat] = False
             if still is not None:
                 doubt[flat[still]] = True
-    idx = doubt.reshape(-1).nonzero().squeeze(1)
+            idx = doubt.nonzero().squeeze(1)
+            return idx if idx.numel() else None
+    return idx
+
+
+# Elements per group in ``below``: a group's minimum is one cheap reduction.
+_GROUP = 64
+# ``below`` looks into the groups alone while at most 1 in this many holds a hit.
+_SPARSE = 8
+
+
+def below(x: torch.Tensor, floor: float) -> torch.Tensor | None:
+    """Flat indices (ascending) of the elements of ``x`` less than ``floor``, or None.
+
+    A comparison and nonzero over the whole block cost more than the rest of
+    the check; the minimum of each group of 64 finds the few groups to look into
+    (where many groups hold one, as with exact ties, the whole block is searched).
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    hit = None
+    if n % _GROUP == 0 and n >= 4 * _GROUP:
+        hit = (flat.view(-1, _GROUP).amin(1) < floor).nonzero().squeeze(1)
+        if not hit.numel():
+            return None
+    if hit is None or hit.numel() * _SPARSE > n // _GROUP:
+        idx = (flat < floor).nonzero().squeeze(1)
+        return idx if idx.numel() else None
+    idx = (hit[:, None] * _GROUP + torch.arange(_GROUP, device=x.device)).reshape(-1)
+    idx = idx[flat[idx] < floor]
     return idx if idx.numel() else None
 
 

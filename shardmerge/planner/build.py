@@ -89,6 +89,8 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     )
     if errors:
         raise PlanErrors(errors)
+    flush = memory.flush_bytes(budget, workers, outputs)
+    shards = [replace(s, flush_bytes=flush) for s in shards]
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
     run.update(executor=options.executor, ray_address=options.ray_address)

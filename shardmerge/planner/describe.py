@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from ..execute.jobs import MergePlan, Resources, ShardJob
 from .memory import BASELINE_BYTES, PROCESS_BYTES, tensor_working_bytes
 
-# Rough rates for the time estimate (read+write of the files; merged elements).
-DISK_BYTES_PER_S = 500e6
-CPU_ELEMENTS_PER_S_PER_CORE = 150e6
+if TYPE_CHECKING:  # `shardmerge plan` refuses bad input before torch loads (precheck.py)
+    from ..execute.jobs import MergePlan, Resources, ShardJob, TensorJob
+
+# Rates for the time estimate, calibrated on the 70B-shaped slice (see
+# docs/benchmarks.md, "Plan's time estimate"): bytes read plus written per
+# second, and merged elements per second per core by the work a tensor needs.
+DISK_BYTES_PER_S = 550e6
+CPU_ELEMENTS_PER_S_PER_CORE = {
+    "lowrank": 55e6,  # plain LoRA into a 16-bit output
+    "wide": 28e6,  # a float32 output or base: float64 accumulator, exact ties
+    "dora": 32e6,
+    "hadamard": 33e6,  # LoHa: rank-64 float64 factors
+    "kronecker": 15e6,  # LoKr: rank-512 float64 factors
+    "scaling": 45e6,  # IA3
+    "quant": 17e6,  # an NF4 round trip (or a 4-bit base) first
+    "convert": 150e6,  # a dtype conversion only
+}
+# torch's threads beyond this many cores gain little: the merging thread, the
+# reader and the writer take turns (a merge on 2 cores used ~1.2 of them).
+CORES_PER_WORKER = 2
+# Interpreter and torch start-up, planning, and the final sync.
+STARTUP_S = 4.0
 GPU_ELEMENTS_PER_S = 3e9
 
 
@@ -83,14 +102,36 @@ def _describe_resources(r: Resources) -> dict:
 
 
 def estimated_seconds(plan: MergePlan, shards: list[dict]) -> float:
-    """The slower of reading+writing the files and merging the elements, at rough rates."""
-    merged_elements = sum(
-        math.prod(t.shape) for s in plan.shards for t in s.tensors if t.action != "copy"
-    )
-    r = plan.resources
-    if plan.device.startswith("cuda"):
-        compute = merged_elements / GPU_ELEMENTS_PER_S
-    else:
-        compute = merged_elements / (CPU_ELEMENTS_PER_S_PER_CORE * (r.cpus if r else 1))
+    """Start-up plus the slower of reading+writing the files and merging the elements."""
     io = sum(sh["bytes_in"] + sh["bytes_out"] for sh in shards) / DISK_BYTES_PER_S
-    return round(max(io, compute), 1)
+    return round(STARTUP_S + max(io, merge_seconds(plan)), 1)
+
+
+def merge_seconds(plan: MergePlan) -> float:
+    """The arithmetic alone: every worked tensor's elements at its kind's rate."""
+    worked = [t for sh in plan.shards for t in sh.tensors if t.action != "copy"]
+    if plan.device.startswith("cuda"):
+        return sum(math.prod(t.shape) for t in worked) / GPU_ELEMENTS_PER_S
+    r = plan.resources
+    cores = min(r.cpus if r else 1, CORES_PER_WORKER * max(plan.workers, 1))
+    seconds = sum(math.prod(t.shape) / CPU_ELEMENTS_PER_S_PER_CORE[work_kind(t)] for t in worked)
+    return seconds / max(cores, 1)
+
+
+def work_kind(t: TensorJob) -> str:
+    """Which of CPU_ELEMENTS_PER_S_PER_CORE's rates a worked tensor merges at (the slowest part)."""
+    e = t.edit
+    if t.quant is not None:
+        return "quant"
+    if e is None or not (e.terms or e.scaling):
+        return "convert"
+    forms = {term.form for term in e.terms}
+    if any(term.magnitude is not None for term in e.terms):
+        return "dora"
+    if "kronecker" in forms:
+        return "kronecker"
+    if "hadamard" in forms:
+        return "hadamard"
+    if e.scaling is not None:
+        return "scaling"
+    return "wide" if "F32" in (t.out_dtype, t.in_dtype) else "lowrank"

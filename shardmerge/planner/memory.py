@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import psutil
 
-from ..codecs import OutputCodec, TensorCodec
 from ..errors import InputError, ResourceError, ShardmergeError
-from ..execute import policy
-from ..execute.jobs import Resources, TensorJob
 from ..io.output import fmt_bytes
 from ..io.safetensors import block_shape, matrix_rows
 from ..terms import TensorEdit
 from .resources import cgroup_memory_limit
+
+if TYPE_CHECKING:  # the options and budget checks run before torch is imported (precheck.py)
+    from ..codecs import OutputCodec, TensorCodec
+    from ..execute.jobs import Resources, TensorJob
 
 # What the interpreter, torch and our own bookkeeping take before any buffer,
 # for a merge in one process (measured: 0.22-0.3 GiB RSS).
@@ -49,6 +51,22 @@ SMALLEST_BUDGET = BASELINE_BYTES + (16 << 20)
 # Extra working memory per element of a block whose base is NF4 round-tripped or
 # dequantized first (float32 copies, code indices).
 QUANT_BYTES_PER_ELEMENT = 16
+
+
+# Written bytes each writer leaves in the page cache before it syncs them to
+# disk and drops them. A memory cgroup charges page cache to the job, and
+# reclaiming dirty pages at its limit waits on writeback: with 256 MiB between
+# flushes a 512 MiB cgroup merge took 358 s against ~45 s. So the interval is a
+# share of the budget, split between the writers running at once.
+MAX_FLUSH_BYTES = 256 << 20
+MIN_FLUSH_BYTES = 16 << 20
+FLUSH_SHARE = 8
+
+
+def flush_bytes(budget: int, workers: int, outputs: int) -> int:
+    """Bytes each output writer may leave unsynced in the page cache (see FLUSH_SHARE)."""
+    writers = max(workers, 1) * max(outputs, 1)
+    return max(MIN_FLUSH_BYTES, min(MAX_FLUSH_BYTES, budget // (FLUSH_SHARE * writers)))
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -144,6 +162,8 @@ def block_rows(
     errors: list[ShardmergeError],
 ) -> int:
     """Rows per block of a worked tensor in ``working`` bytes; a ResourceError if none fit."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     rows = matrix_rows(shape)
     cols = row_elements(shape)
     factors = policy.held_bytes(edit)
@@ -177,6 +197,8 @@ def row_elements(shape: tuple[int, ...]) -> int:
 
 def tensor_working_bytes(t: TensorJob) -> int:
     """Memory a tensor job needs beyond the process baseline."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     if t.action == "copy":
         return 0
     quant = t.quant.state_bytes(t.shape) if t.quant else 0
@@ -208,6 +230,8 @@ def encoded_block_rows(
 ) -> int:
     """Rows per block of a tensor written through ``encode``: whole scale blocks within
     the budget; a ResourceError if one row of scale blocks does not fit."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     per_row = row_elements(shape) * (
         encode.bytes_per_element + (QUANT_BYTES_PER_ELEMENT if quant else 0)
     )
@@ -242,6 +266,8 @@ def quant_rows_fit(
 ) -> list[ShardmergeError]:
     """Refuse a tensor whose whole quantization blocks span more rows than the budget holds
     (a large stored blocksize over an awkward row width)."""
+    from ..execute import policy  # imports torch: not at module level (precheck.py)
+
     held = min(block_rows, matrix_rows(shape))
     per_row = row_elements(shape) * (
         MERGE_BYTES_PER_ELEMENT + policy.dora_bytes_per_element(edit) + QUANT_BYTES_PER_ELEMENT

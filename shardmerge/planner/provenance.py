@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 from ..adapters import Adapter
 from ..execute.jobs import AdapterUsed, ShardJob
@@ -120,7 +121,7 @@ def with_metadata(shard: ShardJob, ckpt: Checkpoint, provenance: str) -> ShardJo
     """The shard job carrying the base shard's metadata plus the content-only record."""
     meta = dict(ckpt.headers[shard.name].metadata)
     meta["shardmerge"] = shard_record(provenance)
-    return ShardJob(shard.name, shard.in_path, shard.tensors, tuple(meta.items()))
+    return replace(shard, metadata=tuple(meta.items()))
 
 
 def output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> dict | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
-from ..execute.jobs import Resources
+if TYPE_CHECKING:  # jobs.py imports the codecs (torch); the budget checks run without it
+    from ..execute.jobs import Resources
 
 
 def free_disk(path: Path) -> int:
@@ -51,6 +53,8 @@ def available_memory() -> int:
 
 def probe(out: Path) -> Resources:
     """Read the machine's resources; looks at GPUs only when torch already sees CUDA."""
+    from ..execute.jobs import Resources
+
     vm = psutil.virtual_memory()
     gpus: list[tuple[str, int, int]] = []
     import torch

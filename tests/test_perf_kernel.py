@@ -1,0 +1,53 @@
+"""The faster hot paths compute what the slower ones did (issue 15): same values, sound bounds.
+
+(max |out - base| is execute/survival.compare's, tested in test_survival.py.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shardmerge.kernel import dora
+from shardmerge.kernel.merge import below
+from shardmerge.runtime import tune_malloc
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 64), (3, 4096), (33, 128)])
+def test_below_finds_what_a_full_comparison_finds(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.rand(shape, generator=g) + 0.5
+    picks = torch.randint(0, x.numel(), (9,), generator=g)
+    x.view(-1)[picks] = torch.tensor([-1.0, 0.0, 0.2, -0.0, 1e-30, -float("inf"), 0.3, 0.1, 0.2])
+    for floor in (0.0, 0.25, 1e-20):
+        want = (x.reshape(-1) < floor).nonzero().squeeze(1)
+        got = below(x, floor)
+        assert torch.equal(got, want) if want.numel() else got is None
+
+
+def test_below_none_when_nothing_is_below():
+    assert below(torch.ones(128, 64), 0.5) is None
+
+
+def test_tune_malloc_takes_effect_on_glibc():
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert tune_malloc() is True
+
+
+@pytest.mark.parametrize("cols", [64, 4096, 4160, 100])
+def test_row_sums_within_their_bound(cols):
+    """DoRA's row sums of squares (chunked, then pairwise) stay within gamma(height) of
+    the exact sum, so the bound _sum_squares states holds."""
+    g = torch.Generator().manual_seed(cols)
+    x = (torch.randn(5, cols, generator=g, dtype=torch.float64) * 1e3) ** 2
+    x[0, : cols // 2] *= 1e-12  # a wide spread of magnitudes
+    exact = [math.fsum(row.tolist()) for row in x]
+    s, height = dora._pairwise_sum(x.clone(), 1)
+    assert height <= dora._ROW_CHUNK - 1 + 2 * math.ceil(math.log2(cols)) + 2
+    for got, want in zip(s.tolist(), exact, strict=True):
+        assert abs(got - want) <= dora._gamma(height) * want
