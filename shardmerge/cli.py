@@ -208,7 +208,8 @@ def _run_job(job, quiet: bool, report_path=None, as_json: bool = False) -> None:
     failed = False
     for result in results:
         click.echo(_merge_summary(result))
-        _survival_lines(result, summary=True)
+        if not result.already_complete:  # an earlier run reported its figures
+            _survival_lines(result, summary=True)
         if result.verify is not None:
             click.echo(result.verify.summary())
             failed |= not result.verify.ok

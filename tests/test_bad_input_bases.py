@@ -358,11 +358,11 @@ BAD_MOE_ADAPTERS = {
     # lora_A rows not a multiple of r (and lora_B to match, so it is a pair).
     "rows_not_multiple_of_r": (
         {A_DOWN: _rand((R * E + 1, INTER), 1), B_DOWN: _rand((HID, R * E + 1), 2)},
-        ["lora_A has 9 rows", "4.5 expert(s)", "the base has 4 experts"],
+        ["lora_A has 9 rows", "4.5 experts", "the base has 4 experts"],
     ),
     "adapter_for_3_experts": (
         {A_DOWN: _rand((R * 3, INTER), 1), B_DOWN: _rand((HID, R * 3), 2)},
-        ["LoRA for 3 expert(s)", "the base has 4 experts"],
+        ["LoRA for 3 experts", "the base has 4 experts"],
     ),
     "lora_b_columns": ({B_DOWN: _rand((HID, R * E + 2), 2)}, ["do not make a LoRA pair"]),
     "lora_b_rows": ({B_DOWN: _rand((HID + 1, R * E), 2)}, ["each expert's delta is [9, 6]"]),

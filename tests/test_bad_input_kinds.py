@@ -279,7 +279,7 @@ TOKENS_REFUSED: dict[str, Case] = {
     "index_float": (tokens(token_indices=[1.0, 3]), {DELTA: _t(2, HID)}, ("token_indices must be a list of integers",), ERR_INPUT, "config"),
     "index_bool": (tokens(token_indices=[True, 3]), {DELTA: _t(2, HID)}, ("token_indices must be a list of integers",), ERR_INPUT, "config"),
     "index_string": (tokens(token_indices="1,3"), {DELTA: _t(2, HID)}, ("token_indices must be a list of integers",), ERR_INPUT, "config"),
-    "index_repeated": (tokens(token_indices=[3, 3]), {DELTA: _t(2, HID)}, ("repeat row(s) [3]",), ERR_INCOMPATIBLE, "config"),
+    "index_repeated": (tokens(token_indices=[3, 3]), {DELTA: _t(2, HID)}, ("repeat row [3]",), ERR_INCOMPATIBLE, "config"),
     "no_token_indices": ({"peft_type": "TRAINABLE_TOKENS", "target_modules": ["embed_tokens"]}, {DELTA: _t(2, HID)}, ("token_indices is missing",), ERR_INPUT, "config"),
     "token_indices_null": (tokens(token_indices=None), {DELTA: _t(2, HID)}, ("token_indices is missing",), ERR_INPUT, "config"),
     "delta_too_many_rows": (tokens(), {DELTA: _t(3, HID)}, ("trainable_tokens_delta", "[3, 8]", "[2, 8]"), ERR_INCOMPATIBLE, "weights"),

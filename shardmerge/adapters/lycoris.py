@@ -29,7 +29,7 @@ import re
 from collections import Counter
 
 from ..arch.layers import is_conv1d
-from ..errors import ShardmergeError, UnsupportedAdapterError
+from ..errors import ShardmergeError, UnsupportedAdapterError, count
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES
 from ..terms import Replacement, Scaling, TensorEdit, TensorRef, Term
@@ -314,7 +314,7 @@ def _ia3(c: LycorisEdits, module: str, vec: TensorRef) -> None:
     axis = 1 - feature_axis_linear if conv1d else feature_axis_linear
     if w.shape[axis] != n:
         c.incompatible(
-            f"target {module}: ia3_l has {n} entries ({'input' if ff else 'output'} features) but "
+            f"target {module}: ia3_l has {count(n, 'entry')} ({'input' if ff else 'output'} features) but "
             f"base tensor {base} {list(w.shape)} has {w.shape[axis]} along that axis."
         )
         return
@@ -328,7 +328,7 @@ def _ia3(c: LycorisEdits, module: str, vec: TensorRef) -> None:
     b = c.ckpt.tensor(bias)
     if b.shape != (n,) or b.dtype not in FLOAT_DTYPES or b.dtype == "F64":
         c.incompatible(
-            f"IA3 scales the bias {bias} of {module} by ia3_l ({n} entries), but it is "
+            f"IA3 scales the bias {bias} of {module} by ia3_l ({count(n, 'entry')}), but it is "
             f"{b.dtype} {list(b.shape)}."
         )
         return

@@ -300,7 +300,7 @@ def _expert_layout(
     if total != r * experts:
         have = f"{total // r}" if total % r == 0 else f"{total / r:g}"
         w.incompatible(
-            f"lora_A has {total} rows, which at r={r} is LoRA for {have} expert(s), but the "
+            f"lora_A has {total} rows, which at r={r} is LoRA for {have} expert{'' if have == '1' else 's'}, but the "
             f"base has {experts} experts ({names})."
         )
         return None

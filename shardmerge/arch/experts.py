@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import count as count_of
 from ..io.checkpoint import Checkpoint
 from .keymap import NUMBERED_WEIGHT, Origin, key_map, renamed
 
@@ -191,7 +192,7 @@ def _per_expert(
         return ParamPlace(
             (),
             frozenset(),
-            problem=f"{ckpt.path}: the base lacks {total} expert tensor(s) of {c} "
+            problem=f"{ckpt.path}: the base lacks {count_of(total, 'expert tensor')} of {c} "
             f"({said}): {', '.join(missing)}{more}.",
             base_fault=True,
         )

@@ -207,10 +207,10 @@ def _check_token_rows(ckpt: Checkpoint, res: Resolution) -> None:
                 )
             elif len(set(r.indices)) != len(r.indices):
                 twice = sorted(i for i, n in Counter(r.indices).items() if n > 1)
-                problem = f"{_config_of(r)}: token indices of {r.module} repeat row(s) {twice[:5]}"
+                problem = f"{_config_of(r)}: token indices of {r.module} repeat {'row' if len(twice) == 1 else 'rows'} {twice[:5]}"
             elif clash := sorted(i for i in r.indices if i in seen):
                 problem = (
-                    f"adapters {seen[clash[0]]} and {r.adapter} both replace row(s) "
+                    f"adapters {seen[clash[0]]} and {r.adapter} both replace {'row' if len(clash) == 1 else 'rows'} "
                     f"{clash[:5]} of {name}; PEFT refuses overlapping trainable tokens"
                 )
             if problem:
