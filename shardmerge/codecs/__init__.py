@@ -26,10 +26,14 @@ codes times block scales, decoded exactly to float64) with two formats:
 GLM FP8, ``weight_scale_inv``) and ``CT_FP8_FOLDER`` (ct_fp8.py,
 compressed-tensors ``float-quantized``, ``weight_scale``); fp8_open.py checks
 one FP8 weight and its scale for both (``inspect_folder.py`` summarises a
-folder's quantization without torch).
+folder's quantization without torch). ``IntCodec`` (intq.py: packed integer
+codes, ``(code - zero) * scale`` per group, exact) with ``GPTQ_FOLDER``
+(gptq.py) and ``AWQ_FOLDER`` (awq.py, GEMM order); int_open.py checks one
+packed weight and its side tensors for both. A format may rename what it
+decodes (``StoredBase.names``: GPTQ's ``m.qweight`` is ``m.weight``).
 
-Adding a stored format (MXFP4; INT4 GPTQ/AWQ) is one new module here plus its
-tests:
+Adding a stored format (MXFP4, compressed-tensors INT4) is one new module here
+plus its tests:
 
 1. a frozen dataclass implementing ``TensorCodec`` whose ``decoder`` reads its
    side tensors through ``load`` (a ``TensorRef`` may point into any shard)
@@ -51,12 +55,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .awq import AWQ_FOLDER
 from .bnb4 import Bnb4Codec
 from .bnb4_folder import BNB4_FOLDER
 from .ct_fp8 import CT_FP8_FOLDER
 from .detect import find_format
 from .fp8 import Fp8Codec
 from .fp8_folder import FP8_FOLDER
+from .gptq import GPTQ_FOLDER
+from .intq import IntCodec
 from .nf4 import nf4_roundtrip
 from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
 from .qlora import Nf4Roundtrip, nf4_targets
@@ -66,13 +73,20 @@ if TYPE_CHECKING:
     from ..io.checkpoint import Checkpoint
 
 # The stored base formats shardmerge reads, tried in this order.
-BASE_FORMATS: tuple[BaseFormat, ...] = (BNB4_FOLDER, FP8_FOLDER, CT_FP8_FOLDER)
+BASE_FORMATS: tuple[BaseFormat, ...] = (
+    BNB4_FOLDER,
+    FP8_FOLDER,
+    CT_FP8_FOLDER,
+    GPTQ_FOLDER,
+    AWQ_FOLDER,
+)
 
 __all__ = [
     "BASE_FORMATS",
     "BaseFormat",
     "Bnb4Codec",
     "Fp8Codec",
+    "IntCodec",
     "Nf4Roundtrip",
     "RowDecoder",
     "StoredBase",

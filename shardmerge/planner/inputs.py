@@ -21,6 +21,8 @@ from .provenance import job_fingerprint
 
 # Base formats written only dequantized until FP8 output exists (--dtype required).
 FP8_FORMATS = ("fp8", "ct-fp8")
+# Integer-packed bases (issue 12): only a fully dequantized output is built so far.
+INT_FORMATS = ("gptq", "awq", "ct-int")
 
 
 @dataclass
@@ -126,6 +128,13 @@ def open_base(
             "yet, so it can only be merged into a dequantized model.",
             hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
             "merged and rounded once, and the scales are dropped.",
+        )
+    if stored_format.name in INT_FORMATS and dtype == "auto":
+        raise InputError(
+            f"the base {ckpt.path} is a {stored_format.title} model; keeping its untouched "
+            "modules packed is not built yet, so it can only be merged into a dequantized model.",
+            hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
+            "merged and rounded once, and the packed side tensors are dropped.",
         )
     view, stored = open_base_format(ckpt, stored_format)
     return view, stored, ckpt

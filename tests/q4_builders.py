@@ -1,0 +1,147 @@
+"""Tiny GPTQ and AWQ bases the tests quantize and pack themselves, with float64 references.
+
+Independent of shardmerge: codes, zero points and scales are made here from
+the float32 weights (min/max asymmetric quantization per output row and group
+of input columns), packed bit by bit into int32 words with Python integers in
+each format's documented order, and the exact dequantization
+``(code - zero) * scale`` is computed in float64 from the integers kept
+before packing. A folder comes with its dequantized twin (float64 values, no
+quantization_config) for reference merges and PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from fp8_builders import write_folder
+from safetensors.torch import load_file
+
+# AutoAWQ's GEMM order: field i of a word holds column AWQ_ORDER[i] of its eight.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def llama_config():
+    """A tiny Llama whose Linear dims pack into 32-bit words at 2, 4 and 8 bits."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def quantized(name: str, t: torch.Tensor) -> bool:
+    """The weights GPTQ/AWQ checkpoints pack: decoder-layer Linear weights."""
+    return ".layers." in name and t.dim() == 2 and name.endswith("_proj.weight")
+
+
+def quantize(w: torch.Tensor, bits: int, g_idx: torch.Tensor, gen: torch.Generator, zmin: int):
+    """(codes [out, in], zeros [out, groups], float16 scales [out, groups]) of ``w``."""
+    out, cols = w.shape
+    groups = int(g_idx.max()) + 1
+    top = (1 << bits) - 1
+    codes = torch.zeros(out, cols, dtype=torch.int64)
+    zeros = torch.zeros(out, groups, dtype=torch.int64)
+    scales = torch.zeros(out, groups, dtype=torch.float16)
+    for g in range(groups):
+        cols_g = (g_idx == g).nonzero().reshape(-1)
+        part = w[:, cols_g].double()
+        lo, hi = part.min(1).values.clamp(max=0), part.max(1).values.clamp(min=0)
+        s = ((hi - lo) / top).clamp(min=1e-4).half()
+        z = torch.round(-lo / s.double()).clamp(zmin, top).long()
+        z = torch.where(torch.rand(out, generator=gen) < 0.1, torch.full_like(z, zmin), z)
+        q = torch.round(part / s.double()[:, None]).long() + z[:, None]
+        codes[:, cols_g] = q.clamp(0, top)
+        zeros[:, g], scales[:, g] = z, s
+    return codes, zeros, scales
+
+
+def reference(codes, zeros, scales, g_idx) -> torch.Tensor:
+    """The exact float64 values, element by element from the integers."""
+    z = zeros[:, g_idx].double()
+    s = scales[:, g_idx].double()
+    return (codes.double() - z) * s
+
+
+def pack(values: torch.Tensor, bits: int, order=None) -> torch.Tensor:
+    """int32 words of the rows of ``values`` [n, k*per] packed along the last dim, field i
+    of each word holding position ``order[i]`` of its group (lowest bits first)."""
+    per = 32 // bits
+    order = order or tuple(range(per))
+    rows = []
+    for row in values.tolist():
+        words = []
+        for w0 in range(0, len(row), per):
+            word = 0
+            for i, pos in enumerate(order):
+                word |= (row[w0 + pos] & ((1 << bits) - 1)) << (bits * i)
+            words.append(word - (1 << 32) if word >= 1 << 31 else word)
+        rows.append(words)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def gptq_tensors(module, w, bits, group, desc_act, gen, offset=1) -> tuple[dict, torch.Tensor]:
+    """GPTQ's tensors of one Linear (v1 zero points stored minus ``offset``), and its values."""
+    out, cols = w.shape
+    g_idx = torch.arange(cols) // (group if group > 0 else cols)  # -1: one group per row
+    if desc_act:  # columns taken in a random order: each group a scattered set of columns
+        g_idx = g_idx[torch.argsort(torch.randperm(cols, generator=gen))]
+    codes, zeros, scales = quantize(w, bits, g_idx, gen, zmin=offset)
+    stored = {
+        f"{module}.qweight": pack(codes, bits).T.contiguous(),
+        f"{module}.qzeros": pack((zeros - offset).T.contiguous(), bits),
+        f"{module}.scales": scales.T.contiguous(),
+        f"{module}.g_idx": g_idx.to(torch.int32),
+    }
+    return stored, reference(codes, zeros, scales, g_idx)
+
+
+def awq_tensors(module, w, group, gen) -> tuple[dict, torch.Tensor]:
+    """AWQ's GEMM tensors of one Linear (4 bits), and its values."""
+    cols = w.shape[1]
+    g_idx = torch.arange(cols) // group
+    codes, zeros, scales = quantize(w, 4, g_idx, gen, zmin=0)
+    stored = {
+        f"{module}.qweight": pack(codes.T.contiguous(), 4, AWQ_ORDER),
+        f"{module}.qzeros": pack(zeros.T.contiguous(), 4, AWQ_ORDER),
+        f"{module}.scales": scales.T.contiguous(),
+    }
+    return stored, reference(codes, zeros, scales, g_idx)
+
+
+def quantize_model(src: Path, dst: Path, deq: Path, method: str, **kw) -> dict:
+    """Pack the float32 model in ``src`` into ``dst`` (GPTQ or AWQ; two shards) and write its
+    exact dequantization to ``deq``. ``kw``: bits, group, desc_act, checkpoint_format."""
+    gen = torch.Generator().manual_seed(kw.get("seed", 0))
+    tensors = load_file(str(src / "model.safetensors"))
+    bits, group = kw.get("bits", 4), kw.get("group", 16)
+    offset = 0 if kw.get("checkpoint_format") == "gptq_v2" else 1
+    stored, exact = {}, {}
+    for name, w in sorted(tensors.items()):
+        if not quantized(name, w):
+            stored[name] = exact[name] = w
+            continue
+        module = name[: -len(".weight")]
+        if method == "gptq":
+            side, exact[name] = gptq_tensors(
+                module, w, bits, group, kw.get("desc_act", False), gen, offset
+            )
+        else:
+            side, exact[name] = awq_tensors(module, w, group, gen)
+        stored.update(side)
+    qc = {"quant_method": method, "bits": bits, "group_size": group}
+    if method == "gptq":
+        qc.update(desc_act=kw.get("desc_act", False), sym=False)
+        qc["checkpoint_format"] = kw.get("checkpoint_format", "gptq")
+    else:
+        qc.update(version="gemm", zero_point=True)
+    config = json.loads((src / "config.json").read_text())
+    names = sorted(stored, key=lambda n: (n.split(".layers.")[-1], n))
+    half = len(names) // 2
+    write_folder(dst, stored, dict(config, quantization_config=qc), [names[:half], names[half:]])
+    write_folder(deq, {n: t.contiguous() for n, t in exact.items()}, config, [sorted(exact)])
+    return stored
+
