@@ -145,3 +145,68 @@ def quantize_model(src: Path, dst: Path, deq: Path, method: str, **kw) -> dict:
     write_folder(deq, {n: t.contiguous() for n, t in exact.items()}, config, [sorted(exact)])
     return stored
 
+
+def ct_tensors(module, w, bits, group, symmetric, gen) -> tuple[dict, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of one Linear (bfloat16 scales), and its
+    values: signed codes q stored as q + 2^(bits-1), each row packed in turn (padded)."""
+    out, cols = w.shape
+    half = 1 << (bits - 1)
+    g_idx = torch.arange(cols) // (group or cols)
+    codes, zeros, scales = quantize(w, bits, g_idx, gen, zmin=0)
+    if symmetric:  # zero point q = 0: unsigned codes centred on 2^(bits-1)
+        codes = (codes - zeros[:, g_idx] + half).clamp(0, 2 * half - 1)
+        zeros = torch.full_like(zeros, half)
+    scales = scales.to(torch.bfloat16)
+    per = 32 // bits
+    padded = torch.nn.functional.pad(codes, (0, -cols % per))
+    stored = {
+        f"{module}.weight_packed": pack(padded, bits),
+        f"{module}.weight_scale": scales,
+        f"{module}.weight_shape": torch.tensor([out, cols]),
+    }
+    if not symmetric:  # packed down the rows: [ceil(out/per), groups]
+        zp = torch.nn.functional.pad(zeros.T, (0, -out % per))
+        stored[f"{module}.weight_zero_point"] = pack(zp, bits).T.contiguous()
+    return stored, reference(codes, zeros, scales, g_idx)
+
+
+def ct_config(bits: int, group: int, symmetric: bool, targets: list[str]) -> dict:
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False}
+    weights.update(strategy="group", group_size=group) if group else weights.update(
+        strategy="channel"
+    )
+    group_0 = {"targets": targets, "weights": weights, "format": "pack-quantized"}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group_0},
+        "ignore": ["lm_head"],
+    }
+
+
+def ct_quantize_model(src, dst, deq, *, bits=4, group=16, symmetric=True, select=None, seed=0):
+    """Pack the float32 model in ``src`` as compressed-tensors (``select(name)``: which
+    Linear weights; the rest stay as they are) into ``dst``, values into ``deq``."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(src / "model.safetensors"))
+    select = select or (lambda n: True)
+    stored, exact = {}, {}
+    for name, w in sorted(tensors.items()):
+        if not (quantized_linear_any(name, w) and select(name)):
+            stored[name] = exact[name] = w
+            continue
+        side, exact[name] = ct_tensors(name[: -len(".weight")], w, bits, group, symmetric, gen)
+        stored.update(side)
+    config = json.loads((src / "config.json").read_text())
+    qc = ct_config(bits, group, symmetric, ["Linear"])
+    names = sorted(stored, key=lambda n: (n.split(".layers.")[-1], n))
+    half = len(names) // 2
+    write_folder(dst, stored, dict(config, quantization_config=qc), [names[:half], names[half:]])
+    write_folder(deq, {n: t.contiguous() for n, t in exact.items()}, config, [sorted(exact)])
+    return stored
+
+
+def quantized_linear_any(name: str, t: torch.Tensor) -> bool:
+    """Decoder-layer Linear weights of any projection name (not norms, not the router)."""
+    return ".layers." in name and t.dim() == 2 and "norm" not in name and "mlp.gate." not in name

@@ -38,9 +38,14 @@ def folders(tmp_path_factory):
 
 
 def edit_tensors(folder, edit) -> None:
-    """Apply ``edit`` to the tensors of the shard holding ``M``'s qweight (or the first)."""
+    """Apply ``edit`` to the tensors of the shard holding ``M``'s qweight."""
+    edit_tensors_of(folder, f"{M}.qweight", edit)
+
+
+def edit_tensors_of(folder, name: str, edit) -> None:
+    """Apply ``edit`` to the tensors of the shard holding tensor ``name``."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())
-    shard = folder / index["weight_map"][f"{M}.qweight"]
+    shard = folder / index["weight_map"][name]
     tensors = load_file(str(shard))
     edit(tensors)
     save_file(tensors, str(shard), metadata={"format": "pt"})

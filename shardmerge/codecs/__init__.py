@@ -28,11 +28,12 @@ compressed-tensors ``float-quantized``, ``weight_scale``); fp8_open.py checks
 one FP8 weight and its scale for both (``inspect_folder.py`` summarises a
 folder's quantization without torch). ``IntCodec`` (intq.py: packed integer
 codes, ``(code - zero) * scale`` per group, exact) with ``GPTQ_FOLDER``
-(gptq.py) and ``AWQ_FOLDER`` (awq.py, GEMM order); int_open.py checks one
-packed weight and its side tensors for both. A format may rename what it
+(gptq.py), ``AWQ_FOLDER`` (awq.py, GEMM order) and ``CT_INT_FOLDER``
+(ct_int.py, compressed-tensors ``pack-quantized``); int_open.py checks one
+packed weight and its side tensors for all three. A format may rename what it
 decodes (``StoredBase.names``: GPTQ's ``m.qweight`` is ``m.weight``).
 
-Adding a stored format (MXFP4, compressed-tensors INT4) is one new module here
+Adding a stored format (MXFP4) is one new module here
 plus its tests:
 
 1. a frozen dataclass implementing ``TensorCodec`` whose ``decoder`` reads its
@@ -59,6 +60,7 @@ from .awq import AWQ_FOLDER
 from .bnb4 import Bnb4Codec
 from .bnb4_folder import BNB4_FOLDER
 from .ct_fp8 import CT_FP8_FOLDER
+from .ct_int import CT_INT_FOLDER
 from .detect import find_format
 from .fp8 import Fp8Codec
 from .fp8_folder import FP8_FOLDER
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
 BASE_FORMATS: tuple[BaseFormat, ...] = (
     BNB4_FOLDER,
     FP8_FOLDER,
+    CT_INT_FOLDER,  # before CT_FP8_FOLDER, which refuses every other compressed-tensors format
     CT_FP8_FOLDER,
     GPTQ_FOLDER,
     AWQ_FOLDER,

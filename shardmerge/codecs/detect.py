@@ -64,7 +64,8 @@ def refusal(ckpt: Checkpoint, what: str) -> InputError:
     return InputError(
         f"{ckpt.path}: the base model is quantized with {what}; shardmerge merges into 16-bit "
         "bases, bitsandbytes 4-bit (NF4) folders, FP8 folders (quant_method fp8, or "
-        "compressed-tensors float-quantized), GPTQ (2, 4, 8 bits) and AWQ (GEMM) folders only.",
+        "compressed-tensors float-quantized), GPTQ (2, 4, 8 bits), AWQ (GEMM) and "
+        "compressed-tensors pack-quantized (INT4/INT8) folders only.",
         hint="Merge into the original 16-bit model (add --qlora-base nf4 if the adapter was "
         "trained with QLoRA on a 4-bit base).",
     )
