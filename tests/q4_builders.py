@@ -210,3 +210,73 @@ def ct_quantize_model(src, dst, deq, *, bits=4, group=16, symmetric=True, select
 def quantized_linear_any(name: str, t: torch.Tensor) -> bool:
     """Decoder-layer Linear weights of any projection name (not norms, not the router)."""
     return ".layers." in name and t.dim() == 2 and "norm" not in name and "mlp.gate." not in name
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def gpt_oss_config():
+    """A tiny gpt-oss: experts' in-dims (hidden 64, intermediate 64) are whole MXFP4 blocks."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, num_local_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def mxfp4_encode(w: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [E, R, G, 16], scales uint8 [E, R, G]) of a 16-bit expert tensor
+    ``w`` [E, in, R]: per 32 inputs of one output row, a power of two and the nearest code."""
+    rows = w.transpose(1, 2).double()  # [E, R, in]: the blocks run along the inputs
+    e, r, cols = rows.shape
+    grouped = rows.reshape(e, r, cols // 32, 32)
+    top = grouped.abs().amax(-1).clamp(min=2.0**-100)
+    exp = torch.ceil(torch.log2(top / 6.0)).long()
+    exp += torch.randint(0, 2, exp.shape, generator=gen)  # some blocks with spare range
+    scaled = grouped / torch.pow(2.0, exp.double())[..., None]
+    table = torch.tensor(E2M1, dtype=torch.float64)
+    mag = (scaled.abs()[..., None] - table).abs().argmin(-1)
+    codes = mag + 8 * (scaled < 0).long()  # sign bit 3
+    pairs = codes.reshape(e, r, cols // 32, 16, 2)
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)  # low nibble first
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def mxfp4_reference(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[E, in, R] float64 from the bit fields of each code, element by element in spirit."""
+    lo, hi = blocks & 0x0F, blocks >> 4
+    codes = torch.stack((lo, hi), -1).reshape(*blocks.shape[:-1], 32).long()
+    sign = torch.where(codes >= 8, -1.0, 1.0).double()
+    exp_bits, man = (codes >> 1) & 3, (codes & 1).double()
+    magnitude = torch.where(
+        exp_bits == 0, man * 0.5, (1.0 + man / 2) * torch.pow(2.0, (exp_bits - 1).double())
+    )
+    value = sign * magnitude * torch.pow(2.0, scales.double() - 127)[..., None]
+    e, r, g, _ = value.shape
+    return value.reshape(e, r, g * 32).transpose(1, 2).contiguous()
+
+
+def mxfp4_quantize_model(src: Path, dst: Path, deq: Path, seed: int = 0) -> dict:
+    """gpt-oss experts of ``src`` as MXFP4 (blocks in one shard, scales in the other) in
+    ``dst``; the exact values in ``deq``."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(src / "model.safetensors"))
+    stored, exact = {}, {}
+    for name, w in sorted(tensors.items()):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stored[name] = exact[name] = w
+            continue
+        blocks, scales = mxfp4_encode(w, gen)
+        stored[f"{name}_blocks"], stored[f"{name}_scales"] = blocks, scales
+        exact[name] = mxfp4_reference(blocks, scales)
+    config = json.loads((src / "config.json").read_text())
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    names = sorted(stored)
+    first = [n for n in names if not n.endswith("_scales")]
+    write_folder(
+        dst, stored, dict(config, quantization_config=qc), [first, sorted(set(names) - set(first))]
+    )
+    write_folder(deq, {n: t.contiguous() for n, t in exact.items()}, config, [sorted(exact)])
+    return stored

@@ -30,10 +30,11 @@ folder's quantization without torch). ``IntCodec`` (intq.py: packed integer
 codes, ``(code - zero) * scale`` per group, exact) with ``GPTQ_FOLDER``
 (gptq.py), ``AWQ_FOLDER`` (awq.py, GEMM order) and ``CT_INT_FOLDER``
 (ct_int.py, compressed-tensors ``pack-quantized``); int_open.py checks one
-packed weight and its side tensors for all three. A format may rename what it
+packed weight and its side tensors for all three. ``Mxfp4Codec`` (mxfp4.py,
+one expert's blocks at a time) with ``MXFP4_FOLDER`` (mxfp4_folder.py, gpt-oss). A format may rename what it
 decodes (``StoredBase.names``: GPTQ's ``m.qweight`` is ``m.weight``).
 
-Adding a stored format (MXFP4) is one new module here
+Adding a stored format (NVFP4, ...) is one new module here
 plus its tests:
 
 1. a frozen dataclass implementing ``TensorCodec`` whose ``decoder`` reads its
@@ -66,6 +67,8 @@ from .fp8 import Fp8Codec
 from .fp8_folder import FP8_FOLDER
 from .gptq import GPTQ_FOLDER
 from .intq import IntCodec
+from .mxfp4 import Mxfp4Codec, expert_part
+from .mxfp4_folder import MXFP4_FOLDER
 from .nf4 import nf4_roundtrip
 from .protocol import BaseFormat, RowDecoder, StoredBase, TensorCodec
 from .qlora import Nf4Roundtrip, nf4_targets
@@ -82,6 +85,7 @@ BASE_FORMATS: tuple[BaseFormat, ...] = (
     CT_FP8_FOLDER,
     GPTQ_FOLDER,
     AWQ_FOLDER,
+    MXFP4_FOLDER,
 )
 
 __all__ = [
@@ -90,11 +94,13 @@ __all__ = [
     "Bnb4Codec",
     "Fp8Codec",
     "IntCodec",
+    "Mxfp4Codec",
     "Nf4Roundtrip",
     "RowDecoder",
     "StoredBase",
     "TensorCodec",
     "base_format",
+    "expert_part",
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",

@@ -22,7 +22,7 @@ from .provenance import job_fingerprint
 # Base formats written only dequantized until FP8 output exists (--dtype required).
 FP8_FORMATS = ("fp8", "ct-fp8")
 # Integer-packed bases (issue 12): only a fully dequantized output is built so far.
-INT_FORMATS = ("gptq", "awq", "ct-int")
+INT_FORMATS = ("gptq", "awq", "ct-int", "mxfp4")
 
 
 @dataclass

@@ -6,8 +6,10 @@ its own (row, column) block index, not broadcast over blocks as the codec
 does; the product is exact in float64 either way. Packed integers (GPTQ, AWQ):
 each field is cut from its word by integer division and remainder (not
 shifts and masks), the words laid out per format here, and each element's
-scale and zero point gathered by its own group; exact in float64. Other
-codecs decode through their own row decoder.
+scale and zero point gathered by its own group; exact in float64. MXFP4:
+each E2M1 code's value from its sign, exponent and mantissa bits, times
+2^(byte - 127) of its block, gathered per element. Other codecs decode
+through their own row decoder.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..codecs import Fp8Codec, IntCodec, RowDecoder, TensorCodec
+from ..codecs import Fp8Codec, IntCodec, Mxfp4Codec, RowDecoder, TensorCodec, expert_part
 from ..terms import TensorRef
 
 Loader = Callable[[TensorRef], torch.Tensor]
@@ -29,6 +31,8 @@ def reference_decoder(codec: TensorCodec, shape: tuple[int, ...], load: Loader) 
         return _Fp8Reference(codec, shape, load)
     if isinstance(codec, IntCodec):
         return _IntReference(codec, shape, load)
+    if isinstance(codec, Mxfp4Codec):
+        return _Mxfp4Reference(codec, shape, load)
     return codec.decoder(shape, load)
 
 
@@ -143,3 +147,33 @@ class _IntReference:
         rows = torch.arange(row0, row1)[:, None]
         values = (codes.to(torch.float64) - self.zeros[rows, groups]) * self.scales[rows, groups]
         return values.contiguous()
+
+
+def e2m1_table() -> torch.Tensor:
+    """The float64 value of each of the 16 E2M1 codes, from its bit fields (bias 1)."""
+    values = []
+    for code in range(16):
+        sign = -1.0 if code >> 3 else 1.0
+        exp, man = (code >> 1) & 3, code & 1
+        values.append(sign * (math.ldexp(man, -1) if exp == 0 else math.ldexp(2 + man, exp - 2)))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class _Mxfp4Reference:
+    def __init__(self, codec: Mxfp4Codec, shape: tuple[int, ...], load: Loader):
+        self.codec, self.load = codec, load
+        self.experts, self.cols, self.rows = shape
+        self.table = e2m1_table()
+        self.powers = torch.tensor([math.ldexp(1.0, e - 127) for e in range(256)])
+
+    def __call__(self, raw: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
+        out = torch.empty(row1 - row0, self.rows, dtype=torch.float64)
+        for row in range(row0, row1):  # row = expert * in + input column
+            expert, col = divmod(row, self.cols)
+            if row == row0 or col == 0:
+                blocks = self.load(expert_part(self.codec.blocks, expert)).to(torch.int64)
+                scales = self.load(expert_part(self.codec.scales, expert)).to(torch.int64)
+            byte = blocks[:, col // 32, (col % 32) // 2]
+            code = (byte // 16) if col % 2 else (byte % 16)
+            out[row - row0] = self.table[code] * self.powers[scales[:, col // 32]]
+        return out
