@@ -161,3 +161,12 @@ def test_verify_decodes_by_its_own_arithmetic(llama):
             rows = info.shape[0]
             got = torch.cat([ours(raw, r, min(rows, r + 24)) for r in range(0, rows, 24)])
             assert torch.equal(got, exact[name]), name
+
+
+@pytest.mark.parametrize("variant, what", [("gptq4-desc-act", "GPTQ"), ("awq", "AWQ")])
+def test_plan_counts_the_dequantized_tensors(llama, variant, what):
+    base, _, adapter = packed(llama, variant)
+    argv = ["plan", str(base), str(adapter), "--dtype", "bfloat16"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    assert f"quantized base: 14 tensors dequantized from {what} before merging" in result.output

@@ -177,3 +177,29 @@ def test_broken_mxfp4_base_is_refused(gpt_oss, tmp_path, case):
     assert "Traceback" not in result.output
     assert not out.exists() or not any(out.glob("*.safetensors"))
     assert digest(base) == before
+
+
+def test_one_expert_in_memory_at_a_time(gpt_oss):
+    """The decoder reads one expert's blocks per load, and the planner is told so."""
+    from shardmerge.codecs import open_base_format
+    from shardmerge.codecs.int_open import load_ref
+    from shardmerge.io.checkpoint import open_checkpoint
+
+    tmp, _ = gpt_oss
+    _, base = open_base_format(open_checkpoint(tmp / "mxfp4"))
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    codec, shape = base.specs[name], base.shapes[name]
+    e, cols, rows = shape
+    loaded = []
+
+    def load(ref):
+        loaded.append(ref.end - ref.start)
+        return load_ref(ref)
+
+    decode = codec.decoder(shape, load)
+    for r in range(0, e * cols, 16):
+        decode(None, r, r + 16)
+    whole = codec.blocks.end - codec.blocks.start
+    assert max(loaded) == whole // e  # one expert's blocks
+    assert len(loaded) == 2 * e  # blocks and scales, once per expert
+    assert codec.state_bytes((100 * e, cols, rows)) == codec.state_bytes(shape)  # not per expert
