@@ -83,13 +83,18 @@ def pack(values: torch.Tensor, bits: int, order=None) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)
 
 
-def gptq_tensors(module, w, bits, group, desc_act, gen, offset=1) -> tuple[dict, torch.Tensor]:
-    """GPTQ's tensors of one Linear (v1 zero points stored minus ``offset``), and its values."""
+def gptq_tensors(
+    module, w, bits, group, desc_act, gen, offset=1, wide=False
+) -> tuple[dict, torch.Tensor]:
+    """GPTQ's tensors of one Linear (v1 zero points stored minus ``offset``), and its values;
+    ``wide``: float32 scales of 21 significant bits (products need float64)."""
     out, cols = w.shape
     g_idx = torch.arange(cols) // (group if group > 0 else cols)  # -1: one group per row
     if desc_act:  # columns taken in a random order: each group a scattered set of columns
         g_idx = g_idx[torch.argsort(torch.randperm(cols, generator=gen))]
     codes, zeros, scales = quantize(w, bits, g_idx, gen, zmin=offset)
+    if wide:
+        scales = scales.float() * (1 + 2.0**-20)
     stored = {
         f"{module}.qweight": pack(codes, bits).T.contiguous(),
         f"{module}.qzeros": pack((zeros - offset).T.contiguous(), bits),
@@ -127,7 +132,7 @@ def quantize_model(src: Path, dst: Path, deq: Path, method: str, **kw) -> dict:
         module = name[: -len(".weight")]
         if method == "gptq":
             side, exact[name] = gptq_tensors(
-                module, w, bits, group, kw.get("desc_act", False), gen, offset
+                module, w, bits, group, kw.get("desc_act", False), gen, offset, kw.get("wide")
             )
         else:
             side, exact[name] = awq_tensors(module, w, group, gen)

@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 import shardmerge
 from shardmerge.cli import main
+from shardmerge.codecs import open_base_format
+from shardmerge.io.checkpoint import open_checkpoint
 from shardmerge.verifier.check import verify
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -40,6 +42,7 @@ VARIANTS = {
     "gptq8-v2": ("gptq", dict(bits=8, group=32, checkpoint_format="gptq_v2")),
     "gptq2-one-group": ("gptq", dict(bits=2, group=-1, checkpoint_format="gptq_v2")),
     "awq": ("awq", dict(bits=4, group=16)),
+    "gptq4-f32-scales": ("gptq", dict(bits=4, group=16, wide=True)),
 }
 
 
@@ -78,6 +81,7 @@ def assert_exact(out, deq, adapter, dtype: torch.dtype) -> None:
         ("gptq8-v2", "float16"),
         ("gptq2-one-group", "bfloat16"),
         ("awq", "float32"),
+        ("gptq4-f32-scales", "float32"),
     ],
 )
 def test_packed_base_to_dtype_is_exact(llama, variant, dtype):
@@ -93,6 +97,9 @@ def test_packed_base_to_dtype_is_exact(llama, variant, dtype):
     report = verify(out, base, [adapter])
     assert report.ok, report.summary()
     assert report.tensors["merge"] > 0 and report.tensors["convert"] > 0
+    # float16 scales decode exactly to float32 (the fast path); float32 ones need float64
+    _, stored = open_base_format(open_checkpoint(base))
+    assert {c.dtype for c in stored.specs.values()} == {"F64" if "f32" in variant else "F32"}
 
 
 def test_logits_match_the_unmerged_peft_model_on_the_dequantized_base(llama):
@@ -142,9 +149,7 @@ def test_verify_catches_one_changed_value(llama, variant, name):
 
 def test_verify_decodes_by_its_own_arithmetic(llama):
     """verify's reference decoder is not the codec's, and both give the builder's values."""
-    from shardmerge.codecs import open_base_format
     from shardmerge.codecs.int_open import load_ref
-    from shardmerge.io.checkpoint import open_checkpoint
     from shardmerge.verifier.dequant import reference_decoder
 
     for variant in ("gptq4-desc-act", "awq"):
