@@ -82,21 +82,6 @@ def test_experts_equal_transformers_own_mxfp4_dequantization(gpt_oss):
         assert torch.equal(ours.view(e, cols, rows), theirs), name
 
 
-def test_without_dtype_is_refused(gpt_oss):
-    from click.testing import CliRunner
-
-    from shardmerge.cli import main
-
-    tmp, adapter = gpt_oss
-    out = tmp / "out-nodtype"
-    result = CliRunner().invoke(
-        main, ["merge", str(tmp / "mxfp4"), str(adapter), "-o", str(out), "-q"]
-    )
-    assert result.exit_code == 2, result.output
-    assert "MXFP4 model" in result.stderr and "--dtype bfloat16" in result.stderr
-    assert not out.exists() or not any(out.glob("*.safetensors"))
-
-
 def test_verify_decodes_experts_by_its_own_arithmetic(gpt_oss):
     from shardmerge.codecs import open_base_format
     from shardmerge.codecs.int_open import load_ref

@@ -67,6 +67,7 @@ from .fp8 import Fp8Codec
 from .fp8_folder import FP8_FOLDER
 from .gptq import GPTQ_FOLDER
 from .intq import IntCodec
+from .keep import Kept, keep_untouched, keeps_untouched
 from .mxfp4 import Mxfp4Codec, expert_part
 from .mxfp4_folder import MXFP4_FOLDER
 from .nf4 import nf4_roundtrip
@@ -94,13 +95,17 @@ __all__ = [
     "Bnb4Codec",
     "Fp8Codec",
     "IntCodec",
+    "Kept",
     "Mxfp4Codec",
     "Nf4Roundtrip",
     "RowDecoder",
     "StoredBase",
     "TensorCodec",
     "base_format",
+    "format_named",
     "expert_part",
+    "keep_untouched",
+    "keeps_untouched",
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",
@@ -111,6 +116,11 @@ def base_format(ckpt: Checkpoint) -> BaseFormat | None:
     """The stored format of a base folder, None for an ordinary (16-bit) one; a quantized
     folder no registered format reads is refused."""
     return find_format(ckpt, BASE_FORMATS)
+
+
+def format_named(name: str) -> BaseFormat:
+    """The registered format of this ``BaseFormat.name``."""
+    return next(f for f in BASE_FORMATS if f.name == name)
 
 
 def open_base_format(

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 from .detect import refusal
 from .fp8_open import tensor_ref, where_of
-from .gptq import check_has_packed, check_qweight, stored_base
+from .gptq import check_has_packed, check_qweight, module_of, stored_base
 from .int_open import SCALE_DTYPES, check_bits, check_group, check_shape, corrupt, finish, side_ref
 from .intq import IntCodec, group_count
+from .keep import listed
 from .protocol import StoredBase
 
 if TYPE_CHECKING:
@@ -43,6 +44,14 @@ class AwqFolder:
     def check_unmarked(self, ckpt: Checkpoint) -> None:
         """Refused in detect.py (FOREIGN_TENSORS)."""
         return None
+
+    def module_of(self, name: str) -> str:
+        """The module of a decoded tensor (``m.weight`` -> ``m``)."""
+        return module_of(name)
+
+    def keep_setting(self, settings: dict, modules: list[str]) -> tuple[str, list[str]]:
+        """Touched modules join ``modules_to_not_convert`` (transformers' and vLLM's AWQ)."""
+        return listed(settings, "modules_to_not_convert", modules)
 
     def accepts(self, ckpt: Checkpoint, settings: dict, marked: bool) -> bool:
         """Every ``awq`` config is this format; unreadable settings are refused here."""

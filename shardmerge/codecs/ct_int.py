@@ -29,6 +29,7 @@ from .int_open import (
     side_ref,
 )
 from .intq import IntCodec, group_count
+from .keep import listed
 from .protocol import StoredBase
 
 if TYPE_CHECKING:
@@ -62,6 +63,14 @@ class CtIntFolder:
                 "has no quantization_config saying how they are packed.",
                 hint="Restore the model's original config.json (with its quantization_config).",
             )
+
+    def module_of(self, name: str) -> str:
+        """The module of a decoded tensor (``m.weight`` -> ``m``)."""
+        return name[: -len(".weight")]
+
+    def keep_setting(self, settings: dict, modules: list[str]) -> tuple[str, list[str]]:
+        """Touched modules join ``ignore`` (left unquantized by compressed-tensors and vLLM)."""
+        return listed(settings, "ignore", modules)
 
     def accepts(self, ckpt: Checkpoint, settings: dict, marked: bool) -> bool:
         """Configs whose every format is pack-quantized; others go on to ct_fp8.py."""
@@ -101,7 +110,11 @@ class CtIntFolder:
                 hint="Is a shard missing from the index? Re-download the model.",
             )
         storage = dict.fromkeys(specs, "I32")
-        return StoredBase(self.name, specs, shapes, storage, frozenset(aux), names)
+        parts = {
+            w: tuple(sorted({f"{w}_packed"} | {f"{w[:-7]}{s}" for s in SUFFIXES} & aux))
+            for w in specs
+        }
+        return StoredBase(self.name, specs, shapes, storage, frozenset(aux), names, parts)
 
 
 CT_INT_FOLDER = CtIntFolder()

@@ -93,7 +93,16 @@ def stored_base(
             hint="Is a shard missing from the index? Re-download the model.",
         )
     storage = {f"{m}.weight": "I32" for m in modules}  # the packed words
-    return StoredBase(fmt, specs, shapes, storage, frozenset(aux), view_names(modules))
+    parts = {
+        f"{m}.weight": tuple(sorted({f"{m}.qweight"} | ({f"{m}{s}" for s in side} & aux)))
+        for m in modules
+    }
+    return StoredBase(fmt, specs, shapes, storage, frozenset(aux), view_names(modules), parts)
+
+
+def module_of(name: str) -> str:
+    """The module of a decoded ``m.weight``."""
+    return name[: -len(".weight")]
 
 
 class GptqFolder:

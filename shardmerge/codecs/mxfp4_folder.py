@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptFileError, InputError
 from .fp8_open import tensor_ref, where_of
 from .int_open import check_shape, corrupt, load_ref, side_ref
+from .keep import listed
 from .mxfp4 import BLOCK, FLOAT32_MAX_SCALE, Mxfp4Codec
 from .protocol import StoredBase
 
@@ -42,6 +43,14 @@ class Mxfp4Folder:
                 "config.json has no quantization_config saying how they are stored.",
                 hint="Restore the model's original config.json (with its quantization_config).",
             )
+
+    def module_of(self, name: str) -> str:
+        """The module of a decoded parameter (``...mlp.experts.gate_up_proj`` -> its experts)."""
+        return name.rsplit(".", 1)[0]
+
+    def keep_setting(self, settings: dict, modules: list[str]) -> tuple[str, list[str]]:
+        """Touched expert modules join ``modules_to_not_convert``."""
+        return listed(settings, "modules_to_not_convert", modules)
 
     def accepts(self, ckpt: Checkpoint, settings: dict, marked: bool) -> bool:
         """Every ``mxfp4`` config is this format; other model types are refused here."""
@@ -75,7 +84,8 @@ class Mxfp4Folder:
                 hint="Is a shard missing from the index? Re-download the model.",
             )
         storage = dict.fromkeys(specs, "U8")
-        return StoredBase(self.name, specs, shapes, storage, frozenset(aux), names)
+        parts = {p: (f"{p}_blocks", f"{p}_scales") for p in specs}
+        return StoredBase(self.name, specs, shapes, storage, frozenset(aux), names, parts)
 
 
 MXFP4_FOLDER = Mxfp4Folder()

@@ -73,6 +73,8 @@ class StoredBase:
     aux: frozenset[str]  # the side tensors (scales, code tables), dropped from the output
     # stored name -> decoded name where they differ (GPTQ's ``m.qweight`` is ``m.weight``)
     names: Mapping[str, str] = field(default_factory=dict)
+    # decoded name -> the stored tensors it is made of (packed codes and side tensors)
+    parts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class BaseFormat(Protocol):

@@ -9,8 +9,10 @@ jobs), provenance (fingerprint, record, index) and describe.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
+from ..codecs import Kept, format_named, keep_untouched, keeps_untouched
 from ..errors import InputError, PlanErrors, ResourceError
 from ..execute.jobs import MergePlan, ShardJob
 from ..io.output import fmt_bytes
@@ -72,6 +74,9 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     out_checks = {"overwrite": options.overwrite, "resume": options.resume} if check_out else None
     inputs, errors = open_inputs(base, adapters, out, weights, dtype, qlora_base, out_checks)
     settled, counts = settle_edits(inputs, weights, errors)
+    kept = _kept(inputs, dtype, set(settled.edits))
+    if kept is not None:  # untouched modules stay packed: the view holds them as stored
+        inputs = replace(inputs, ckpt=kept.view, bnb4=kept.stored)
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
     errors.extend(memory.budget_problems(budget, max_memory, resources))
@@ -79,13 +84,14 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
     shards = schedule.shard_jobs(
-        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors
-    )
+        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors,
+        kept.dtype if kept else None,
+    )  # fmt: skip
     if errors:
         raise PlanErrors(errors)
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources)
-    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run)
+    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, out_dtype, run, kept)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
     return plan
@@ -100,6 +106,7 @@ def _assemble(
     shards: list[ShardJob],
     out_dtype: str | None,
     run: dict,
+    kept: Kept | None = None,
 ) -> MergePlan:
     """The plan: jobs stamped with the provenance record, the output's index and config."""
     ckpt, bnb4 = inputs.ckpt, inputs.bnb4
@@ -112,9 +119,10 @@ def _assemble(
         shards=tuple(shards),
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
-        config_update=schedule.config_changes(ckpt, out_dtype, settled),
-        # A dequantized 4-bit or FP8 base is an ordinary model now.
-        config_drop=("quantization_config",) if bnb4 else (),
+        config_update=schedule.config_changes(ckpt, out_dtype, settled)
+        + ((kept.setting,) if kept else ()),
+        # A dequantized 4-bit or FP8 base is an ordinary model now; a kept one stays quantized.
+        config_drop=("quantization_config",) if bnb4 and not kept else (),
         qlora_base=bnb4.format if bnb4 else qlora_base,
         index=settled.update_index(provenance.output_index(ckpt, shards, record)),
         provenance=record,
@@ -122,3 +130,14 @@ def _assemble(
         resumable=tuple(sorted(inputs.journal.shards)) if inputs.journal else (),
         **run,
     )
+
+
+def _kept(inputs: Inputs, dtype: str, touched: set[str]) -> Kept | None:
+    """Without --dtype, a base whose format can keep untouched modules packed: its mixed view."""
+    stored = inputs.bnb4
+    if dtype != "auto" or stored is None or inputs.stored_ckpt is None:
+        return None
+    fmt = format_named(stored.format)
+    if not keeps_untouched(fmt):
+        return None
+    return keep_untouched(inputs.stored_ckpt, stored, fmt, touched)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import Adapter, adapter_edits, open_adapter
-from ..codecs import StoredBase, base_format, open_base_format
+from ..codecs import StoredBase, base_format, keeps_untouched, open_base_format
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import dora_problems
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -34,6 +34,7 @@ class Inputs:
     adapters: list[Adapter]
     fingerprint: str
     journal: Journal | None
+    stored_ckpt: Checkpoint | None = None  # the base folder as stored (a quantized one)
 
 
 def open_inputs(
@@ -77,7 +78,7 @@ def open_inputs(
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
         raise PlanErrors(errors)
-    return Inputs(ckpt, bnb4, opened, fingerprint, journal), errors
+    return Inputs(ckpt, bnb4, opened, fingerprint, journal, as_stored), errors
 
 
 def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]) -> list[Adapter]:
@@ -129,10 +130,11 @@ def open_base(
             hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
             "merged and rounded once, and the scales are dropped.",
         )
-    if stored_format.name in INT_FORMATS and dtype == "auto":
+    if stored_format.name in INT_FORMATS and dtype == "auto" and not keeps_untouched(stored_format):
         raise InputError(
-            f"the base {ckpt.path} is a {stored_format.title} model; keeping its untouched "
-            "modules packed is not built yet, so it can only be merged into a dequantized model.",
+            f"the base {ckpt.path} is a {stored_format.title} model, and its quantization_config "
+            "has no way (that transformers reads) to mark single modules as not quantized, so "
+            "untouched modules cannot stay packed beside merged 16-bit ones.",
             hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
             "merged and rounded once, and the packed side tensors are dropped.",
         )

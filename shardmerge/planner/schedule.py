@@ -27,8 +27,13 @@ def shard_jobs(
     bnb4: StoredBase | None,
     working: int,
     errors: list[ShardmergeError],
+    kept_dtype: str | None = None,
 ) -> list[ShardJob]:
-    """One job per base shard, its tensors in file order; problems go to ``errors``."""
+    """One job per base shard, its tensors in file order; problems go to ``errors``.
+
+    ``kept_dtype``: a quantized base kept packed where untouched; its decoded
+    (touched) modules are written in this dtype.
+    """
     shards: list[ShardJob] = []
     for shard in ckpt.shards:
         header = ckpt.headers[shard]
@@ -37,6 +42,8 @@ def shard_jobs(
             target = out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
             edit = edits.get(t.name)
             quant = quant_spec(t.name, t.dtype, edit, nf4, bnb4, errors)
+            if quant is not None and kept_dtype and not out_dtype:
+                target = kept_dtype
             shape = embeddings.output_shape(t.shape, edit)  # a resized vocabulary
             rows = 0
             if edit is not None or target != t.dtype or quant:
