@@ -413,6 +413,10 @@ def format_plan(d: dict, *, has_out: bool) -> str:
             "bnb4": "dequantized from 4-bit",
             "fp8": "dequantized from FP8",
             "ct-fp8": "dequantized from compressed-tensors FP8",
+            "gptq": "dequantized from GPTQ",
+            "awq": "dequantized from AWQ",
+            "ct-int": "dequantized from compressed-tensors INT",
+            "mxfp4": "dequantized from MXFP4",
         }[d["qlora_base"]]
         lines.append(
             f"quantized base: {count(d['quantized_tensors'], 'tensor')} {how} before merging"

@@ -182,7 +182,7 @@ def _weights(c: dict) -> dict:
 CT_CASES = {
     "pack_quantized": (
         lambda c: c["quantization_config"].update(format="pack-quantized"),
-        ["compressed-tensors in the 'pack-quantized' format"],
+        ["compressed-tensors pack-quantized 8-bit float weights"],
     ),
     "int_weights": (
         lambda c: _weights(c).update(type="int", num_bits=4),

@@ -26,10 +26,16 @@ codes times block scales, decoded exactly to float64) with two formats:
 GLM FP8, ``weight_scale_inv``) and ``CT_FP8_FOLDER`` (ct_fp8.py,
 compressed-tensors ``float-quantized``, ``weight_scale``); fp8_open.py checks
 one FP8 weight and its scale for both (``inspect_folder.py`` summarises a
-folder's quantization without torch).
+folder's quantization without torch). ``IntCodec`` (intq.py: packed integer
+codes, ``(code - zero) * scale`` per group, exact) with ``GPTQ_FOLDER``
+(gptq.py), ``AWQ_FOLDER`` (awq.py, GEMM order) and ``CT_INT_FOLDER``
+(ct_int.py, compressed-tensors ``pack-quantized``); int_open.py checks one
+packed weight and its side tensors for all three. ``Mxfp4Codec`` (mxfp4.py,
+one expert's blocks at a time) with ``MXFP4_FOLDER`` (mxfp4_folder.py, gpt-oss). A format may rename what it
+decodes (``StoredBase.names``: GPTQ's ``m.qweight`` is ``m.weight``).
 
-Adding a stored format (MXFP4; INT4 GPTQ/AWQ) is one new module here plus its
-tests:
+Adding a stored format (NVFP4, ...) is one new module here
+plus its tests:
 
 1. a frozen dataclass implementing ``TensorCodec`` whose ``decoder`` reads its
    side tensors through ``load`` (a ``TensorRef`` may point into any shard)
@@ -56,13 +62,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .awq import AWQ_FOLDER
 from .bnb4 import Bnb4Codec
 from .bnb4_folder import BNB4_FOLDER
 from .ct_fp8 import CT_FP8_FOLDER
+from .ct_int import CT_INT_FOLDER
 from .detect import find_format
 from .fp8 import Fp8Codec
 from .fp8_encode import FP8_BLOCK, Fp8BlockOut, compressed_tensors_config
 from .fp8_folder import FP8_FOLDER
+from .gptq import GPTQ_FOLDER
+from .intq import IntCodec
+from .keep import Kept, keep_untouched, keeps_untouched
+from .mxfp4 import Mxfp4Codec, expert_part
+from .mxfp4_folder import MXFP4_FOLDER
 from .nf4 import nf4_roundtrip
 from .protocol import BaseFormat, OutputCodec, RowDecoder, RowEncoder, StoredBase, TensorCodec
 from .qlora import Nf4Roundtrip, nf4_targets
@@ -72,7 +85,15 @@ if TYPE_CHECKING:
     from ..io.checkpoint import Checkpoint
 
 # The stored base formats shardmerge reads, tried in this order.
-BASE_FORMATS: tuple[BaseFormat, ...] = (BNB4_FOLDER, FP8_FOLDER, CT_FP8_FOLDER)
+BASE_FORMATS: tuple[BaseFormat, ...] = (
+    BNB4_FOLDER,
+    FP8_FOLDER,
+    CT_INT_FOLDER,  # before CT_FP8_FOLDER, which refuses every other compressed-tensors format
+    CT_FP8_FOLDER,
+    GPTQ_FOLDER,
+    AWQ_FOLDER,
+    MXFP4_FOLDER,
+)
 
 __all__ = [
     "BASE_FORMATS",
@@ -81,6 +102,9 @@ __all__ = [
     "Fp8Codec",
     "FP8_BLOCK",
     "Fp8BlockOut",
+    "IntCodec",
+    "Kept",
+    "Mxfp4Codec",
     "Nf4Roundtrip",
     "OutputCodec",
     "RowDecoder",
@@ -89,6 +113,10 @@ __all__ = [
     "TensorCodec",
     "base_format",
     "compressed_tensors_config",
+    "format_named",
+    "expert_part",
+    "keep_untouched",
+    "keeps_untouched",
     "nf4_roundtrip",
     "nf4_targets",
     "open_base_format",
@@ -99,6 +127,11 @@ def base_format(ckpt: Checkpoint) -> BaseFormat | None:
     """The stored format of a base folder, None for an ordinary (16-bit) one; a quantized
     folder no registered format reads is refused."""
     return find_format(ckpt, BASE_FORMATS)
+
+
+def format_named(name: str) -> BaseFormat:
+    """The registered format of this ``BaseFormat.name``."""
+    return next(f for f in BASE_FORMATS if f.name == name)
 
 
 def open_base_format(

@@ -7,8 +7,9 @@ llm-compressor writes ``W.weight`` in float8_e4m3fn and ``W.weight_scale``
 ``group`` (``group_size`` g: ``[out, ceil(in/g)]``). The value is code times
 scale. A static ``W.input_scale`` and the KV-cache scales are dropped with the
 weight scales: the output is a dequantized model. Modules in ``ignore`` stay
-16-bit and must not hold FP8 codes. Other compressed-tensors formats (packed
-INT4/INT8, NVFP4, MXFP4, sparse, transforms, asymmetric) are refused by name.
+16-bit and must not hold FP8 codes. Packed INT4/INT8 is ct_int.py's (tried
+first); other compressed-tensors formats (NVFP4, MXFP4, sparse, transforms,
+asymmetric) are refused by name.
 """
 
 from __future__ import annotations

@@ -63,8 +63,9 @@ def refusal(ckpt: Checkpoint, what: str) -> InputError:
     """The error for a base quantized with ``what``, which shardmerge does not read."""
     return InputError(
         f"{ckpt.path}: the base model is quantized with {what}; shardmerge merges into 16-bit "
-        "bases, bitsandbytes 4-bit (NF4) folders and FP8 folders (quant_method fp8, or "
-        "compressed-tensors float-quantized) only.",
+        "bases, bitsandbytes 4-bit (NF4) folders, FP8 folders (quant_method fp8, or "
+        "compressed-tensors float-quantized), GPTQ (2, 4, 8 bits), AWQ (GEMM) and "
+        "compressed-tensors pack-quantized (INT4/INT8) folders only.",
         hint="Merge into the original 16-bit model (add --qlora-base nf4 if the adapter was "
         "trained with QLoRA on a 4-bit base).",
     )

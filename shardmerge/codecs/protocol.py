@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -67,10 +67,14 @@ class StoredBase:
     """A base folder stored in a quantized format, opened and checked."""
 
     format: str  # the BaseFormat's name
-    specs: Mapping[str, TensorCodec]  # stored tensor name -> how to decode it
-    shapes: Mapping[str, tuple[int, ...]]  # stored tensor name -> its decoded shape
-    storage: Mapping[str, str]  # stored tensor name -> its stored safetensors dtype
+    specs: Mapping[str, TensorCodec]  # decoded tensor name -> how to decode it
+    shapes: Mapping[str, tuple[int, ...]]  # decoded tensor name -> its decoded shape
+    storage: Mapping[str, str]  # decoded tensor name -> its stored safetensors dtype
     aux: frozenset[str]  # the side tensors (scales, code tables), dropped from the output
+    # stored name -> decoded name where they differ (GPTQ's ``m.qweight`` is ``m.weight``)
+    names: Mapping[str, str] = field(default_factory=dict)
+    # decoded name -> the stored tensors it is made of (packed codes and side tensors)
+    parts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class BaseFormat(Protocol):

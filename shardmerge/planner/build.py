@@ -12,6 +12,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+from ..codecs import Kept, format_named, keep_untouched, keeps_untouched
 from ..errors import InputError, PlanErrors, count
 from ..execute.jobs import MergePlan, ShardJob
 from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args, output_formats
@@ -71,6 +72,9 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
         base, adapters, out, weights, dtype, qlora_base, out_checks, formats, allow
     )
     settled, counts = settle_edits(inputs, weights, errors)
+    kept = _kept(inputs, dtype, set(settled.edits))
+    if kept is not None:  # untouched modules stay packed: the view holds them as stored
+        inputs = replace(inputs, ckpt=kept.view, bnb4=kept.stored)
     ckpt, out_dtype = inputs.ckpt, DTYPE_CHOICES[dtype]
     resources = probe_resources(Path(out))
     errors.extend(memory.budget_problems(budget, max_memory, resources))
@@ -85,8 +89,9 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
     fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, inputs.bnb4, errors)
     shards = schedule.shard_jobs(
-        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors, fp8
-    )
+        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors, fp8,
+        kept.dtype if kept else None,
+    )  # fmt: skip
     if errors:
         raise PlanErrors(errors)
     flush = memory.flush_bytes(budget, workers, outputs)
@@ -94,8 +99,12 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
     run.update(executor=options.executor, ray_address=options.ray_address)
-    run["config_update"] = schedule.config_changes(ckpt, out_dtype, settled) + fp8_config(ckpt, fp8)
-    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats)
+    run["config_update"] = (
+        schedule.config_changes(ckpt, out_dtype, settled)
+        + fp8_config(ckpt, fp8)
+        + ((kept.setting,) if kept else ())
+    )
+    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats, kept)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
     return plan
@@ -110,6 +119,7 @@ def _assemble(
     shards: list[ShardJob],
     run: dict,
     formats: dict[str, str],
+    kept: Kept | None = None,
 ) -> MergePlan:
     """The plan: jobs stamped with the provenance record, the output's index and config.
 
@@ -128,8 +138,8 @@ def _assemble(
         shards=tuple(shards),
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
-        # A dequantized 4-bit or FP8 base is an ordinary model now.
-        config_drop=("quantization_config",) if bnb4 else (),
+        # A dequantized 4-bit or FP8 base is an ordinary model now; a kept one stays quantized.
+        config_drop=("quantization_config",) if bnb4 and not kept else (),
         qlora_base=bnb4.format if bnb4 else qlora_base,
         index=settled.update_index(provenance.output_index(ckpt, shards, record)),
         provenance=record,
@@ -138,3 +148,14 @@ def _assemble(
         resumable=tuple(sorted(inputs.journal.shards)) if inputs.journal else (),
         **run,
     )
+
+
+def _kept(inputs: Inputs, dtype: str, touched: set[str]) -> Kept | None:
+    """Without --dtype, a base whose format can keep untouched modules packed: its mixed view."""
+    stored = inputs.bnb4
+    if dtype != "auto" or stored is None or inputs.stored_ckpt is None:
+        return None
+    fmt = format_named(stored.format)
+    if not keeps_untouched(fmt):
+        return None
+    return keep_untouched(inputs.stored_ckpt, stored, fmt, touched)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..adapters import Adapter, adapter_edits, open_adapter
 from ..adapters.mismatch import summarise
-from ..codecs import StoredBase, base_format, open_base_format
+from ..codecs import StoredBase, base_format, keeps_untouched, open_base_format
 from ..errors import InputError, PlanErrors, ShardmergeError, UnsupportedAdapterError
 from ..execute.policy import dora_problems
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -22,6 +22,8 @@ from .provenance import job_description, job_fingerprint
 
 # Base formats written only dequantized until FP8 output exists (--dtype required).
 FP8_FORMATS = ("fp8", "ct-fp8")
+# Integer-packed bases (issue 12): only a fully dequantized output is built so far.
+INT_FORMATS = ("gptq", "awq", "ct-int", "mxfp4")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Inputs:
     fingerprint: str
     journal: Journal | None
     job: dict  # the fingerprint's parts, readable (provenance.job_description)
+    stored_ckpt: Checkpoint | None = None  # the base folder as stored (a quantized one)
 
 
 def open_inputs(
@@ -88,7 +91,7 @@ def open_inputs(
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
         raise PlanErrors(errors)
-    return Inputs(ckpt, bnb4, opened, fingerprint, journal, job), errors
+    return Inputs(ckpt, bnb4, opened, fingerprint, journal, job, as_stored), errors
 
 
 def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]) -> list[Adapter]:
@@ -139,6 +142,14 @@ def open_base(
             "yet, so it can only be merged into a dequantized model.",
             hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
             "merged and rounded once, and the scales are dropped.",
+        )
+    if stored_format.name in INT_FORMATS and dtype == "auto" and not keeps_untouched(stored_format):
+        raise InputError(
+            f"the base {ckpt.path} is a {stored_format.title} model, and its quantization_config "
+            "has no way (that transformers reads) to mark single modules as not quantized, so "
+            "untouched modules cannot stay packed beside merged 16-bit ones.",
+            hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
+            "merged and rounded once, and the packed side tensors are dropped.",
         )
     view, stored = open_base_format(ckpt, stored_format)
     return view, stored, ckpt

@@ -129,8 +129,11 @@ def output_index(ckpt: Checkpoint, shards: list[ShardJob], provenance: str) -> d
     if ckpt.index is None:
         return None
     index = json.loads(json.dumps(ckpt.index))
-    # Only the tensors written (a 4-bit base's quantization tensors are not).
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in ckpt.weight_map}
+    # The tensors written, in the index's order: a quantized base's side tensors are not
+    # written, and its packed tensors may be renamed (GPTQ's m.qweight is m.weight).
+    stored = index["weight_map"]
+    kept = {k: v for k, v in stored.items() if k in ckpt.weight_map}
+    index["weight_map"] = kept | {k: v for k, v in ckpt.weight_map.items() if k not in stored}
     # Side tensors written beside their tensor (FP8 scales).
     for s in shards:
         for t in s.tensors:

@@ -28,12 +28,15 @@ def shard_jobs(
     working: int,
     errors: list[ShardmergeError],
     encodes: dict[str, OutputCodec] | None = None,
+    kept_dtype: str | None = None,
 ) -> list[ShardJob]:
     """One job per base shard, its tensors in file order; problems go to ``errors``.
 
     ``encodes``: tensors written in a quantized format (--quantize), by name.
     The side tensors they write (scales) replace base tensors of the same name,
     wherever the base stores them (an FP8 base's scale in another shard).
+    ``kept_dtype``: a quantized base kept packed where untouched; its decoded
+    (touched) modules are written in this dtype.
     """
     shards: list[ShardJob] = []
     encodes = encodes or {}
@@ -47,6 +50,8 @@ def shard_jobs(
             target = out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
             edit = edits.get(t.name)
             quant = quant_spec(t.name, t.dtype, edit, nf4, bnb4, errors)
+            if quant is not None and kept_dtype and not out_dtype:
+                target = kept_dtype
             shape = embeddings.output_shape(t.shape, edit)  # a resized vocabulary
             encode = encodes.get(t.name)
             rows = 0
