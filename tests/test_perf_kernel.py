@@ -51,3 +51,19 @@ def test_row_sums_within_their_bound(cols):
     assert height <= dora._ROW_CHUNK - 1 + 2 * math.ceil(math.log2(cols)) + 2
     for got, want in zip(s.tolist(), exact, strict=True):
         assert abs(got - want) <= dora._gamma(height) * want
+
+
+def test_merge_block_settles_strided_rows_as_contiguous_ones():
+    """A transposed (strided) base block: the exact tiers write settled elements through a
+    flat view of the output, which must be the output itself, not a copy."""
+    from shardmerge.kernel.merge import BlockTerm, merge_block
+
+    base = torch.ones(48, 64, dtype=torch.bfloat16).t()  # [64, 48], not contiguous
+    assert not base.is_contiguous()
+    # 1 + 2^-8 + 2^-30 is just above a bfloat16 midpoint; float32 rounds it onto the
+    # midpoint (a tie, to 1.0), so the accumulator is in doubt and float64 settles it: 1 + 2^-7.
+    left = torch.full((64, 1), 2.0**-8 + 2.0**-30)
+    right = torch.ones(1, 48)
+    term = BlockTerm(left, right, 1.0, left.abs().amax(1), right.abs().sum(0))
+    got = merge_block(base, [term], torch.bfloat16, torch.float32)
+    assert torch.equal(got.float(), torch.full((64, 48), 1.0 + 2.0**-7))

@@ -109,7 +109,9 @@ def merge_block(
     """
     if not terms:
         return cast(base, out_dtype)
-    acc = base.to(acc_dtype, copy=True)  # never alias base: _refine rereads it
+    # Never alias base (_refine rereads it), and contiguous: the exact tiers write
+    # settled elements through out.reshape(-1), which copies a strided tensor.
+    acc = base.to(acc_dtype, memory_format=torch.contiguous_format, copy=True)
     max_rank = 1
     for t in terms:
         if t.right is None:
@@ -136,7 +138,7 @@ def accumulate(
     (FP8 codes with block scales, fp8.py). The bound is None when the value
     is exact (no terms).
     """
-    acc = base.to(acc_dtype, copy=True)
+    acc = base.to(acc_dtype, memory_format=torch.contiguous_format, copy=True)
     if not terms:
         return acc, None
     max_rank = 1
