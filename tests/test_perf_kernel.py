@@ -67,3 +67,31 @@ def test_merge_block_settles_strided_rows_as_contiguous_ones():
     term = BlockTerm(left, right, 1.0, left.abs().amax(1), right.abs().sum(0))
     got = merge_block(base, [term], torch.bfloat16, torch.float32)
     assert torch.equal(got.float(), torch.full((64, 48), 1.0 + 2.0**-7))
+
+
+def test_copied_tensors_are_checksummed_in_large_reads_after_a_tiny_one(tmp_path, monkeypatch):
+    """The CRC read-back of copied bytes is not stuck at the size of the first copy (a
+    2-byte shape tensor made a Kimi-shaped slice 6x slower), and the CRC is the file's."""
+    import os
+    import zlib
+
+    from shardmerge.io import safetensors as st
+
+    src = tmp_path / "src.bin"
+    payload = os.urandom((1 << 20) + 2)
+    src.write_bytes(payload)
+    entries = [st.OutEntry("tiny", "U8", (2,)), st.OutEntry("big", "U8", (1 << 20,))]
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(
+        os, "preadv", lambda fd, bufs, off: reads.append(off) or real(fd, bufs, off)
+    )
+    with open(src, "rb") as s, open(tmp_path / "out.bin", "wb") as f:
+        w = st.StreamWriter(f, entries, {})
+        w.begin("tiny")
+        w.copy_from(s, 0, 2)
+        w.begin("big")
+        w.copy_from(s, 2, 1 << 20)
+        w.close()
+    assert len(reads) == 2  # one read per copy
+    assert w.crc == zlib.crc32((tmp_path / "out.bin").read_bytes())

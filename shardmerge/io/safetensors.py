@@ -339,8 +339,11 @@ class StreamWriter:
 
     def _crc_range(self, src: BinaryIO, offset: int, count: int) -> None:
         # The bytes just went through the page cache: reading them back is cheap.
-        if self._crc_buf is None:
-            self._crc_buf = bytearray(min(_COPY_CHUNK, max(count, 1)))
+        want = min(_COPY_CHUNK, max(count, 1))
+        if self._crc_buf is None or len(self._crc_buf) < want:
+            # Grown to the largest copy so far: a buffer sized by a first, tiny tensor
+            # (a shape or scale) made every later copy crawl in tiny reads.
+            self._crc_buf = bytearray(want)
         view = memoryview(self._crc_buf)
         done = 0
         while done < count:
