@@ -193,27 +193,16 @@ def merge(
 ) -> MergeResult:
     """Merge PEFT adapters (LoRA, DoRA, LoHa, LoKr, IA3, ...) into a base model folder, writing a new one.
 
-    ``weights`` gives one factor per adapter (default 1.0 each):
-    ``W + sum_i weights[i] * delta_i``. ``dtype`` is "auto" (keep each
-    tensor's dtype), "float32", "float16" or "bfloat16". ``max_memory`` is the
-    memory budget ("4GiB"; default half the available RAM). Rerunning an
-    interrupted merge resumes it (``resume=False`` starts over); ``overwrite``
-    replaces whatever model OUT holds. ``workers`` runs that many shards at
-    once in worker processes (default: one worker; tiny models in-process).
-    The JSON report goes to ``OUT/.shardmerge/report.json`` and, given
-    ``report``, to that path too; ``events`` receives progress as dicts
-    (``{"event": "start" | "shard" | "progress" | "done", ...}``).
-    ``qlora_base="nf4"`` merges into the base weights as a QLoRA run saw them
-    (NF4 round trip of the quantized Linear weights); a bitsandbytes 4-bit base
-    folder is dequantized in any case. NaN or Inf in an adapter tensor, or made
-    by the merge (an overflow of the output dtype), is refused unless
-    ``allow_nonfinite``. ``MergeResult.survival`` says how much of the
-    adapters' change each touched tensor kept after rounding.
-    ``executor="ray"`` runs the shard jobs as
-    tasks on the Ray cluster at ``ray_address`` (inputs and OUT on storage every
-    node sees). ``quantize="fp8-block"`` writes
-    compressed-tensors FP8 (128x128 weight blocks); ``requant_scales`` ("kept"
-    or "fresh") says which scales requantized FP8 blocks get.
+    ``weights``: one factor per adapter (default 1.0 each), ``W + sum_i
+    weights[i] * delta_i``. ``dtype``: "auto" (each tensor's own), "float32",
+    "float16" or "bfloat16". ``max_memory``: the budget ("4GiB"; default half the
+    available RAM). A rerun resumes (``resume=False`` starts over; ``overwrite``
+    replaces a model in OUT). The JSON report goes to OUT/.shardmerge/report.json
+    and ``report``; ``events`` receives the --json events as dicts. The other
+    keywords are the merge flags of the same names (README, ``shardmerge merge
+    --help``): ``qlora_base``, ``allow_nonfinite``, ``executor`` and
+    ``ray_address``, ``quantize`` and ``requant_scales``. ``MergeResult.survival``
+    says how much of the adapters' change each touched tensor kept.
 
     >>> import shardmerge
     >>> shardmerge.merge("Llama-3-8B", ["my-lora"], "merged")   # doctest: +SKIP

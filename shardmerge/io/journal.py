@@ -246,7 +246,7 @@ def check_resumable(
 ) -> Journal | None:
     """The journal to resume from, None for a fresh start; refuses a different job's output.
 
-    ``job``: this job's description (planner/provenance.job_description); the
+    ``job``: this job's description (planner/provenance.JobParts.description); the
     refusal lists where it differs from the one the journal recorded.
     """
     if overwrite:

@@ -18,7 +18,7 @@ from ..io.output import check_output_dir
 from ..options import check_qlora_choice
 from ..terms import TensorEdit
 from . import embeddings
-from .provenance import job_description, job_fingerprint
+from .provenance import JobParts
 
 # Base formats written only dequantized until FP8 output exists (--dtype required).
 FP8_FORMATS = ("fp8", "ct-fp8")
@@ -35,7 +35,7 @@ class Inputs:
     adapters: list[Adapter]
     fingerprint: str
     journal: Journal | None
-    job: dict  # the fingerprint's parts, readable (provenance.job_description)
+    job: dict  # the fingerprint's parts, readable (provenance.JobParts.description)
     stored_ckpt: Checkpoint | None = None  # the base folder as stored (a quantized one)
 
 
@@ -66,16 +66,12 @@ def open_inputs(
     opened = _open_adapters(adapters, errors)
     complete_inputs = ckpt is not None and len(opened) == len(adapters)
     # The folder as stored: its shards of scales only are gone from the decoded view.
-    fingerprint = (
-        job_fingerprint(as_stored, opened, weights, dtype, qlora_base, formats, allow_nonfinite)
-        if complete_inputs
-        else ""
-    )
-    job = (
-        job_description(as_stored, opened, weights, dtype, qlora_base, formats, allow_nonfinite)
-        if complete_inputs
-        else {}
-    )
+    fingerprint, job = "", {}
+    if complete_inputs:
+        parts = JobParts(
+            as_stored, opened, weights, dtype, qlora_base, dict(formats or {}), allow_nonfinite
+        )
+        fingerprint, job = parts.fingerprint(), parts.description()
     journal = None
     try:
         if out_checks is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from ..adapters import Adapter
 from ..execute.jobs import AdapterUsed, ShardJob
@@ -12,71 +12,69 @@ from ..io.checkpoint import Checkpoint
 from ..version import __version__
 
 
-def job_fingerprint(
-    ckpt: Checkpoint,
-    adapters: list[Adapter],
-    weights: list[float],
-    dtype: str,
-    qlora_base: str = "none",
-    formats: dict[str, str] | None = None,
-    allow_nonfinite: bool = False,
-) -> str:
-    """A hash of everything that decides the output bytes, and nothing else.
+@dataclass(frozen=True)
+class JobParts:
+    """Everything that decides a job's output bytes, and nothing else.
 
     Base shards by name, size and header hash; the base config; adapters by
     weights-file hash and config; weights; dtype; our version (it is in the
-    output's metadata); --qlora-base, --quantize, --requant-scales and --allow-nonfinite
-    when set (``formats``: --quantize and --requant-scales where not at their defaults).
-    Device, memory budget and block
-    size do not change the bytes, so a resume may use other values.
+    output's metadata); --qlora-base, --quantize, --requant-scales and
+    --allow-nonfinite (``formats``: --quantize and --requant-scales where not at
+    their defaults). Device, memory budget and block size do not change the
+    bytes, so a resume may use other values.
     """
-    doc = {
-        "version": __version__,
-        "base": [[n, ckpt.headers[n].size, ckpt.headers[n].sha256] for n in ckpt.shards],
-        "config": ckpt.config,
-        "adapters": [[a.sha256, a.config] for a in adapters],
-        "weights": [float(w) for w in weights],
-        "dtype": dtype,
-    }
-    if qlora_base != "none":  # absent otherwise: earlier jobs keep their fingerprints
-        doc["qlora_base"] = qlora_base
-    doc.update(formats or {})  # absent at their defaults, as qlora_base
-    if allow_nonfinite:
-        doc["allow_nonfinite"] = True
+
+    ckpt: Checkpoint  # the base folder as stored
+    adapters: list[Adapter]
+    weights: list[float]
+    dtype: str
+    qlora_base: str = "none"
+    formats: dict[str, str] = field(default_factory=dict)
+    allow_nonfinite: bool = False
+
+    def base_shards(self) -> list[list]:
+        return [
+            [n, self.ckpt.headers[n].size, self.ckpt.headers[n].sha256] for n in self.ckpt.shards
+        ]
+
+    def fingerprint(self) -> str:
+        """A hash of the parts (options at their defaults left out: earlier jobs keep theirs)."""
+        doc = {
+            "version": __version__,
+            "base": self.base_shards(),
+            "config": self.ckpt.config,
+            "adapters": [[a.sha256, a.config] for a in self.adapters],
+            "weights": [float(w) for w in self.weights],
+            "dtype": self.dtype,
+        }
+        if self.qlora_base != "none":
+            doc["qlora_base"] = self.qlora_base
+        doc.update(self.formats)
+        if self.allow_nonfinite:
+            doc["allow_nonfinite"] = True
+        return _sha256(doc)
+
+    def description(self) -> dict:
+        """The parts, readable: the journal keeps them so that a refusal of a different job
+        into the same OUT can say what differs (contents by a short hash)."""
+        return {
+            "base": str(self.ckpt.path),
+            "base weights": _sha256(self.base_shards())[:12],
+            "base config": _sha256(self.ckpt.config)[:12],
+            "adapters": [f"{a.path} (sha256 {a.sha256[:12]})" for a in self.adapters],
+            "adapter configs": [_sha256(a.config)[:12] for a in self.adapters],
+            "--weights": [float(w) for w in self.weights],
+            "--dtype": self.dtype,
+            "--qlora-base": self.qlora_base,
+            "--quantize": self.formats.get("quantize", "none"),
+            "--requant-scales": self.formats.get("requant_scales", "kept"),
+            "--allow-nonfinite": self.allow_nonfinite,
+            "shardmerge version": __version__,
+        }
+
+
+def _sha256(doc: object) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def job_description(
-    ckpt: Checkpoint,
-    adapters: list[Adapter],
-    weights: list[float],
-    dtype: str,
-    qlora_base: str = "none",
-    formats: dict[str, str] | None = None,
-    allow_nonfinite: bool = False,
-) -> dict:
-    """What the fingerprint covers, readable: the journal keeps it so that a refusal of a
-    different job into the same OUT can say what differs (contents by a short hash)."""
-
-    def short(doc: object) -> str:
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
-
-    return {
-        "base": str(ckpt.path),
-        "base weights": short(
-            [[n, ckpt.headers[n].size, ckpt.headers[n].sha256] for n in ckpt.shards]
-        ),
-        "base config": short(ckpt.config),
-        "adapters": [f"{a.path} (sha256 {a.sha256[:12]})" for a in adapters],
-        "adapter configs": [short(a.config) for a in adapters],
-        "--weights": [float(w) for w in weights],
-        "--dtype": dtype,
-        "--qlora-base": qlora_base,
-        "--quantize": (formats or {}).get("quantize", "none"),
-        "--requant-scales": (formats or {}).get("requant_scales", "kept"),
-        "--allow-nonfinite": allow_nonfinite,
-        "shardmerge version": __version__,
-    }
 
 
 def adapters_used(adapters: list[Adapter], weights: list[float]) -> tuple[AdapterUsed, ...]:
