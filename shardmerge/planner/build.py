@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ..errors import InputError, PlanErrors, count
 from ..execute.jobs import MergePlan, ShardJob
+from ..io.checkpoint import Checkpoint
 from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args, output_formats
 from . import embeddings, memory, provenance, schedule
-from .fp8_out import fp8_config, fp8_outputs
+from .fp8_out import fp8_config, fp8_outputs, keeps_format, kept_format_outputs, touched_only
 from .inputs import Inputs, open_inputs, settle_edits
 from .quantized import nf4_tensors
 from .resources import probe as probe_resources
@@ -83,9 +84,16 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
         workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
         working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
-    fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, inputs.bnb4, errors)
+    stored, jobs_ckpt = inputs.bnb4, ckpt
+    if keeps_format(stored, out_dtype, options.quantize):
+        # Untouched tensors and their scales are copied as stored; touched ones requantized.
+        jobs_ckpt = inputs.as_stored
+        fp8 = kept_format_outputs(jobs_ckpt, stored, settled.edits, options.requant_scales, errors)
+        stored = touched_only(stored, fp8)
+    else:
+        fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, stored, errors)
     shards = schedule.shard_jobs(
-        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors, fp8
+        jobs_ckpt, settled.edits, settled, out_dtype, nf4, stored, working, errors, fp8
     )
     if errors:
         raise PlanErrors(errors)
@@ -94,8 +102,10 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
     run.update(executor=options.executor, ray_address=options.ray_address)
-    run["config_update"] = schedule.config_changes(ckpt, out_dtype, settled) + fp8_config(ckpt, fp8)
-    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats)
+    run["config_update"] = schedule.config_changes(ckpt, out_dtype, settled)
+    if jobs_ckpt is ckpt:  # a kept FP8 format keeps its quantization_config
+        run["config_update"] += fp8_config(ckpt, fp8)
+    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats, jobs_ckpt)
     if check_out:
         schedule.check_disk_space(plan, ckpt)
     return plan
@@ -110,10 +120,12 @@ def _assemble(
     shards: list[ShardJob],
     run: dict,
     formats: dict[str, str],
+    written: Checkpoint,
 ) -> MergePlan:
     """The plan: jobs stamped with the provenance record, the output's index and config.
 
     ``formats``: the output-format options not at their defaults (provenance).
+    ``written``: the base as the jobs read it (an FP8 base as stored when its format is kept).
     """
     ckpt, bnb4 = inputs.ckpt, inputs.bnb4
     used = provenance.adapters_used(inputs.adapters, weights)
@@ -129,9 +141,9 @@ def _assemble(
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
         # A dequantized 4-bit or FP8 base is an ordinary model now.
-        config_drop=("quantization_config",) if bnb4 else (),
+        config_drop=("quantization_config",) if bnb4 and written is ckpt else (),
         qlora_base=bnb4.format if bnb4 else qlora_base,
-        index=settled.update_index(provenance.output_index(ckpt, shards, record)),
+        index=settled.update_index(provenance.output_index(written, shards, record)),
         provenance=record,
         fingerprint=inputs.fingerprint,
         job=inputs.job,

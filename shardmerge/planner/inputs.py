@@ -20,9 +20,6 @@ from ..terms import TensorEdit
 from . import embeddings
 from .provenance import job_description, job_fingerprint
 
-# Base formats written only dequantized until FP8 output exists (--dtype required).
-FP8_FORMATS = ("fp8", "ct-fp8")
-
 
 @dataclass
 class Inputs:
@@ -34,6 +31,7 @@ class Inputs:
     fingerprint: str
     journal: Journal | None
     job: dict  # the fingerprint's parts, readable (provenance.job_description)
+    as_stored: Checkpoint | None = None  # the base folder as stored (a quantized one undecoded)
 
 
 def open_inputs(
@@ -56,6 +54,7 @@ def open_inputs(
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
     bnb4: StoredBase | None = None
+    as_stored: Checkpoint | None = None
     try:
         ckpt, bnb4, as_stored = open_base(base, qlora_base, dtype)
     except ShardmergeError as e:
@@ -88,7 +87,7 @@ def open_inputs(
         errors.append(e)
     if ckpt is None or len(opened) != len(adapters):
         raise PlanErrors(errors)
-    return Inputs(ckpt, bnb4, opened, fingerprint, journal, job), errors
+    return Inputs(ckpt, bnb4, opened, fingerprint, journal, job, as_stored), errors
 
 
 def _open_adapters(paths: list[str | os.PathLike], errors: list[ShardmergeError]) -> list[Adapter]:
@@ -130,15 +129,6 @@ def open_base(
             f"--qlora-base {qlora_base}: the base {ckpt.path} is already a {stored_format.title} "
             "model; it is dequantized exactly as stored.",
             hint="Leave out --qlora-base for a quantized base folder.",
-        )
-    if stored_format.name in FP8_FORMATS and dtype == "auto":
-        # Keeping the base's FP8 format (requantizing touched tensors) is not built yet;
-        # raw codes must never be written without their scales.
-        raise InputError(
-            f"the base {ckpt.path} is an {stored_format.title} model; FP8 output is not built "
-            "yet, so it can only be merged into a dequantized model.",
-            hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
-            "merged and rounded once, and the scales are dropped.",
         )
     view, stored = open_base_format(ckpt, stored_format)
     return view, stored, ckpt
