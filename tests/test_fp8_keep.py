@@ -184,3 +184,74 @@ def test_fused_3d_expert_tensors_are_refused_by_name_in_keep_format(deepseek):
     assert "model.layers.1.mlp.experts" in result.stderr
     assert "Traceback" not in result.output
     assert not (out / "model.safetensors.index.json").exists()
+
+
+def test_ue8m0_new_scales_are_powers_of_two(deepseek):
+    tmp, adapter = deepseek
+    fp8, deq, out = tmp / "ue8m0", tmp / "ue8m0-deq", tmp / "out-ue8m0"
+    quantize_model(tmp / "src", fp8, deq, ue8m0=True, seed=6)
+    shardmerge.merge(fp8, [adapter], out, device="cpu", weights=[40.0])
+    got, base = read_tensors(out), read_tensors(fp8)
+    ref = reference_merge(deq, [adapter], [40.0], out_dtype=torch.float64)
+    renewed = 0
+    for name in (n for n in ref.touched if base[n].dtype == F8):
+        exact, kept = ref.tensors[name], base[name + "_scale_inv"]
+        amax = block_amax(exact)
+        pow2 = torch.exp2(torch.ceil(torch.log2(amax / 448))).to(kept.dtype)
+        scale = got[name + "_scale_inv"]
+        assert torch.equal(scale, torch.where(amax / kept.double() > 448, pow2, kept)), name
+        renewed += int((scale != kept).sum())
+        want, unsure = nearest_e4m3(exact / spread(scale, exact.shape))
+        assert torch.equal(got[name].double()[~unsure], want[~unsure]), name
+    assert renewed > 0
+    assert shardmerge.verify(out, fp8, [adapter], weights=[40.0]).ok
+
+
+def test_compressed_tensors_loader_reads_the_kept_format(qwen3_ct):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    tmp, adapter = qwen3_ct
+    out = tmp / "out-load"
+    shardmerge.merge(tmp / "fp8", [adapter], out, device="cpu")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out,
+        quantization_config=CompressedTensorsConfig(run_compressed=False),
+        output_loading_info=True,
+    )
+    # Dequantizing, the loader drops the static activation scales (of the base too).
+    assert not info["missing_keys"]
+    assert all(k.endswith(".input_scale") for k in info["unexpected_keys"])
+    state, got = model.state_dict(), read_tensors(out)
+    checked = 0
+    for name, codes in got.items():
+        if codes.dtype == F8:
+            scale = got[name.removesuffix(".weight") + ".weight_scale"]
+            # The loader multiplies in the scale's dtype (bf16): one rounding of the exact product.
+            want = (codes.double() * spread(scale, codes.shape)).to(scale.dtype)
+            assert torch.equal(state[name], want.to(state[name].dtype)), name
+            checked += 1
+    assert checked > 0
+
+
+def test_an_interrupted_merge_resumes_to_the_same_bytes_and_fresh_is_another_job(deepseek):
+    import os
+    import subprocess
+    import sys
+
+    tmp, adapter = deepseek
+    out, dest = tmp / "out", tmp / "out-resumed"
+    if not out.exists():
+        shardmerge.merge(tmp / "fp8", [adapter], out, device="cpu")
+    cmd = [sys.executable, "-m", "shardmerge", "merge", str(tmp / "fp8"), str(adapter)]
+    cmd += ["-o", str(dest), "-q", "--workers", "0", "--device", "cpu"]
+    killed = subprocess.run(
+        cmd, env={**os.environ, "SHARDMERGE_CRASH_AT": "40"}, capture_output=True, text=True
+    )
+    assert killed.returncode == -9
+    assert len(json.loads((dest / ".shardmerge" / "journal.json").read_text())["shards"]) == 1
+    other = subprocess.run(cmd + ["--requant-scales", "fresh"], capture_output=True, text=True)
+    assert other.returncode != 0 and "different job" in other.stderr + other.stdout
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    for path in out.glob("*.safetensors"):
+        assert (dest / path.name).read_bytes() == path.read_bytes()
