@@ -70,8 +70,9 @@ def expected_scales(exact: torch.Tensor, kept: torch.Tensor, fresh: bool) -> tor
 
 
 def check_touched(out, fp8, deq, adapter, suffix: str, fresh=False, weight=1.0) -> int:
-    """Every code and scale of each touched FP8 tensor against the float64 reference;
-    returns how many blocks got a new scale."""
+    """Every code and scale of each touched FP8 tensor against the float64 reference, and
+    report.json's count of new scales per tensor; returns how many blocks got a new one."""
+    survival = json.loads((out / ".shardmerge" / "report.json").read_text())["survival"]
     got, base = read_tensors(out), read_tensors(fp8)
     ref = reference_merge(deq, [adapter], [weight], out_dtype=torch.float64)
     touched = [n for n in ref.touched if base[n].dtype == F8]
@@ -83,6 +84,12 @@ def check_touched(out, fp8, deq, adapter, suffix: str, fresh=False, weight=1.0) 
         scale = got[name + suffix]
         assert scale.dtype == kept.dtype and torch.equal(scale, want_scale), name
         renewed += int((scale != kept).sum())
+        if not fresh:  # each tensor's entry counts its blocks past 448 (the new scale may
+            # round to the kept one in bf16)
+            past = int((block_amax(exact) / kept.double() > 448).sum())
+            assert survival[name]["new_scales"] == past, name
+        else:
+            assert "new_scales" not in survival[name]
         want, unsure = nearest_e4m3(exact / spread(scale, exact.shape))
         have = got[name].double()
         assert got[name].dtype == F8
