@@ -134,13 +134,14 @@ def write_report(doc: dict | list, path: str | os.PathLike) -> None:
 
 
 def survival_entry(record: list) -> dict:
-    """A tensor's report entry from its journal record [kept, change, changed, numel].
+    """A tensor's report entry from its journal record [kept, change, changed, numel], and
+    ``new_scales`` where it has a fifth: the FP8 blocks whose kept scale was replaced.
 
     ``survived`` is kept / change (None when the adapters ask for no change
     or a norm is not finite); ``changed_share`` the share of elements whose
     stored value changed.
     """
-    kept, change, changed, numel = record
+    kept, change, changed, numel = record[:4]
     ok = change and kept is not None and math.isfinite(kept) and math.isfinite(change)
     return {
         "survived": kept / change if ok else None,
@@ -149,7 +150,7 @@ def survival_entry(record: list) -> dict:
         "change_norm": change,
         "elements_changed": changed,
         "elements": numel,
-    }
+    } | ({"new_scales": record[4]} if len(record) > 4 else {})
 
 
 def weak_tensors(survival: dict[str, dict]) -> list[str]:

@@ -254,18 +254,6 @@ def test_logits_match_the_unmerged_peft_model_on_the_dequantized_base(deepseek):
     assert not torch.allclose(base, want, rtol=1e-4, atol=1e-4)  # the adapter matters
 
 
-def test_without_dtype_is_refused_until_fp8_output_exists(deepseek):
-    tmp, _, adapter = deepseek
-    out = tmp / "out-nodtype"
-    argv = ["merge", str(tmp / "fp8"), str(adapter), "-o", str(out), "-q"]
-    result = CliRunner().invoke(main, argv)
-    assert result.exit_code == 2, result.output
-    assert "FP8 output is not built yet" in result.stderr
-    assert "--dtype bfloat16" in result.stderr
-    assert "Traceback" not in result.output
-    assert not (out / "model.safetensors").exists()
-
-
 def test_plan_and_inspect_show_the_quantization(deepseek):
     tmp, _, adapter = deepseek
     plan = describe(

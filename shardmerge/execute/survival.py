@@ -162,6 +162,7 @@ class TensorStats:
     changed: int = 0
     numel: int = 0
     max_delta: float = 0.0
+    fresh_scales: int | None = None  # FP8 with kept scales: blocks that needed a new one
 
     def add(self, c: BlockCompare, change_sq: float, numel: int) -> None:
         self.kept_sq += c.kept_sq
@@ -174,8 +175,10 @@ class TensorStats:
             self.max_delta = max(self.max_delta, c.max_abs)
 
     def record(self) -> list:
-        """[kept, change, changed, numel]: the journal's compact form (norms, not squares)."""
-        return [math.sqrt(self.kept_sq), math.sqrt(self.change_sq), self.changed, self.numel]
+        """[kept, change, changed, numel(, fresh_scales)]: the journal's compact form (norms,
+        not squares)."""
+        record = [math.sqrt(self.kept_sq), math.sqrt(self.change_sq), self.changed, self.numel]
+        return record + ([self.fresh_scales] if self.fresh_scales is not None else [])
 
 
 @dataclass

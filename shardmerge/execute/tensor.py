@@ -43,6 +43,8 @@ class TensorMerger:
         self.acc = p.acc
         self.quant = t.quant.decoder(t.shape, loader.load) if p.quant else None
         self.encoder = t.encode.encoder(t.shape, loader.load) if p.encode else None
+        # Kept FP8 scales: the report counts the blocks that needed a new one.
+        self.counts_fresh = getattr(t.encode, "kept", None) is not None
         self.patch = RowPatch(p.token_rows, loader.load, device) if p.token_rows else None
         if not p.keeps_parts:
             loader.release()  # whole tensors kept for expert parts are not needed here
@@ -131,6 +133,8 @@ class TensorMerger:
         if self.encoder is not None:  # stored codes, correctly rounded from the exact value
             merged = self.encoder(start, terms, row0, row1)
             values = self.encoder.values(merged, row0, row1)  # what the codes decode to
+            if self.counts_fresh:
+                self.stats.fresh_scales = self.encoder.fresh_blocks
         else:
             merged = values = merge_block(start, terms, self.out_dtype, self.acc)
         if orig is not None:

@@ -231,8 +231,8 @@ def _shard_entry_problem(entry: object) -> str | None:
 
 
 def _survival_record_ok(record: object) -> bool:
-    """[kept, change, changed, numel]: two norms (null if not finite), two counts."""
-    if not isinstance(record, list) or len(record) != 4:
+    """[kept, change, changed, numel(, new FP8 scales)]: two norms (null if not finite), counts."""
+    if not isinstance(record, list) or len(record) not in (4, 5):  # 5th: new FP8 scales
         return False
     norms_ok = all(
         v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)

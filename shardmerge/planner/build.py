@@ -15,9 +15,10 @@ from pathlib import Path
 from ..codecs import Kept, format_named, keep_untouched, keeps_untouched
 from ..errors import InputError, PlanErrors, count
 from ..execute.jobs import MergePlan, ShardJob
+from ..io.checkpoint import Checkpoint
 from ..options import DTYPE_CHOICES, MergeOptions, check_merge_args, output_formats
 from . import embeddings, memory, provenance, schedule
-from .fp8_out import fp8_config, fp8_outputs
+from .fp8_out import fp8_config, fp8_outputs, keeps_format, kept_format_outputs, touched_only
 from .inputs import Inputs, open_inputs, settle_edits
 from .quantized import nf4_tensors
 from .resources import probe as probe_resources
@@ -87,9 +88,16 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
         workers = memory.worker_count(options.workers, budget, ckpt.total_bytes, len(ckpt.shards))
         working = memory.working_memory(budget, workers, outputs, device, resources)
     nf4 = nf4_tensors(ckpt, settled.edits, qlora_base, errors)
-    fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, inputs.bnb4, errors)
+    stored, jobs_ckpt = inputs.bnb4, ckpt
+    if keeps_format(stored, out_dtype, options.quantize):
+        # Untouched tensors and their scales are copied as stored; touched ones requantized.
+        jobs_ckpt = inputs.as_stored
+        fp8 = kept_format_outputs(jobs_ckpt, stored, settled.edits, options.requant_scales, errors)
+        stored = touched_only(stored, fp8)
+    else:
+        fp8 = fp8_outputs(ckpt, options.quantize, out_dtype, settled.edits, stored, errors)
     shards = schedule.shard_jobs(
-        ckpt, settled.edits, settled, out_dtype, nf4, inputs.bnb4, working, errors, fp8,
+        jobs_ckpt, settled.edits, settled, out_dtype, nf4, stored, working, errors, fp8,
         kept.dtype if kept else None,
     )  # fmt: skip
     if errors:
@@ -99,12 +107,14 @@ def build_plan(options: MergeOptions, *, check_out: bool = True, outputs: int = 
     run = {"out": str(out), "device": device, "max_memory": budget, "workers": workers}
     run.update(counts=dict(counts), resources=resources, allow_nonfinite=allow)
     run.update(executor=options.executor, ray_address=options.ray_address)
-    run["config_update"] = (
-        schedule.config_changes(ckpt, out_dtype, settled)
-        + fp8_config(ckpt, fp8)
-        + ((kept.setting,) if kept else ())
+    run["config_update"] = schedule.config_changes(ckpt, out_dtype, settled) + (
+        (kept.setting,) if kept else ()
     )
-    plan = _assemble(inputs, weights, dtype, qlora_base, settled, shards, run, formats, kept)
+    if jobs_ckpt is ckpt:  # a kept FP8 format keeps its quantization_config
+        run["config_update"] += fp8_config(ckpt, fp8)
+    plan = _assemble(
+        inputs, weights, dtype, qlora_base, settled, shards, run, formats, jobs_ckpt, kept
+    )
     if check_out:
         schedule.check_disk_space(plan, ckpt)
     return plan
@@ -119,11 +129,13 @@ def _assemble(
     shards: list[ShardJob],
     run: dict,
     formats: dict[str, str],
+    written: Checkpoint,
     kept: Kept | None = None,
 ) -> MergePlan:
     """The plan: jobs stamped with the provenance record, the output's index and config.
 
     ``formats``: the output-format options not at their defaults (provenance).
+    ``written``: the base as the jobs read it (an FP8 base as stored when its format is kept).
     """
     ckpt, bnb4 = inputs.ckpt, inputs.bnb4
     used = provenance.adapters_used(inputs.adapters, weights)
@@ -139,9 +151,9 @@ def _assemble(
         # The base's model card describes the base; the merge writes its own.
         extra_files=tuple(n for n in ckpt.extra_files if n != "README.md"),
         # A dequantized 4-bit or FP8 base is an ordinary model now; a kept one stays quantized.
-        config_drop=("quantization_config",) if bnb4 and not kept else (),
+        config_drop=("quantization_config",) if bnb4 and written is ckpt and not kept else (),
         qlora_base=bnb4.format if bnb4 else qlora_base,
-        index=settled.update_index(provenance.output_index(ckpt, shards, record)),
+        index=settled.update_index(provenance.output_index(written, shards, record)),
         provenance=record,
         fingerprint=inputs.fingerprint,
         job=inputs.job,
@@ -153,9 +165,9 @@ def _assemble(
 def _kept(inputs: Inputs, dtype: str, touched: set[str]) -> Kept | None:
     """Without --dtype, a base whose format can keep untouched modules packed: its mixed view."""
     stored = inputs.bnb4
-    if dtype != "auto" or stored is None or inputs.stored_ckpt is None:
+    if dtype != "auto" or stored is None or inputs.as_stored is None:
         return None
     fmt = format_named(stored.format)
     if not keeps_untouched(fmt):
         return None
-    return keep_untouched(inputs.stored_ckpt, stored, fmt, touched)
+    return keep_untouched(inputs.as_stored, stored, fmt, touched)

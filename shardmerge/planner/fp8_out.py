@@ -11,6 +11,7 @@ looks for a scale it does not have.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from ..codecs import FP8_BLOCK, Fp8BlockOut, StoredBase, compressed_tensors_config, nf4_targets
 from ..errors import InputError, ShardmergeError, UnsupportedAdapterError
@@ -21,6 +22,10 @@ from ..terms import TensorEdit
 # MoE routers and gates (mlp.gate, shared_expert_gate, router) stay 16-bit, as
 # llm-compressor's recipes ignore them: a handful of rows that decide routing.
 _ROUTER = re.compile(r"(gate|router)$")
+# FP8 base formats whose format a merge keeps (without --dtype).
+FP8_FORMATS = ("fp8", "ct-fp8")
+# Scale dtypes the encoder writes (E8M0 bytes are read, not written).
+_WRITTEN_SCALES = ("F32", "BF16", "F16")
 
 
 def fp8_outputs(
@@ -80,3 +85,58 @@ def fp8_config(ckpt: Checkpoint, specs: dict[str, Fp8BlockOut]) -> tuple[tuple[s
     kept -= {n.removesuffix(".weight") for n in specs}
     kept.add("lm_head")  # a tied lm_head is not stored, but is a Linear all the same
     return (("quantization_config", compressed_tensors_config(sorted(kept), FP8_BLOCK)),)
+
+
+def keeps_format(stored: StoredBase | None, out_dtype: str | None, quantize: str) -> bool:
+    """Is this a merge into an FP8 base that keeps its format (no --dtype, no --quantize)?"""
+    return (
+        stored is not None and stored.format in FP8_FORMATS and not out_dtype and quantize == "none"
+    )
+
+
+def kept_format_outputs(
+    ckpt: Checkpoint,
+    stored: StoredBase,
+    edits: dict[str, TensorEdit],
+    requant_scales: str,
+    errors: list[ShardmergeError],
+) -> dict[str, Fp8BlockOut]:
+    """Each FP8 tensor an adapter touches -> its requantized output (``ckpt`` as stored)."""
+    quant = ckpt.config.get("quantization_config") or {}
+    pow2 = quant.get("scale_fmt") == "ue8m0"
+    specs = {}
+    for name in sorted(n for n in edits if n in stored.specs):
+        codec = stored.specs[name]
+        problem = _keep_problem(name, codec, stored.shapes[name], edits[name])
+        if problem:
+            errors.append(
+                UnsupportedAdapterError(
+                    f"{name}: {problem}, so the merge cannot keep the base's FP8 format.",
+                    hint="Pass --dtype bfloat16 (or float16, float32) for a dequantized output.",
+                )
+            )
+            continue
+        kept = codec.scale if requant_scales == "kept" else None
+        specs[name] = Fp8BlockOut(codec.scale.key, codec.scale.dtype, codec.block, pow2, kept)
+    return specs
+
+
+def _keep_problem(name: str, codec, shape: tuple[int, ...], edit: TensorEdit) -> str | None:
+    """Why tensor ``name`` cannot be requantized in its own format, or None."""
+    if len(shape) != 2:
+        return "it is a fused 3-D expert tensor, which is not requantized"
+    if codec.stored != "F8_E4M3":
+        return f"it is stored as {codec.stored}; only float8_e4m3fn codes are written"
+    if codec.scale.dtype not in _WRITTEN_SCALES:
+        return f"its scale is stored as {codec.scale.dtype}; written scales are F32, BF16 or F16"
+    if tuple(codec.scale.shape) != tuple(Fp8BlockOut("", "F32", codec.block).scale_shape(shape)):
+        return f"its scale has shape {list(codec.scale.shape)}, not the 2-D grid of its blocks"
+    if has_dora(edit):
+        return "a DoRA adapter changes it, and DoRA merges are not written as FP8"
+    return None
+
+
+def touched_only(stored: StoredBase, specs: dict[str, Fp8BlockOut]) -> StoredBase:
+    """``stored`` with the codecs of the requantized tensors only: the rest are copied as stored."""
+    keep = {n: c for n, c in stored.specs.items() if n in specs}
+    return replace(stored, specs=keep)

@@ -20,8 +20,6 @@ from ..terms import TensorEdit
 from . import embeddings
 from .provenance import JobParts
 
-# Base formats written only dequantized until FP8 output exists (--dtype required).
-FP8_FORMATS = ("fp8", "ct-fp8")
 # Integer-packed bases (issue 12): only a fully dequantized output is built so far.
 INT_FORMATS = ("gptq", "awq", "ct-int", "mxfp4")
 
@@ -36,7 +34,7 @@ class Inputs:
     fingerprint: str
     journal: Journal | None
     job: dict  # the fingerprint's parts, readable (provenance.JobParts.description)
-    stored_ckpt: Checkpoint | None = None  # the base folder as stored (a quantized one)
+    as_stored: Checkpoint | None = None  # the base folder as stored (a quantized one undecoded)
 
 
 def open_inputs(
@@ -59,6 +57,7 @@ def open_inputs(
     errors: list[ShardmergeError] = []
     ckpt: Checkpoint | None = None
     bnb4: StoredBase | None = None
+    as_stored: Checkpoint | None = None
     try:
         ckpt, bnb4, as_stored = open_base(base, qlora_base, dtype)
     except ShardmergeError as e:
@@ -129,15 +128,6 @@ def open_base(
             f"--qlora-base {qlora_base}: the base {ckpt.path} is already a {stored_format.title} "
             "model; it is dequantized exactly as stored.",
             hint="Leave out --qlora-base for a quantized base folder.",
-        )
-    if stored_format.name in FP8_FORMATS and dtype == "auto":
-        # Keeping the base's FP8 format (requantizing touched tensors) is not built yet;
-        # raw codes must never be written without their scales.
-        raise InputError(
-            f"the base {ckpt.path} is an {stored_format.title} model; FP8 output is not built "
-            "yet, so it can only be merged into a dequantized model.",
-            hint="Pass --dtype bfloat16 (or float16, float32): every tensor is dequantized, "
-            "merged and rounded once, and the scales are dropped.",
         )
     if stored_format.name in INT_FORMATS and dtype == "auto" and not keeps_untouched(stored_format):
         raise InputError(
