@@ -150,6 +150,20 @@ def digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+def assert_refused(base, adapter, out, phrases) -> None:
+    """A merge of ``base`` to bf16 is refused: exit 2, every phrase said, no traceback,
+    no shard written, the base untouched."""
+    before = digest(base)
+    argv = ["merge", str(base), str(adapter), "-o", str(out), "--dtype", "bfloat16", "-q"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    for phrase in phrases:
+        assert phrase in result.stderr, (phrase, result.stderr)
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.glob("*.safetensors"))
+    assert digest(base) == before  # inputs untouched
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_broken_packed_base_is_refused(folders, tmp_path, case):
     built, adapter = folders
@@ -159,13 +173,4 @@ def test_broken_packed_base_is_refused(folders, tmp_path, case):
         edit_tensors(base, tensors_edit)
     if config_edit:
         edit_config(base, config_edit)
-    before = digest(base)
-    out = tmp_path / "out"
-    argv = ["merge", str(base), str(adapter), "-o", str(out), "--dtype", "bfloat16", "-q"]
-    result = CliRunner().invoke(main, argv)
-    assert result.exit_code == 2, result.output
-    for phrase in phrases:
-        assert phrase in result.stderr, (phrase, result.stderr)
-    assert "Traceback" not in result.output
-    assert not out.exists() or not any(out.glob("*.safetensors"))
-    assert digest(base) == before  # inputs untouched
+    assert_refused(base, adapter, tmp_path / "out", phrases)
