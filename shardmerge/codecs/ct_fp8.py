@@ -18,7 +18,7 @@ import re
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError
-from .detect import refusal
+from .detect import FIX_CONFIG, refusal
 from .fp8 import Fp8Codec
 from .fp8_open import Block, check_codes, check_strays, is_fp8, open_scaled, where_of
 from .protocol import StoredBase
@@ -30,7 +30,6 @@ FORMAT = "float-quantized"
 SCALE_SUFFIX = "_scale"
 # Scales of activations and of the KV cache: meaningless once the weights are dequantized.
 ACTIVATION_SUFFIXES = (".input_scale", ".output_scale", ".k_scale", ".v_scale")
-_FIX_CONFIG = "Fix quantization_config in config.json, or re-save the model."
 
 
 def scale_name(weight: str) -> str:
@@ -110,7 +109,7 @@ def weight_blocks(ckpt: Checkpoint, settings: dict) -> list[Block]:
         raise CorruptFileError(
             f"{ckpt.path / 'config.json'}: quantization_config has no config_groups with "
             "quantized weights.",
-            hint=_FIX_CONFIG,
+            hint=FIX_CONFIG,
         )
     return blocks
 
@@ -120,7 +119,7 @@ def _groups(ckpt: Checkpoint, settings: dict) -> dict:
     if not isinstance(groups, dict):
         raise CorruptFileError(
             f"{ckpt.path / 'config.json'}: quantization_config.config_groups is not an object.",
-            hint=_FIX_CONFIG,
+            hint=FIX_CONFIG,
         )
     return groups
 
@@ -129,7 +128,7 @@ def _group_block(ckpt: Checkpoint, name: str, weights: object) -> Block:
     """The scale block of one config group's weights (0: the whole dimension)."""
     where = f"{ckpt.path / 'config.json'}: quantization_config.config_groups.{name}.weights"
     if not isinstance(weights, dict):
-        raise CorruptFileError(f"{where} is not an object.", hint=_FIX_CONFIG)
+        raise CorruptFileError(f"{where} is not an object.", hint=FIX_CONFIG)
     kind, bits = weights.get("type"), weights.get("num_bits")
     if kind != "float" or bits != 8:
         raise refusal(ckpt, f"compressed-tensors {bits}-bit {kind} weights")
@@ -158,7 +157,7 @@ def _positive_pair(value: object, where: str, key: str) -> tuple[int, int]:
         and len(value) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
-        raise CorruptFileError(f"{where}: {key} {value!r} is not valid.", hint=_FIX_CONFIG)
+        raise CorruptFileError(f"{where}: {key} {value!r} is not valid.", hint=FIX_CONFIG)
     return (value[0], value[1])
 
 
@@ -172,11 +171,11 @@ def _check_not_ignored(ckpt: Checkpoint, weight: str, ignore: list[str]) -> None
             raise CorruptFileError(
                 f"{ckpt.path / 'config.json'}: quantization_config.ignore entry {entry!r} is "
                 f"not a valid regular expression ({e}).",
-                hint=_FIX_CONFIG,
+                hint=FIX_CONFIG,
             ) from None
         if hit:
             raise CorruptFileError(
                 f"{where_of(ckpt, weight)} holds FP8 codes, but quantization_config.ignore "
                 f"lists it ({entry!r}) as not quantized.",
-                hint=_FIX_CONFIG,
+                hint=FIX_CONFIG,
             )

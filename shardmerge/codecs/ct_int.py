@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
-from .detect import refusal
+from .detect import FIX_CONFIG, refusal
 from .fp8_open import tensor_ref, where_of
 from .int_open import (
     INDEX_DTYPES,
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 FORMAT = "pack-quantized"
 BITS = (4, 8)
 SUFFIXES = (".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
-_FIX_CONFIG = "Fix quantization_config in config.json, or re-save the model."
 # (bits, group size or 0 for one group per row, symmetric) of one config group.
 Scheme = tuple[int, int, bool]
 
@@ -127,7 +126,7 @@ def schemes(ckpt: Checkpoint, settings: dict) -> list[Scheme]:
     for name, group in settings["config_groups"].items():
         weights = group.get("weights") if isinstance(group, dict) else None
         if not isinstance(weights, dict):
-            raise CorruptFileError(f"{where}.{name}.weights is not an object.", hint=_FIX_CONFIG)
+            raise CorruptFileError(f"{where}.{name}.weights is not an object.", hint=FIX_CONFIG)
         kind, bits = weights.get("type"), weights.get("num_bits")
         if kind != "int" or bits not in BITS:
             raise refusal(ckpt, f"compressed-tensors {FORMAT} {bits}-bit {kind} weights")
@@ -141,7 +140,7 @@ def schemes(ckpt: Checkpoint, settings: dict) -> list[Scheme]:
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
                 raise InputError(
                     f"{where}.{name}.weights: group_size {size!r} is not a positive integer.",
-                    hint=_FIX_CONFIG,
+                    hint=FIX_CONFIG,
                 )
         else:
             raise refusal(ckpt, f"compressed-tensors {FORMAT} with the {strategy!r} strategy")

@@ -59,6 +59,10 @@ def find_format(ckpt: Checkpoint, formats: Sequence[BaseFormat]) -> BaseFormat |
     raise refusal(ckpt, METHOD_NAMES.get(method, method or "an unknown method"))
 
 
+# The advice of every refusal of a quantization_config's contents.
+FIX_CONFIG = "Fix quantization_config in config.json, or re-save the model."
+
+
 def refusal(ckpt: Checkpoint, what: str) -> InputError:
     """The error for a base quantized with ``what``, which shardmerge does not read."""
     return InputError(

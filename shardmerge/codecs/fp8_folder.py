@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
-from .detect import refusal
+from .detect import FIX_CONFIG, refusal
 from .fp8 import Fp8Codec
 from .fp8_open import Block, check_codes, check_strays, is_fp8, open_scaled
 from .protocol import StoredBase
@@ -30,7 +30,6 @@ ACTIVATION_SUFFIXES = (".activation_scale", "_activation_scale", ".input_scale")
 # config.json ``fmt`` -> the safetensors dtype of the codes.
 FORMATS = {"e4m3": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "e5m2": "F8_E5M2"}
 SCALE_FORMATS = (None, "float", "ue8m0")
-_FIX_CONFIG = "Fix quantization_config in config.json, or re-save the model."
 
 
 def scale_name(weight: str) -> str:
@@ -109,14 +108,14 @@ def read_settings(ckpt: Checkpoint, settings: dict) -> tuple[str | None, Block, 
         ):
             raise CorruptFileError(
                 f"{where}: weight_block_size {block!r} is not two positive integers.",
-                hint=_FIX_CONFIG,
+                hint=FIX_CONFIG,
             )
         block = (block[0], block[1])
     if settings.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
         raise InputError(
             f"{where}: activation_scheme {settings.get('activation_scheme')!r} is not dynamic "
             "or static.",
-            hint=_FIX_CONFIG,
+            hint=FIX_CONFIG,
         )
     code = FORMATS[str(fmt).lower()] if fmt is not None else None
     return code, block, scale_fmt == "ue8m0"

@@ -17,6 +17,7 @@ import torch
 from ..errors import CorruptFileError, InputError
 from ..io.safetensors import TensorInfo, read_tensor
 from ..terms import TensorRef
+from .detect import FIX_CONFIG
 from .fp8_open import tensor_ref, where_of
 from .intq import IntCodec, decoded_dtype, read_groups
 
@@ -123,6 +124,6 @@ def check_group(ckpt: Checkpoint, group: object, what: str) -> int:
         raise InputError(
             f"{ckpt.path / 'config.json'}: {what} with group_size {group!r}; a group size is a "
             "positive number of input columns, or -1 for one group per row.",
-            hint="Fix quantization_config in config.json, or re-save the model.",
+            hint=FIX_CONFIG,
         )
     return group
